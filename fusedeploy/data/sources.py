@@ -1,0 +1,80 @@
+"""Text sources: local files and folders, JSON Lines, Hugging Face datasets, and a built-in corpus.
+
+The built-in source is the help-topic text that ships with CPython
+(`pydoc_data.topics`, ~0.5 MB of English technical prose), so the default
+path needs no network and this repository carries no copied text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+BUILTIN = "builtin"
+# short name -> (datasets path, config, text field, split for calibration, split for evaluation)
+HF_DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "train", "test"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence", "train", "test"),
+    "c4": ("allenai/c4", "en", "text", "train", "validation"),
+}
+
+
+def builtin_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _read_jsonl(path: Path, field: str) -> str:
+    parts = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{lineno}: not valid JSON") from None
+            if field not in record:
+                raise UserError(f"{path}:{lineno}: no field {field!r} (use --text-field to name the text field)")
+            parts.append(str(record[field]))
+    return "\n\n".join(parts)
+
+
+def _load_hf_dataset(name: str, purpose: str) -> str:
+    path, config, field, calib_split, eval_split = HF_DATASETS[name]
+    split = eval_split if purpose == "eval" else calib_split
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # datasets raises many types when offline
+        raise UserError(
+            f"cannot load dataset {name!r} from the Hugging Face Hub ({type(exc).__name__}); "
+            "offline? pass a local .txt file or 'builtin'"
+        ) from None
+    if name == "c4":  # C4 is huge; the FuseGPT protocol uses a small slice
+        ds = ds.select(range(min(len(ds), 5000)))
+    return "\n\n".join(ds[field])
+
+
+def load_text(spec: str, purpose: str = "eval", text_field: str = "text") -> str:
+    """Read a text source named by the user. `purpose` picks a dataset split: calib or eval."""
+    if spec == BUILTIN:
+        return builtin_text()
+    if spec in HF_DATASETS:
+        return _load_hf_dataset(spec, purpose)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UserError(f"folder {spec} holds no .txt files")
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path, text_field)
+        return path.read_text(encoding="utf-8", errors="replace")
+    names = ", ".join([BUILTIN, *HF_DATASETS])
+    raise UserError(f"text source not found: {spec!r} (give a .txt/.jsonl file, a folder, or one of: {names})")

@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+The CLI prints such errors as a single line and exits non-zero; anything else
+is a bug and keeps its traceback (under --debug).
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input, with a message that says what to do."""

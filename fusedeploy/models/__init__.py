@@ -1,0 +1,37 @@
+"""Architecture adapters and model loading."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import ArchitectureAdapter
+from .families import (
+    Gemma3TextAdapter,
+    LlamaAdapter,
+    MistralAdapter,
+    Qwen2Adapter,
+    Qwen3Adapter,
+)
+
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    a.model_type: a
+    for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter())
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(config_or_model) -> ArchitectureAdapter:
+    """The adapter for a config (or a model carrying one); a UserError otherwise."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise UserError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(supported_architectures())}"
+        ) from None
+
+
+__all__ = ["ADAPTERS", "ArchitectureAdapter", "adapter_for", "supported_architectures"]

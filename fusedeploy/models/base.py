@@ -1,0 +1,84 @@
+"""What every architecture adapter knows, and the generic parts they share.
+
+Everything outside `fusedeploy.models` asks an adapter instead of poking at
+module paths, so a new family is one small subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Facts about one Hugging Face decoder family (one `config.model_type`)."""
+
+    model_type: ClassVar[str]
+    family: ClassVar[str]
+    # gguf-py's architecture name (`gguf.MODEL_ARCH_NAMES` value) for the exporter.
+    gguf_arch: ClassVar[str]
+    # Config attributes that hold one entry per block and must shrink with them.
+    per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
+
+    # -- where things are -------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The bare decoder (embeddings, blocks, final norm) under the LM head."""
+        return model.model
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.decoder(model).norm
+
+    def linear_names(self) -> tuple[str, ...]:
+        """Dotted names of a block's linear layers, relative to the block."""
+        return tuple(f"self_attn.{n}" for n in ATTENTION_LINEARS) + tuple(
+            f"mlp.{n}" for n in MLP_LINEARS
+        )
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        return {name: block.get_submodule(name) for name in self.linear_names()}
+
+    # -- renumbering after block removal ---------------------------------
+    def remove_blocks(self, model: nn.Module, remove: list[int] | set[int]) -> list[int]:
+        """Drop blocks by current index and renumber the rest 0..N'-1.
+
+        Returns the kept blocks' former indices. Afterwards the model, its
+        attention layers and its config describe an ordinary N'-block model,
+        so stock `save_pretrained`/`from_pretrained` round-trip it.
+        """
+        blocks = self.blocks(model)
+        n = len(blocks)
+        remove = set(remove)
+        bad = [i for i in remove if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"block indices {sorted(bad)} out of range for {n} blocks")
+        kept = [i for i in range(n) if i not in remove]
+        if not kept:
+            raise ValueError("cannot remove every block")
+        new_blocks = nn.ModuleList([blocks[i] for i in kept])
+        self.decoder(model).layers = new_blocks
+        for new_idx, block in enumerate(new_blocks):
+            self.set_block_index(block, new_idx)
+        self.update_config(model.config, kept, n)
+        return kept
+
+    def set_block_index(self, block: nn.Module, index: int) -> None:
+        """Tell a block its new position (the KV cache is indexed by it)."""
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+
+    def update_config(self, config, kept: list[int], old_count: int) -> None:
+        config.num_hidden_layers = len(kept)
+        for attr in self.per_layer_config_lists:
+            values = getattr(config, attr, None)
+            if isinstance(values, (list, tuple)) and len(values) == old_count:
+                setattr(config, attr, [values[i] for i in kept])

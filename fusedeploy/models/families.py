@@ -1,0 +1,66 @@
+"""One adapter per supported architecture family.
+
+Llama, Mistral, Qwen2/3 and Gemma 3 share the Llama block layout, so most
+adapters only name themselves; what differs between them lives here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import ArchitectureAdapter
+
+
+@dataclass(frozen=True)
+class LlamaAdapter(ArchitectureAdapter):
+    """Llama 2/3 and SmolLM2 (which is a Llama)."""
+
+    model_type = "llama"
+    family = "Llama"
+    gguf_arch = "llama"
+
+
+@dataclass(frozen=True)
+class MistralAdapter(ArchitectureAdapter):
+    model_type = "mistral"
+    family = "Mistral"
+    gguf_arch = "llama"  # llama.cpp runs Mistral-7B-style checkpoints as "llama"
+
+
+@dataclass(frozen=True)
+class _QwenWindowedAdapter(ArchitectureAdapter):
+    """Qwen2/3: `max_window_layers` counts leading full-attention blocks."""
+
+    def update_config(self, config, kept, old_count):
+        limit = getattr(config, "max_window_layers", None)
+        super().update_config(config, kept, old_count)
+        if isinstance(limit, int):
+            config.max_window_layers = sum(1 for i in kept if i < limit)
+
+
+@dataclass(frozen=True)
+class Qwen2Adapter(_QwenWindowedAdapter):
+    """Qwen2 / Qwen2.5: biased q/k/v projections."""
+
+    model_type = "qwen2"
+    family = "Qwen2"
+    gguf_arch = "qwen2"
+
+
+@dataclass(frozen=True)
+class Qwen3Adapter(_QwenWindowedAdapter):
+    """Qwen3 dense: per-head q/k norms inside attention."""
+
+    model_type = "qwen3"
+    family = "Qwen3"
+    gguf_arch = "qwen3"
+
+
+@dataclass(frozen=True)
+class Gemma3TextAdapter(ArchitectureAdapter):
+    """Gemma 3 text models: interleaved sliding/full attention via `layer_types`."""
+
+    model_type = "gemma3_text"
+    family = "Gemma 3"
+    gguf_arch = "gemma3"
