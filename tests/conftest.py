@@ -1,0 +1,64 @@
+"""Shared fixtures: the real SmolLM2 (converted once), its tokenizer, tiny models, corpora."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
+WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+PTB_TEST = SHARED_DATA / "ptb" / "test.txt"
+TINY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    from fusedeploy.models.loading import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2_source):
+    from fusedeploy.models.loading import load_tokenizer
+
+    return load_tokenizer(smollm2_source)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """Factory: a saved tiny random model of a family (made once per family)."""
+    from fusedeploy.models.tiny import save_tiny_model
+
+    made: dict[str, Path] = {}
+
+    def make(model_type: str = "llama") -> Path:
+        if model_type not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            made[model_type] = save_tiny_model(model_type, smol_tokenizer, folder)
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `fusedeploy ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from fusedeploy import cli
+
+    def run(*args: str):
+        monkeypatch.setattr(sys, "argv", ["fusedeploy", *map(str, args)])
+        cli._state["debug"] = False
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,0 +1,76 @@
+"""Every adapter removes blocks so that stock transformers saves and reloads the result unchanged."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fusedeploy.errors import UserError
+from fusedeploy.models import adapter_for, supported_architectures
+from fusedeploy.models.tiny import tiny_config, tiny_model
+
+from .conftest import TINY_TYPES
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_remove_blocks_round_trips_through_stock_transformers(model_type, tmp_path):
+    model = tiny_model(model_type, vocab_size=512)
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    kept = adapter.remove_blocks(model, [1, 4])
+    assert kept == [0, 2, 3, 5]
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.allclose(before, after), "removing blocks must change the function"
+
+    blocks = adapter.blocks(model)
+    assert len(blocks) == 4 and model.config.num_hidden_layers == 4
+    assert [b.self_attn.layer_idx for b in blocks] == [0, 1, 2, 3]
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert len(adapter.blocks(reloaded)) == 4
+    with torch.no_grad():
+        again = reloaded(ids).logits
+    torch.testing.assert_close(again, after, rtol=0, atol=0)
+
+
+def test_gemma3_layer_types_follow_the_kept_blocks():
+    model = tiny_model("gemma3_text", vocab_size=256)
+    original = list(model.config.layer_types)
+    adapter_for(model).remove_blocks(model, [0, 5])
+    assert model.config.layer_types == original[1:5]
+    assert [b.attention_type for b in adapter_for(model).blocks(model)] == original[1:5]
+
+
+def test_qwen2_max_window_layers_counts_kept_leading_blocks():
+    model = tiny_model("qwen2", vocab_size=256, max_window_layers=3)
+    adapter_for(model).remove_blocks(model, [0, 4])
+    assert model.config.max_window_layers == 2  # blocks 1 and 2 stay below the old limit
+
+
+def test_remove_blocks_rejects_bad_indices():
+    model = tiny_model("llama", vocab_size=128)
+    adapter = adapter_for(model)
+    with pytest.raises(IndexError):
+        adapter.remove_blocks(model, [6])
+    with pytest.raises(ValueError):
+        adapter.remove_blocks(model, range(6))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(UserError, match=r"unsupported architecture 'gpt2'; supported: .*llama"):
+        adapter_for(GPT2Config())
+    assert set(TINY_TYPES) <= set(supported_architectures())
+
+
+def test_linear_names_resolve_in_every_family():
+    for model_type in TINY_TYPES:
+        model = tiny_model(model_type, vocab_size=64)
+        adapter = adapter_for(model)
+        linears = adapter.block_linears(adapter.blocks(model)[0])
+        assert len(linears) == 7 and all(isinstance(m, torch.nn.Linear) for m in linears.values())
+        assert tiny_config(model_type, 64).model_type == model_type

@@ -1,0 +1,63 @@
+"""Text sources and seeded sampling."""
+
+import json
+
+import pytest
+import torch
+
+from fusedeploy.data import eval_windows, load_text, sample_sequences, tokenize
+from fusedeploy.errors import UserError
+
+from .conftest import WIKITEXT_VALID
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    ids = torch.arange(10_000)
+    a = sample_sequences(ids, 8, 64, seed=3)
+    b = sample_sequences(ids, 8, 64, seed=3)
+    c = sample_sequences(ids, 8, 64, seed=4)
+    assert a.shape == (8, 64) and torch.equal(a, b) and not torch.equal(a, c)
+    # each sample is a contiguous slice of the stream
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 63, dtype=torch.long))
+
+
+def test_eval_windows_are_consecutive_and_capped():
+    ids = torch.arange(1000)
+    w = eval_windows(ids, 100)
+    assert w.shape == (10, 100) and torch.equal(w.flatten(), ids)
+    assert eval_windows(ids, 100, max_windows=3).shape == (3, 100)
+    with pytest.raises(UserError, match="fewer than one window"):
+        eval_windows(torch.arange(50), 100)
+
+
+def test_too_few_tokens_is_a_clear_error():
+    with pytest.raises(UserError, match="too few calibration tokens"):
+        sample_sequences(torch.arange(100), 4, 2048, seed=0)
+
+
+def test_text_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "b.txt").write_text("second file")
+    assert load_text(str(tmp_path / "a.txt")) == "first file"
+    assert load_text(str(tmp_path)) == "first file\n\nsecond file"
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"body": t}) for t in ["x y", "z"]))
+    assert load_text(str(jl), text_field="body") == "x y\n\nz"
+    with pytest.raises(UserError, match="no field 'text'"):
+        load_text(str(jl))
+    with pytest.raises(UserError, match="text source not found"):
+        load_text(str(tmp_path / "nope.txt"))
+
+
+def test_builtin_corpus_is_real_text_large_enough_to_calibrate(smol_tokenizer):
+    text = load_text("builtin")
+    ids = tokenize(smol_tokenizer, text)
+    assert ids.numel() > 100_000
+    assert "the" in text.split()
+
+
+def test_tokenize_adds_no_special_tokens(smol_tokenizer):
+    text = WIKITEXT_VALID.read_text()[:2000]
+    ids = tokenize(smol_tokenizer, text)
+    assert ids[0].item() != smol_tokenizer.bos_token_id
+    assert smol_tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
