@@ -47,8 +47,15 @@ def test_builtin_conversion_is_atomic_and_cached(tmp_path, monkeypatch, smollm2_
 
 def test_hub_id_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="cannot download 'someorg/somemodel'.*local folder"):
+    with pytest.raises(UserError, match="cannot download 'someorg/somemodel': the Hugging Face Hub is unreachable"):
         load_model("someorg/somemodel")
+
+
+def test_hub_id_without_network_fails_fast_in_one_line(monkeypatch):
+    """No env override: the real probe decides (this machine has no Hub access; the id does not exist)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError, match="cannot download 'fusedeploy-tests/no-such-model'.*local folder"):
+        load_model("fusedeploy-tests/no-such-model")
 
 
 def test_unknown_name_and_missing_file_fail_clearly(tmp_path):

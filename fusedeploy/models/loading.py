@@ -37,13 +37,35 @@ class ModelSource:
     is_local: bool = True
     # For a built-in model: the GGUF it was converted from (tokenizer metadata, cross-checks).
     origin_gguf: str | None = None
+    # Hub id with no reachable Hub: use only what the local HF cache holds.
+    local_files_only: bool = False
 
     @property
     def display(self) -> str:
         return self.spec
 
     def pretrained_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.local_files_only:
+            kwargs["local_files_only"] = True
+        return kwargs
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect, instead of the Hub client's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def builtin_model_path(name: str) -> Path:
@@ -116,7 +138,7 @@ def resolve_model(spec: str) -> ModelSource:
         raise UserError(f"{spec} is neither a Hugging Face folder nor a .gguf file")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if looks_like_hub_id:
-        return ModelSource(spec, spec, is_local=False)
+        return ModelSource(spec, spec, is_local=False, local_files_only=not hub_reachable())
     builtins = ", ".join(BUILTIN_MODELS)
     raise UserError(f"model not found: {spec!r} (give a folder, a .gguf file, a Hub id like org/name, or a built-in: {builtins})")
 
@@ -144,10 +166,13 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 
 def _hub_offline_error(source: ModelSource, exc: Exception) -> UserError:
-    return UserError(
-        f"cannot download {source.spec!r} from the Hugging Face Hub (offline or unreachable: {type(exc).__name__}); "
-        "pass a local folder or .gguf file instead"
-    )
+    if source.local_files_only:
+        return UserError(
+            f"cannot download {source.spec!r}: the Hugging Face Hub is unreachable (offline?) and the model "
+            "is not in the local Hugging Face cache; pass a local folder or .gguf file instead"
+        )
+    return UserError(f"cannot download {source.spec!r} from the Hugging Face Hub ({type(exc).__name__}); "
+                     "pass a local folder or .gguf file instead")
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
@@ -189,8 +214,6 @@ def load_model(
     from . import adapter_for
 
     source = resolve_model(spec)
-    if not source.is_local and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"cannot download {spec!r}: HF_HUB_OFFLINE=1 is set; pass a local folder or .gguf file")
     config = load_config(source, trust_remote_code)
     adapter_for(config)  # fail early on unsupported families, before loading weights
     dev = pick_device(device)
