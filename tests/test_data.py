@@ -61,3 +61,10 @@ def test_tokenize_adds_no_special_tokens(smol_tokenizer):
     ids = tokenize(smol_tokenizer, text)
     assert ids[0].item() != smol_tokenizer.bos_token_id
     assert smol_tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+def test_dataset_name_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load dataset 'wikitext2'.*local .txt file"):
+        load_text("wikitext2")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..hub import hub_reachable, offline_requested
 
 BUILTIN = "builtin"
 # short name -> (datasets path, config, text field, split for calibration, split for evaluation)
@@ -46,6 +47,9 @@ def _read_jsonl(path: Path, field: str) -> str:
 def _load_hf_dataset(name: str, purpose: str) -> str:
     path, config, field, calib_split, eval_split = HF_DATASETS[name]
     split = eval_split if purpose == "eval" else calib_split
+    if not offline_requested() and not hub_reachable():
+        raise UserError(f"cannot load dataset {name!r}: the Hugging Face Hub is unreachable (offline?); "
+                        "pass a local .txt file or 'builtin'")
     try:
         import datasets
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +50,6 @@ class ModelSource:
         if self.local_files_only:
             kwargs["local_files_only"] = True
         return kwargs
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect, instead of the Hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def builtin_model_path(name: str) -> Path:
