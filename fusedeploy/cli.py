@@ -104,7 +104,7 @@ def compress(
     method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = "fusegpt",
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ...")] = "builtin",
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder (a stock Hugging Face checkpoint).")] = "compressed",
-    recipe: Annotated[str, typer.Option(help="paper, cpu or quick")] = "paper",
+    recipe: Annotated[Optional[str], typer.Option(help="paper, cpu or quick (default: paper on a GPU, cpu otherwise)")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="YAML file of setting: value overrides.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting: key=value (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same as --set seed=N).")] = None,

@@ -91,7 +91,7 @@ def compress_model(
     from ..models.loading import load_model, pick_device, pick_dtype
 
     started = time.time()
-    settings = settings or load_recipe("paper")
+    settings = settings or load_recipe()
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not 0 < sparsity < 1:

@@ -53,8 +53,8 @@ class FusedLinear(nn.Module):
         self.fusion_A = nn.ParameterList()
         self.fusion_B = nn.ParameterList()
         self.fusion_bias = nn.ParameterList()
-        self._sources: list[torch.Tensor] = []  # frozen W_p per term (float32)
-        self._bias_sources: list[torch.Tensor | None] = []
+        # frozen W_p (and b_p) per term, float32, as non-persistent buffers so .to(device) moves them
+        self._n_terms = 0
         self._static: list[float | None] = []  # fixed coefficient (static fusion) or None
 
     # -- building -----------------------------------------------------------
@@ -69,8 +69,11 @@ class FusedLinear(nn.Module):
         dev = self.base.weight.device
         out_f, in_f = weight_p.shape
         r = min(rank, out_f, in_f)
-        self._sources.append(weight_p.detach().to(dev, torch.float32))
-        self._bias_sources.append(None if bias_p is None else bias_p.detach().to(dev, torch.float32))
+        k = self._n_terms
+        self.register_buffer(f"source_w{k}", weight_p.detach().to(dev, torch.float32).clone(), persistent=False)
+        self.register_buffer(f"source_b{k}", None if bias_p is None else bias_p.detach().to(dev, torch.float32).clone(),
+                             persistent=False)
+        self._n_terms += 1
         self._static.append(static_coefficient)
         if static_coefficient is None:
             self.fusion_A.append(nn.Parameter(_kaiming_uniform((r, in_f)).to(dev)))
@@ -83,6 +86,14 @@ class FusedLinear(nn.Module):
             self.fusion_A.append(nn.Parameter(torch.zeros(0, device=dev), requires_grad=False))
             self.fusion_B.append(nn.Parameter(torch.zeros(0, device=dev), requires_grad=False))
             self.fusion_bias.append(nn.Parameter(torch.zeros(0, device=dev), requires_grad=False))
+
+    @property
+    def _sources(self) -> list[torch.Tensor]:
+        return [getattr(self, f"source_w{k}") for k in range(self._n_terms)]
+
+    @property
+    def _bias_sources(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f"source_b{k}") for k in range(self._n_terms)]
 
     # -- parameters by role (for the optimiser's two learning rates) -----------
     def fusion_parameters(self) -> list[nn.Parameter]:

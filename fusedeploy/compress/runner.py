@@ -133,6 +133,14 @@ class BlockRunner:
     @torch.no_grad()
     def run_range_batched(self, start: int, stop: int, h: torch.Tensor, batch: int,
                           skip: int | None = None) -> torch.Tensor:
+        if self.offload and self.device.type != "cpu":  # one block on the device at a time
+            for i in range(start, stop):
+                if i != skip:
+                    h = self._batched(i, i + 1, h, batch, None)
+            return h
+        return self._batched(start, stop, h, batch, skip)
+
+    def _batched(self, start, stop, h, batch, skip):
         with self.on_device(start, stop):
             return torch.cat([self.run_range(start, stop, h[s:s + batch], skip)
                               for s in range(0, h.shape[0], batch)])

@@ -83,8 +83,16 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_recipe(name: str = "paper", overrides: dict | None = None, config_file: str | Path | None = None) -> CompressSettings:
-    """Recipe defaults, then a YAML file's keys, then `overrides` (later wins)."""
+def default_recipe() -> str:
+    """`paper` when a CUDA GPU is visible, else `cpu` (the paper budget would take days on a CPU)."""
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
+def load_recipe(name: str | None = None, overrides: dict | None = None, config_file: str | Path | None = None) -> CompressSettings:
+    """Recipe defaults, then a YAML file's keys, then `overrides` (later wins). None = default_recipe()."""
+    name = name or default_recipe()
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     values = dict(RECIPES[name])
