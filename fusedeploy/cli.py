@@ -97,6 +97,53 @@ def eval_cmd(
               f"{result.tokens} scored, {result.backend})  model={model} data={data}")
 
 
+@app.command()
+def compress(
+    model: ModelOpt = "smollm2-135m",
+    sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
+    method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = "fusegpt",
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ...")] = "builtin",
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder (a stock Hugging Face checkpoint).")] = "compressed",
+    recipe: Annotated[Optional[str], typer.Option(help="paper, cpu or quick (default: paper on a GPU, cpu otherwise)")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="YAML file of setting: value overrides.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting: key=value (repeatable).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (same as --set seed=N).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Distillation epochs (same as --set epochs=N).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed iteration.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a finished output / discard a saved state.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print compression.json to stdout.")] = False,
+) -> None:
+    """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
+    from .compress import compress_model, load_recipe, parse_overrides
+    from .console import make_progress
+
+    overrides = parse_overrides(set_)
+    if seed is not None:
+        overrides["seed"] = seed
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    settings = load_recipe(recipe, overrides, config_file=config)
+    with make_progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(kind: str, done: int, total: int, status: str = "") -> None:
+            label = {"iteration": "blocks removed", "epoch": "distillation epoch"}.get(kind, kind)
+            if kind not in tasks:
+                tasks[kind] = bar.add_task(label, total=total, status="")
+            bar.update(tasks[kind], completed=done, total=total, status=status)
+
+        report = compress_model(model, out, sparsity, method=method, calib=calib, settings=settings,
+                                resume=resume, device=device, dtype=dtype, progress=progress, force=force)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{method}: removed blocks {report['removed_blocks']} (original numbering), "
+              f"{report['blocks_before']} -> {report['blocks_after']} blocks in {report['timings']['total_s']:.0f} s; "
+              f"wrote {out}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -1,0 +1,98 @@
+"""Quality of every compression method on the real SmolLM2-135M (CPU recipe by default).
+
+Calibrates on wikitext-2/valid.txt, evaluates perplexity on wikitext-2/test.txt and
+ptb/test.txt with the project protocol (ctx 512, first 20 non-overlapping windows,
+no special tokens), records compression time. Results are appended to a JSON file
+(one record per run, so an interrupted benchmark keeps what finished) and rendered
+as a markdown table.
+
+    nice -n 5 python benchmarks/compress_quality.py --sparsity 0.25 --methods fusegpt,sleb,shortgpt,mi \
+        --out-json benchmarks/compress_results.json --work /tmp/fd-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path("/work/shared/data")
+EVAL_SETS = {"wikitext2": DATA / "wikitext-2" / "test.txt", "ptb": DATA / "ptb" / "test.txt"}
+
+
+def evaluate(model, tokenizer) -> dict:
+    from fusedeploy.data import eval_windows, tokenize
+    from fusedeploy.evaluate import TorchBackend, perplexity
+
+    out = {}
+    for name, path in EVAL_SETS.items():
+        windows = eval_windows(tokenize(tokenizer, path.read_text()), 512, 20)
+        out[name] = round(perplexity(TorchBackend(model), windows).ppl, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default=str(DATA / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--sparsity", default="0.25", help="comma-separated")
+    ap.add_argument("--methods", default="shortgpt,mi,sleb,fusegpt")
+    ap.add_argument("--recipe", default="cpu")
+    ap.add_argument("--set", action="append", default=[], help="setting override key=value")
+    ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    ap.add_argument("--out-json", default="benchmarks/compress_results.json")
+    ap.add_argument("--work", default="/tmp/fd-compress-bench")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusedeploy.compress import compress_model, load_recipe, parse_overrides
+    from fusedeploy.models.loading import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results_path = Path(args.out_json)
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+
+    def save(rec):
+        results.append(rec)
+        results_path.write_text(json.dumps(results, indent=2))
+        print(json.dumps(rec), flush=True)
+
+    overrides = parse_overrides(args.set)
+    if args.dense:
+        model, tok, _ = load_model(args.model, device="cpu", dtype="float32")
+        save({"method": "dense", "sparsity": 0.0, "blocks": len(model.model.layers), **evaluate(model, tok),
+              "time_s": 0.0})
+    for sparsity in [float(s) for s in args.sparsity.split(",")]:
+        for method in args.methods.split(","):
+            settings = load_recipe(args.recipe, overrides)
+            out = Path(args.work) / f"{method}-{sparsity}"
+            t0 = time.time()
+            report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
+                                    settings=settings, force=True, device="cpu")
+            elapsed = time.time() - t0
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+            tok = AutoTokenizer.from_pretrained(out)
+            save({"method": method, "sparsity": sparsity, "recipe": args.recipe, "overrides": overrides,
+                  "blocks": report["blocks_after"], "removed": report["removed_blocks"], **evaluate(model, tok),
+                  "time_s": round(elapsed, 1),
+                  "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]]})
+    print(render(results))
+
+
+def render(results: list[dict]) -> str:
+    lines = ["| method | sparsity | recipe / overrides | blocks | WikiText-2 PPL | PTB PPL | compress time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        over = ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items())
+        rec = r.get("recipe", "-") + (f" ({over})" if over else "")
+        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {rec} | {r['blocks']} | {r['wikitext2']:.2f} | "
+                     f"{r['ptb']:.2f} | {r['time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""FuseGPT compression: scores, fused layers, local distillation, the iterative driver, folding.
+
+Modules: `settings` (recipes), `runner` (blocks run standalone on cached activations),
+`scores` (MI with cached prefix, BI, SLEB), `fused` (FusedLinear, fold), `distill` (groups,
+local KL distillation with rollback), `driver` (`compress_model`: iterate, save state, write
+the checkpoint).
+
+Choices where FUSEGPT.md leaves room (documented here and in the modules):
+- After each iteration every FusedLinear is merged into a plain dense layer. An already-fused
+  neighbour's earlier terms *and its LoRA* therefore become one frozen matrix and the next
+  iteration adds a fresh pair and a fresh LoRA (zero-initialised) on top; an already-fused `p`
+  is its materialized weight. The computed function never changes (FUSEGPT.md §3 allows the
+  materialization), the resumable state is a plain state_dict, and the final fold is exact.
+- static-fusion uses the fixed coefficient c = 1 / (number of neighbours): each of the G
+  neighbours receives an equal share of p's weights, W_n + W_p / G (settings.static_coefficient).
+- mi-lora trains the neighbours' LoRA (lr_mi_lora = 1e-3, the fusion factors' rate) and norms
+  with the same local distillation, but no fusion terms; with the 9.65e-6 LoRA rate of the
+  full method a zero-initialised LoRA would barely move in a CPU budget.
+- Divergence guard: NaN during training, or a final distillation loss above the starting loss,
+  rolls the group back and retries with lr x lr_backoff (max_retries times), then keeps the
+  untrained fusion (= p removed) and records `gave_up`.
+
+Public API::
+
+    from fusedeploy.compress import compress_model, load_recipe
+    settings = load_recipe("cpu", {"epochs": 2})
+    report = compress_model("smollm2-135m", "out/", 0.25, method="fusegpt", calib="data.txt", settings=settings)
+"""
+
+from .driver import METHOD_TABLE, blocks_to_remove, compress_model
+from .fused import FusedLinear, fold_block, fold_model
+from .settings import METHODS, RECIPES, CompressSettings, load_recipe, parse_overrides
+
+__all__ = ["METHODS", "METHOD_TABLE", "RECIPES", "CompressSettings", "FusedLinear", "blocks_to_remove",
+           "compress_model", "fold_block", "fold_model", "load_recipe", "parse_overrides"]

@@ -1,0 +1,115 @@
+"""Compression settings and the named recipes (`paper`, `cpu`, `quick`).
+
+Every field can be overridden by a YAML file or `key=value` pairs; unknown
+keys are a one-line UserError, not a silent typo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import UserError
+
+METHODS = ("fusegpt", "fusegpt-oneshot", "sleb", "shortgpt", "mi", "mi-lora", "static-fusion")
+
+
+class CompressSettings(BaseModel):
+    """All knobs of a compression run. Defaults are FUSEGPT.md's (the `paper` recipe)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = 0
+    # data
+    mi_samples: int = Field(32, ge=1, description="calibration sequences for MI / BI / SLEB scoring")
+    ft_samples: int = Field(1024, ge=1, description="sequences for local distillation")
+    seq_len: int = Field(2048, ge=2)
+    # group and fusion
+    group_size: int = Field(7, ge=1, description="G: neighbours around the removed block")
+    fusion_rank: int = Field(128, ge=1, description="r of the (B·A) fusion coefficients (capped at min(out, in))")
+    lora_rank: int = Field(128, ge=0, description="rank of the neighbours' LoRA (0 = none)")
+    lora_scale: float = 1.0
+    train_norms: bool = True
+    # distillation
+    epochs: int = Field(20, ge=0)
+    batch_size: int = Field(8, ge=2, description="mini-batch; >= 2 because the KL softmax runs over the batch")
+    lr_fusion: float = Field(1e-3, gt=0, description="fusion factors A, B and bias coefficients")
+    lr_other: float = Field(9.65e-6, gt=0, description="LoRA and norms")
+    lr_mi_lora: float = Field(1e-3, gt=0, description="LoRA learning rate in the mi-lora ablation (no fusion factors)")
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # static fusion ablation: W_n + c * W_p with c fixed; None = 1 / (number of neighbours)
+    static_coefficient: float | None = None
+    # guards
+    max_retries: int = Field(2, ge=0, description="retries of a diverging distillation")
+    lr_backoff: float = Field(0.3, gt=0, lt=1)
+    # execution
+    offload: bool = Field(False, description="keep blocks on CPU and move one group at a time to the device")
+    score_batch: int = Field(8, ge=1, description="sequences per forward when scoring / caching")
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # SmolLM2-135M at 25 % (8 of 30 blocks) in ~15 min on a 2-core CPU. Shrinks: scoring set
+    # 32x2048 -> 4x256 tokens, distillation set 1024x2048 -> 64x256, epochs 20 -> 3. Keeps G, ranks,
+    # learning rates, mini-batch and the loss exactly as the paper.
+    "cpu": {"mi_samples": 4, "ft_samples": 64, "seq_len": 256, "epochs": 3},
+    # smoke test on tiny models: seconds
+    "quick": {"mi_samples": 2, "ft_samples": 8, "seq_len": 32, "epochs": 1, "batch_size": 4,
+              "group_size": 3, "fusion_rank": 8, "lora_rank": 4},
+}
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`["epochs=2", "lr_fusion=5e-4"]` -> {"epochs": 2, "lr_fusion": 0.0005}."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+def default_recipe() -> str:
+    """`paper` when a CUDA GPU is visible, else `cpu` (the paper budget would take days on a CPU)."""
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
+def load_recipe(name: str | None = None, overrides: dict | None = None, config_file: str | Path | None = None) -> CompressSettings:
+    """Recipe defaults, then a YAML file's keys, then `overrides` (later wins). None = default_recipe()."""
+    name = name or default_recipe()
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    values = dict(RECIPES[name])
+    if config_file is not None:
+        import yaml
+
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file not found: {config_file}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{config_file}: expected a mapping of setting: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    try:
+        return CompressSettings(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"bad compression setting {loc!r}: {err['msg']}") from None
