@@ -33,7 +33,28 @@ def size_of(path: Path) -> int:
     return path.stat().st_size
 
 
+def render(paths: list[str]) -> str:
+    """Markdown tables from the JSON files this script writes."""
+    out = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+        base = rows[0]["ppl"]
+        out.append(f"### {data['label']}: `{data['model']}` ({data['windows']} windows x {data['ctx']} tokens)\n")
+        out.append("| artifact | runtime | size (MiB) | export (s) | PPL | PPL / PyTorch |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for r in rows:
+            size = f"{r['bytes'] / 2**20:.1f}" if r["bytes"] else "-"
+            exp = f"{r['export_s']:.1f}" if r["export_s"] is not None else "-"
+            out.append(f"| {r['artifact']} | {r['runtime']} | {size} | {exp} | {r['ppl']:.3f} | {r['ppl'] / base:.4f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--render":
+        print(render(sys.argv[2:]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--label", default="dense")
@@ -103,12 +124,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out)
 
-    print(f"\n| artifact | runtime | size (MiB) | export (s) | PPL | PPL / PyTorch |\n|---|---|---:|---:|---:|---:|")
-    base = rows[0]["ppl"]
-    for r in rows:
-        size = f"{r['bytes'] / 2**20:.1f}" if r["bytes"] else "-"
-        exp = f"{r['export_s']:.1f}" if r["export_s"] is not None else "-"
-        print(f"| {r['artifact']} | {r['runtime']} | {size} | {exp} | {r['ppl']:.3f} | {r['ppl'] / base:.4f} |")
+    if args.json:
+        print(render([args.json]))
 
 
 if __name__ == "__main__":
