@@ -370,6 +370,9 @@ def llama_cpp_quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, np.n
     """Quantize a GGUF file with llama.cpp's own quantizer."""
     import llama_cpp
 
+    # llama-cpp-python routes llama.cpp's per-tensor quantize log through this logger
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
+                                                   else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(_file_type(qtype))
     params.nthread = max(1, min(4, os.cpu_count() or 1))
