@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--gguf-types", default=",".join(GGUF_TYPES))
     ap.add_argument("--onnx", default="fp32,int8,int4")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    ap.add_argument("--pytorch-ppl", type=float, default=None,
+                    help="reuse a PyTorch perplexity measured by an earlier run on the same windows")
+    ap.add_argument("--no-original", action="store_true", help="skip the original GGUF row")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
 
@@ -85,11 +88,11 @@ def main() -> None:
                                                    "rows": rows}, indent=2))
 
     t0 = time.perf_counter()
-    ppl = perplexity(TorchBackend(model), windows).ppl
+    ppl = args.pytorch_ppl or perplexity(TorchBackend(model), windows).ppl
     report({"artifact": "PyTorch fp32", "runtime": "pytorch", "bytes": None, "export_s": None, "ppl": ppl,
-            "eval_s": time.perf_counter() - t0})
+            "eval_s": None if args.pytorch_ppl else time.perf_counter() - t0})
     del model
-    if source.origin_gguf:
+    if source.origin_gguf and not args.no_original:
         t0 = time.perf_counter()
         backend = LlamaCppBackend(source.origin_gguf, n_ctx=args.ctx)
         ppl = perplexity(backend, windows).ppl
