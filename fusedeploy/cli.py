@@ -77,18 +77,24 @@ def eval_cmd(
     text_field: Annotated[str, typer.Option(help="Field holding the text in a .jsonl file.")] = "text",
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    runtime: Annotated[str, typer.Option(
+        help="pytorch, llama.cpp (a .gguf file) or onnxruntime (an exported ONNX folder); "
+             "auto: onnxruntime for an ONNX folder, else pytorch (a .gguf is then dequantized by transformers)")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Perplexity of a model on a text, over non-overlapping windows."""
     from .data import eval_windows, load_text, tokenize
-    from .evaluate import TorchBackend, perplexity
-    from .models.loading import load_model
+    from .evaluate import perplexity
 
     text = load_text(data, purpose="eval", text_field=text_field)
-    lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
-    windows = eval_windows(tokenize(tokenizer, text), ctx, max_windows)
-    with progress_task("perplexity", len(windows)) as update:
-        result = perplexity(TorchBackend(lm), windows, progress=update)
+    backend, tokenizer = _eval_backend(model, runtime, ctx, device, dtype)
+    try:
+        windows = eval_windows(tokenize(tokenizer, text), ctx, max_windows)
+        with progress_task("perplexity", len(windows)) as update:
+            result = perplexity(backend, windows, progress=update)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
     payload = {"model": model, "data": data, **result.to_dict()}
     if as_json:
         print(json.dumps(payload, indent=2))
@@ -142,6 +148,117 @@ def compress(
         print(f"{method}: removed blocks {report['removed_blocks']} (original numbering), "
               f"{report['blocks_before']} -> {report['blocks_after']} blocks in {report['timings']['total_s']:.0f} s; "
               f"wrote {out}")
+
+
+RUNTIMES = ("auto", "pytorch", "llama.cpp", "onnxruntime")
+
+
+def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
+    """(logits backend, tokenizer) for `eval --runtime`; the tokenizer feeds `fusedeploy.data.tokenize`."""
+    from pathlib import Path
+
+    from .evaluate import LlamaCppBackend, OnnxRuntimeBackend, TorchBackend
+    from .models.loading import load_model
+
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    path = Path(model).expanduser()
+    if runtime == "auto":
+        runtime = "onnxruntime" if (path / "model.onnx").is_file() else "pytorch"
+    if runtime == "llama.cpp":
+        if path.suffix != ".gguf":
+            raise UserError(f"--runtime llama.cpp needs a .gguf file, not {model}")
+        backend = LlamaCppBackend(path, n_ctx=ctx)
+
+        class _LlamaTokenizer:  # llama.cpp's own tokenizer, called like an HF one by data.tokenize
+            def __call__(self, text, **_):
+                return {"input_ids": backend.tokenize(text)}
+
+        return backend, _LlamaTokenizer()
+    if runtime == "onnxruntime":
+        from transformers import AutoTokenizer
+
+        backend = OnnxRuntimeBackend(path)
+        return backend, AutoTokenizer.from_pretrained(path)
+    lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+    return TorchBackend(lm), tokenizer
+
+
+# ---------------------------------------------------------------- export / verify
+
+export_app = typer.Typer(no_args_is_help=True, help="Export a model to GGUF (llama.cpp) or ONNX (ONNX Runtime).")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[str, typer.Option("--out", "-o", help="Output .gguf file.")] = ...,
+    qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")] = "f16",
+    imatrix_data: Annotated[Optional[str], typer.Option(
+        help="Calibration text (.txt/.jsonl, folder, builtin, ...) for an importance matrix (llama.cpp-quantized types).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Write a GGUF file for llama.cpp, quantized by llama.cpp's own quantizer where needed."""
+    import time
+
+    from exporters.gguf import export_gguf
+
+    from .data import load_text
+
+    text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
+    t0 = time.perf_counter()
+    with console.status(f"exporting {model} to GGUF {qtype}"):
+        path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)
+    print(f"wrote {path} ({_human_bytes(path.stat().st_size)}, {qtype}, {time.perf_counter() - t0:.1f} s)")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
+    quantize: Annotated[Optional[str], typer.Option(help="int8 (dynamic) or int4 (MatMulNBits RTN); default fp32.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
+    import time
+    from pathlib import Path
+
+    from exporters.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    with console.status(f"exporting {model} to ONNX {quantize or 'fp32'}"):
+        path = export_onnx(model, out, quantize=quantize, force=force)
+    size = sum(f.stat().st_size for f in Path(path).glob("model.onnx*"))
+    print(f"wrote {path} ({_human_bytes(size)}, {quantize or 'fp32'}, {time.perf_counter() - t0:.1f} s)")
+
+
+@app.command()
+def verify(
+    artifact: Annotated[str, typer.Argument(help="A .gguf file or an exported ONNX folder.")],
+    reference: Annotated[str, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")] = "smollm2-135m",
+    data: Annotated[str, typer.Option("--data", "-d", help="Text to score (.txt/.jsonl, folder, builtin, ...).")] = "builtin",
+    ctx: Annotated[int, typer.Option(help="Context length of each window.")] = 512,
+    max_windows: Annotated[int, typer.Option(help="Compare this many windows.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Run an artifact in its real runtime beside the PyTorch reference; exit 1 if outside tolerance."""
+    from exporters.verify import verify_artifact
+
+    with progress_task("verify", max_windows) as update:
+        result = verify_artifact(artifact, reference, data, ctx=ctx, max_windows=max_windows, progress=update)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        table = Table(title=f"{artifact} ({result.runtime}, {result.export_type}) vs {reference}", show_header=False)
+        for key in ("max_abs_diff", "max_rel_diff", "mean_abs_diff", "top1_agreement", "ppl_artifact",
+                    "ppl_reference", "ppl_ratio"):
+            table.add_row(key, f"{getattr(result, key):.5g}")
+        table.add_row("windows", f"{result.windows} x {result.ctx}")
+        console.print(table)
+        print("PASS" if result.passed else "FAIL: " + "; ".join(result.failures))
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

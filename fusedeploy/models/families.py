@@ -19,6 +19,7 @@ class LlamaAdapter(ArchitectureAdapter):
     model_type = "llama"
     family = "Llama"
     gguf_arch = "llama"
+    gguf_permute_qk = True
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class MistralAdapter(ArchitectureAdapter):
     model_type = "mistral"
     family = "Mistral"
     gguf_arch = "llama"  # llama.cpp runs Mistral-7B-style checkpoints as "llama"
+    gguf_permute_qk = True
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,13 @@ class Gemma3TextAdapter(ArchitectureAdapter):
     model_type = "gemma3_text"
     family = "Gemma 3"
     gguf_arch = "gemma3"
+    gguf_norm_offset = 1.0
+
+    def gguf_extra_metadata(self, config) -> dict:
+        extra = {}
+        if getattr(config, "sliding_window", None):
+            extra["attention.sliding_window"] = int(config.sliding_window)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:  # per block, so a model with blocks removed keeps each block's attention kind
+            extra["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in layer_types]
+        return extra

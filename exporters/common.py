@@ -1,0 +1,80 @@
+"""What both exporters share: resolving the input, provenance, atomic output."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fusedeploy import __version__
+from fusedeploy.errors import UserError
+from fusedeploy.models.loading import ModelSource, resolve_model
+
+
+def resolve_local(model: str | os.PathLike) -> ModelSource:
+    """A local Hugging Face folder (or built-in name) to export; Hub ids and .gguf inputs are refused."""
+    source = resolve_model(str(model))
+    if not source.is_local:
+        raise UserError(f"export needs a local model folder or a built-in name, not a Hub id ({model})")
+    if source.gguf_file:
+        raise UserError(f"export reads a Hugging Face folder, not a .gguf file ({model}); "
+                        "convert it first or pass the folder it came from")
+    return source
+
+
+def provenance(model_dir: str | os.PathLike, spec: str | None = None) -> dict[str, str | list[int]]:
+    """FuseDeploy provenance: source model, and the compression record if the folder has one."""
+    folder = Path(model_dir)
+    out: dict[str, str | list[int]] = {"version": __version__, "source_model": spec or str(folder)}
+    record_path = folder / "compression.json"
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{record_path} is not valid JSON ({exc}); fix or remove it") from None
+        out["method"] = str(record.get("method", "unknown"))
+        out["removed_blocks"] = [int(i) for i in record.get("removed_blocks", [])]
+        settings = record.get("settings", {})
+        out["settings_hash"] = hashlib.sha256(
+            json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    else:
+        out["method"] = "none"
+        out["removed_blocks"] = []
+    return out
+
+
+def check_overwrite(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path, is_dir: bool = False):
+    """Yield a temporary sibling of `out`; on success replace `out` with it, on failure remove it.
+
+    A killed export leaves only a dot-prefixed `.name.tmp-*` entry, never
+    something at `out` that looks finished.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()

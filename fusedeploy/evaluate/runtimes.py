@@ -1,0 +1,129 @@
+"""Logits backends for the device runtimes: llama.cpp (GGUF) and ONNX Runtime (ONNX folder).
+
+Both score a window the same way the PyTorch backend does (one forward pass
+over the whole window, logits for every position), so `perplexity` compares
+like with like.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+
+def _threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class LlamaCppBackend:
+    """A GGUF file in llama.cpp (llama-cpp-python), all-position logits."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None):
+        from llama_cpp import Llama
+
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        try:
+            self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                             n_threads=n_threads or _threads(), verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"llama.cpp cannot load {path}: {exc}") from None
+        self.n_ctx = n_ctx
+
+    @property
+    def block_count(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_layer(self.llm.model))
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.llm.metadata)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        if len(ids) > self.n_ctx:
+            raise UserError(f"window of {len(ids)} tokens is longer than the llama.cpp context {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(list(map(int, ids)))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of `ids`, new tokens only."""
+        self.llm.reset()
+        out = []
+        for token in self.llm.generate(list(map(int, ids)), temp=0.0, top_k=1, reset=True):
+            out.append(int(token))
+            if len(out) >= max_new_tokens:
+                break
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __del__(self):  # llama-cpp-python's own finalizer fails at interpreter exit
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class OnnxRuntimeBackend:
+    """An Optimum-exported decoder (with KV cache) in ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: str | os.PathLike, n_threads: int | None = None):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        folder = Path(onnx_dir)
+        if not (folder / "model.onnx").is_file():
+            raise UserError(f"{folder} is not an exported ONNX model folder (no model.onnx)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = n_threads or _threads()
+        try:
+            self.model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, session_options=options,
+                                                             provider="CPUExecutionProvider")
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types for bad files
+            raise UserError(f"ONNX Runtime cannot load {folder}: {str(exc).splitlines()[0]}") from None
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        return np.asarray(out.logits[0], dtype=np.float32)
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of `ids` using the KV cache, new tokens only."""
+        import torch
+
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                  do_sample=False, use_cache=True)
+        return out[0, len(ids):].tolist()
+
+
+def backend_for_artifact(path: str | os.PathLike, n_ctx: int = 512):
+    """LlamaCppBackend for a .gguf file, OnnxRuntimeBackend for an ONNX folder."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return LlamaCppBackend(p, n_ctx=n_ctx)
+    if p.is_dir() and (p / "model.onnx").is_file():
+        return OnnxRuntimeBackend(p)
+    if p.suffix == ".onnx" and p.is_file():
+        return OnnxRuntimeBackend(p.parent)
+    raise UserError(f"{path} is neither a .gguf file nor an ONNX model folder")
