@@ -261,6 +261,64 @@ def verify(
         raise typer.Exit(1)
 
 
+profiles_app = typer.Typer(no_args_is_help=True, help="Hardware profiles: list, show, plan.")
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """The shipped hardware profiles."""
+    from .profiling.schema import load_profile, shipped_profiles
+
+    table = Table(title="profiles")
+    for col in ("name", "runtime", "memory for model", "bandwidth", "budgets (mem / decode / TTFT)", "description"):
+        table.add_column(col)
+    for name in shipped_profiles():
+        p = load_profile(name)
+        b = p.budgets
+        table.add_row(name, p.runtime, f"{p.memory_available_gb:g} GB", f"{p.memory_bandwidth_gbps:g} GB/s",
+                      f"{b.max_memory_gb:g} GB / {b.min_decode_tokens_per_s:g} tok/s / {b.max_time_to_first_token_s:g} s",
+                      p.description)
+    console.print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="A shipped profile name or a path to a YAML file.")]) -> None:
+    """Every field of one profile, validated."""
+    from .profiling.schema import load_profile
+
+    print(json.dumps(load_profile(name).model_dump(), indent=2))
+
+
+@profiles_app.command("plan")
+def profiles_plan(
+    profile: Annotated[str, typer.Argument(help="A shipped profile name or a path to a YAML file.")],
+    model: ModelOpt = "smollm2-135m",
+    sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of searching.")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of searching.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Projected memory and speed of each candidate on a profile, and the one a build would choose."""
+    from .models.loading import load_config, resolve_model
+    from .profiling.planner import ModelShape, plan
+    from .profiling.schema import load_profile
+
+    target = load_profile(profile)
+    shape = ModelShape.from_config(load_config(resolve_model(model)))
+    result = plan(shape, target, sparsity=sparsity, quant=quant)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=f"{model} on {target.name} (projected)")
+    for col in ("sparsity", "blocks", "quant", "memory GB", "decode tok/s", "TTFT s", "fits"):
+        table.add_column(col)
+    for c in result.candidates:
+        mark = "<- chosen" if c is result.chosen else ("yes" if c.fits else "no")
+        table.add_row(f"{c.sparsity:g}", str(c.kept_blocks), c.quant, f"{c.memory_gb:.3f}",
+                      f"{c.decode_tokens_per_s:.1f}", f"{c.time_to_first_token_s:.3f}", mark)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

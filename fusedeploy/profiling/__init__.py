@@ -1,0 +1,1 @@
+"""Hardware profiles, planning, measurement and reports."""

@@ -1,0 +1,185 @@
+"""Choose how much to compress before spending any compute.
+
+Each candidate (sparsity x quantization type) gets an estimated memory
+footprint and an ideal roofline projection of decode and prefill speed on the
+target profile. The planner picks the least compression -- lowest sparsity,
+then highest precision -- that meets every budget. Estimates only decide what
+to build; the sign-off uses the profiler's measured figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..errors import UserError
+from .schema import Profile
+
+GB = 1e9
+DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
+
+# Bits per weight of the transformer blocks. GGUF: llama.cpp's quantize table
+# (LLaMA-7B file sizes); K-quant "_M" mixes keep some tensors at higher types.
+# ONNX int4: MatMulNBits 4-bit with one fp32 scale per 32 weights.
+BITS_PER_WEIGHT = {
+    "gguf": {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.56,
+             "q5_k_m": 5.69, "q4_k_m": 4.85, "q4_0": 4.55},
+    "onnx": {"fp32": 32.0, "int8": 8.0, "int4": 5.0},
+}
+# ONNX Runtime's weight quantizers leave the embedding Gather in fp32.
+ONNX_EMBEDDING_BITS = 32.0
+KV_BYTES = {"gguf": 2, "onnx": 4}  # llama.cpp keeps an f16 KV cache; the ONNX decoder is fp32
+RUNTIME_OVERHEAD_GB = {"gguf": 0.15, "onnx": 0.30}  # compute buffers, runtime code; rough
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers that memory and speed depend on."""
+
+    blocks: int
+    params_per_block: int
+    embedding_params: int  # token embedding table
+    head_params: int  # 0 when tied to the embedding
+    other_params: int  # final norm etc.
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ..models import adapter_for
+
+        adapter = adapter_for(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        blocks = adapter.blocks(model)
+        per_block = sum(p.numel() for p in blocks[0].parameters())
+        emb = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        head_params = 0 if head is emb else head.numel()
+        total = sum(p.numel() for p in model.parameters())
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            blocks=len(blocks), params_per_block=per_block, embedding_params=emb.numel(),
+            head_params=head_params, other_params=total - per_block * len(blocks) - emb.numel() - head_params,
+            kv_heads=getattr(config, "num_key_value_heads", heads), head_dim=head_dim,
+        )
+
+
+@dataclass
+class Candidate:
+    sparsity: float
+    removed_blocks: int
+    kept_blocks: int
+    quant: str
+    weights_gb: float
+    kv_cache_gb: float
+    overhead_gb: float
+    memory_gb: float
+    decode_tokens_per_s: float
+    time_to_first_token_s: float
+    meets: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return all(self.meets.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits}
+
+
+@dataclass
+class Plan:
+    profile: str
+    chosen: Candidate
+    candidates: list[Candidate]
+    fixed: dict
+
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, "chosen": self.chosen.to_dict(), "fixed": self.fixed,
+                "candidates": [c.to_dict() for c in self.candidates],
+                "note": "estimates: weights by bits per weight, KV cache at the profile's context and batch, "
+                        "speeds by an ideal roofline on the profile's peak bandwidth and compute"}
+
+
+def removed_for(blocks: int, sparsity: float) -> int:
+    return math.ceil(blocks * sparsity - 1e-9)
+
+
+def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str) -> Candidate:
+    runtime = profile.runtime
+    bits = BITS_PER_WEIGHT[runtime][quant]
+    removed = removed_for(shape.blocks, sparsity)
+    kept = shape.blocks - removed
+    block_params = kept * shape.params_per_block
+    emb_bits = ONNX_EMBEDDING_BITS if runtime == "onnx" else bits
+    weights = (block_params + shape.head_params) * bits / 8 + shape.embedding_params * emb_bits / 8 \
+        + shape.other_params * 4
+    kv = 2 * kept * shape.kv_heads * shape.head_dim * profile.context_length * profile.batch_size * KV_BYTES[runtime]
+    overhead = RUNTIME_OVERHEAD_GB[runtime] * GB
+    memory = weights + kv + overhead
+
+    # Decode: every block weight and the LM head (the embedding table when tied) is
+    # read once per step; the KV cache is read at half the context on average.
+    head_bits = emb_bits if shape.head_params == 0 else bits
+    head_params = shape.head_params or shape.embedding_params
+    bytes_per_step = block_params * bits / 8 + head_params * head_bits / 8 + kv / 2
+    flops_per_token = 2 * (block_params + head_params)
+    bandwidth = profile.memory_bandwidth_gbps * GB
+    compute = profile.compute_tflops * 1e12
+    step_s = max(bytes_per_step / bandwidth, flops_per_token * profile.batch_size / compute)
+    decode = profile.batch_size / step_s
+    # Prefill of one prompt: compute-bound matmuls, at least one pass over the weights.
+    prompt = profile.prompt_tokens
+    ttft = max(flops_per_token * prompt / compute, bytes_per_step / bandwidth)
+
+    b = profile.budgets
+    meets = {
+        "max_memory_gb": memory / GB <= b.max_memory_gb,
+        "min_decode_tokens_per_s": decode >= b.min_decode_tokens_per_s,
+        "max_time_to_first_token_s": ttft <= b.max_time_to_first_token_s,
+    }
+    return Candidate(sparsity, removed, kept, quant, weights / GB, kv / GB, overhead / GB, memory / GB,
+                     decode, ttft, meets)
+
+
+def _precision_order(profile: Profile) -> list[str]:
+    bits = BITS_PER_WEIGHT[profile.runtime]
+    return sorted(profile.quant_types, key=lambda q: -bits[q])
+
+
+def _shortfall(c: Candidate, profile: Profile) -> float:
+    """How far the worst budget is missed, as a ratio (0 when every budget is met)."""
+    b = profile.budgets
+    return max(0.0, c.memory_gb / b.max_memory_gb - 1,
+               (b.min_decode_tokens_per_s / c.decode_tokens_per_s - 1) if c.decode_tokens_per_s else math.inf,
+               c.time_to_first_token_s / b.max_time_to_first_token_s - 1)
+
+
+def plan(shape: ModelShape, profile: Profile, sparsity: float | None = None, quant: str | None = None,
+         sparsities: tuple[float, ...] = DEFAULT_SPARSITIES) -> Plan:
+    """The least-compressed candidate meeting every budget, and the whole table."""
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
+    if quant is not None and quant not in profile.quant_types:
+        raise UserError(f"--quant {quant!r} is not offered by profile {profile.name} "
+                        f"({profile.runtime}: {', '.join(profile.quant_types)})")
+    levels = [sparsity] if sparsity is not None else list(sparsities)
+    levels = [s for s in levels if removed_for(shape.blocks, s) < shape.blocks]
+    quants = [quant] if quant else _precision_order(profile)
+    candidates = [estimate(shape, profile, s, q) for s in levels for q in quants]
+    fixed = {"sparsity": sparsity, "quant": quant}
+    for c in candidates:
+        if c.fits:
+            return Plan(profile.name, c, candidates, fixed)
+    closest = min(candidates, key=lambda c: _shortfall(c, profile))
+    b = profile.budgets
+    raise UserError(
+        f"no candidate meets the {profile.name} budgets; closest is sparsity {closest.sparsity:g} + {closest.quant}: "
+        f"memory {closest.memory_gb:.2f}/{b.max_memory_gb:g} GB, decode {closest.decode_tokens_per_s:.1f}/"
+        f"{b.min_decode_tokens_per_s:g} tok/s, first token {closest.time_to_first_token_s:.2f}/"
+        f"{b.max_time_to_first_token_s:g} s (projected)"
+    )

@@ -1,0 +1,101 @@
+"""Hardware profiles: the schema, and loading by name or path with one-line errors.
+
+Profiles are data (`profiles/*.yaml` at the repository root); units are in the
+field names so a YAML file reads unambiguously.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import UserError
+
+QUANT_TYPES = {
+    "gguf": ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"),
+    "onnx": ("fp32", "int8", "int4"),
+}
+
+
+class Budgets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_memory_gb: float = Field(gt=0)
+    min_decode_tokens_per_s: float = Field(ge=0)
+    max_time_to_first_token_s: float = Field(gt=0)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    memory_total_gb: float = Field(gt=0)
+    memory_available_gb: float = Field(gt=0)
+    memory_bandwidth_gbps: float = Field(gt=0)  # GB/s, peak
+    compute_tflops: float = Field(gt=0)  # dense peak at the runtime's working precision
+    cpu_cores: int = Field(ge=1)
+    accelerator: str | None = None
+    runtime: Literal["gguf", "onnx"]
+    quant_types: list[str] = Field(min_length=1)
+    context_length: int = Field(ge=16)
+    batch_size: int = Field(ge=1)
+    prompt_tokens: int = Field(ge=1)  # prompt length for time-to-first-token
+    budgets: Budgets
+    sources: list[str] = Field(min_length=1)  # where each hardware figure comes from
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        allowed = QUANT_TYPES[self.runtime]
+        bad = [q for q in self.quant_types if q not in allowed]
+        if bad:
+            raise ValueError(f"quant_types {bad} are not {self.runtime} types ({', '.join(allowed)})")
+        if self.memory_available_gb > self.memory_total_gb:
+            raise ValueError("memory_available_gb is larger than memory_total_gb")
+        if self.budgets.max_memory_gb > self.memory_available_gb:
+            raise ValueError("budgets.max_memory_gb is larger than memory_available_gb")
+        if self.prompt_tokens > self.context_length:
+            raise ValueError("prompt_tokens is larger than context_length")
+        return self
+
+
+def profiles_dir() -> Path:
+    """`$FUSEDEPLOY_PROFILES`, else the repository's `profiles/` beside the package."""
+    env = os.environ.get("FUSEDEPLOY_PROFILES")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "profiles"
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "profile"
+    return f"field '{where}': {err['msg']}"
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name, or the user's own YAML file by path."""
+    path = Path(name_or_path).expanduser()
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        path = profiles_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown profile {name_or_path!r}; shipped: {', '.join(shipped_profiles())} "
+                            "(or give a path to your own .yaml)")
+    elif not path.is_file():
+        raise UserError(f"profile file not found: {name_or_path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"profile {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"profile {path}: expected a mapping of fields at the top level")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"profile {path}: {_first_error(exc)}") from None
