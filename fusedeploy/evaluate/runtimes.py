@@ -24,14 +24,16 @@ class LlamaCppBackend:
 
     name = "llama.cpp"
 
-    def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None):
+    def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
+                 logits_all: bool = True):
+        """`logits_all=False` computes only the last position (what an app does; for profiling)."""
         from llama_cpp import Llama
 
         path = Path(gguf_path)
         if not path.is_file():
             raise UserError(f"GGUF file not found: {path}")
         try:
-            self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+            self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
                              n_threads=n_threads or _threads(), verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"llama.cpp cannot load {path}: {exc}") from None
@@ -66,6 +68,21 @@ class LlamaCppBackend:
             if len(out) >= max_new_tokens:
                 break
         return out
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.n_vocab())
+
+    def start(self, ids: list[int]) -> int:
+        """Prefill a prompt from an empty cache; the greedy next token."""
+        self.llm.reset()
+        self.llm.eval(list(map(int, ids)))
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def step(self, token: int) -> int:
+        """Feed one token through the KV cache; the greedy next token."""
+        self.llm.eval([int(token)])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
 
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
@@ -116,12 +133,36 @@ class OnnxRuntimeBackend:
                                   do_sample=False, use_cache=True)
         return out[0, len(ids):].tolist()
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
-def backend_for_artifact(path: str | os.PathLike, n_ctx: int = 512):
+    def start(self, ids: list[int]) -> int:
+        """Prefill a prompt with an empty KV cache; the greedy next token."""
+        import torch
+
+        self._ids = torch.tensor([ids], dtype=torch.long)
+        out = self.model(input_ids=self._ids, attention_mask=torch.ones_like(self._ids), use_cache=True)
+        self._past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, token: int) -> int:
+        """Feed one token through the KV cache; the greedy next token."""
+        import torch
+
+        new = torch.tensor([[int(token)]], dtype=torch.long)
+        self._ids = torch.cat([self._ids, new], dim=1)
+        out = self.model(input_ids=new, attention_mask=torch.ones_like(self._ids),
+                         past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+
+def backend_for_artifact(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True):
     """LlamaCppBackend for a .gguf file, OnnxRuntimeBackend for an ONNX folder."""
     p = Path(path)
     if p.suffix == ".gguf":
-        return LlamaCppBackend(p, n_ctx=n_ctx)
+        return LlamaCppBackend(p, n_ctx=n_ctx, logits_all=logits_all)
     if p.is_dir() and (p / "model.onnx").is_file():
         return OnnxRuntimeBackend(p)
     if p.suffix == ".onnx" and p.is_file():
