@@ -1,0 +1,101 @@
+"""A resumable stage runner: each stage owns one folder of the build directory.
+
+A stage is finished when `<build>/<name>/manifest.json` exists. Work happens
+in `<build>/<name>.partial/`, which is kept across interruptions (so a stage
+that saves its own progress, such as compression, can resume) and wiped only
+when the stage's key -- its settings and the content of its inputs -- changes.
+The finished folder replaces an older one only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's relative paths and file contents."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def input_digest(path: Path) -> str:
+    """An earlier stage's folder is identified by its manifest's key; anything else by content."""
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        return "stage:" + json.loads(manifest.read_text())["key"]
+    return file_digest(path)
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Path], dict]  # does the work inside the given folder; returns its outputs
+    settings: dict = field(default_factory=dict)
+    inputs: dict[str, Path] = field(default_factory=dict)
+
+    def key(self) -> str:
+        digests = {k: input_digest(Path(v)) for k, v in sorted(self.inputs.items())}
+        blob = json.dumps({"stage": self.name, "settings": self.settings, "inputs": digests},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_stage(build_dir: Path, stage: Stage) -> dict:
+    """Run a stage unless a finished one with the same key exists; returns its manifest."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    final = build_dir / stage.name
+    key = stage.key()
+    manifest_path = final / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key and manifest.get("status") == "complete":
+            log.info("stage %s unchanged; skipped", stage.name)
+            return {**manifest, "skipped": True}
+    partial = build_dir / f"{stage.name}.partial"
+    key_file = partial / ".key"
+    if partial.exists() and (not key_file.is_file() or key_file.read_text() != key):
+        shutil.rmtree(partial)
+    resumed = partial.exists()
+    partial.mkdir(exist_ok=True)
+    key_file.write_text(key)
+    started = time.time()
+    outputs = stage.run(partial)
+    manifest = {
+        "stage": stage.name, "status": "complete", "key": key, "settings": stage.settings,
+        "inputs": {k: str(v) for k, v in stage.inputs.items()},
+        "input_digests": {k: input_digest(Path(v)) for k, v in stage.inputs.items()},
+        "outputs": outputs, "resumed": resumed,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_s": time.time() - started,
+    }
+    key_file.unlink()
+    tmp_manifest = partial / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp_manifest, partial / MANIFEST)
+    if final.exists():
+        old = build_dir / f".{stage.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    return {**manifest, "skipped": False}
