@@ -319,6 +319,36 @@ def profiles_plan(
     console.print(table)
 
 
+@app.command()
+def build(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A shipped profile name or a path to a YAML file.")],
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[str, typer.Option("--out", "-o", help="Build folder (one subfolder per stage).")] = "build",
+    recipe: Annotated[Optional[str], typer.Option(help="quick (smoke test), cpu or paper (default: paper on a GPU, cpu otherwise)")] = None,
+    method: Annotated[str, typer.Option(help="Compression method (see `fusedeploy compress --help`).")] = "fusegpt",
+    sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of letting the planner choose.")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of letting the planner choose.")] = None,
+    calib: Annotated[str, typer.Option(help="Calibration text for compression.")] = "builtin",
+    eval_data: Annotated[str, typer.Option("--eval-data", help="Text for verify perplexity.")] = "builtin",
+    runtime: Annotated[Optional[list[str]], typer.Option(help="gguf and/or onnx (default: the profile's runtime).")] = None,
+) -> None:
+    """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
+    from .build import BuildOptions
+    from .build import build as run_build
+
+    kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
+              eval_data=eval_data, runtimes=tuple(runtime or ()))
+    opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
+    report = run_build(opts, progress=lambda msg: console.print(f"[bold]>[/bold] {msg}"))
+    s = report["signoff"]
+    for name, c in s["budgets"].items():
+        console.print(f"  {name}: {c['figure']:.3f} {c['op']} {c['budget']:g} (projected)  [{c['result']}]")
+    console.print(f"  verify: [{s['verify']['result']}]")
+    print(f"sign-off {s['result']}: {s['artifact']} on {report['profile']['name']}; report: {out}/report/report.html")
+    if s["result"] != "PASS":
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -1,0 +1,216 @@
+"""`fusedeploy build`: plan -> compress -> export -> verify -> profile -> report, one build folder.
+
+Each step is a stage (see stages.py): re-running with the same inputs and
+settings skips finished stages; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ..errors import UserError
+from .stages import Stage, run_stage
+
+log = logging.getLogger(__name__)
+
+# The same precision in the other runtime, for builds that export both.
+CROSS_RUNTIME_QUANT = {
+    "gguf": {"fp32": "f32", "int8": "q8_0", "int4": "q4_k_m"},
+    "onnx": {"f32": "fp32", "f16": "fp32", "bf16": "fp32", "q8_0": "int8", "q6_k": "int8",
+             "q5_k_m": "int4", "q4_k_m": "int4", "q4_0": "int4"},
+}
+
+
+@dataclass
+class BuildOptions:
+    profile: str
+    model: str = "smollm2-135m"
+    out: str = "build"
+    recipe: str | None = None  # compression recipe: quick, cpu, paper
+    method: str = "fusegpt"
+    sparsity: float | None = None
+    quant: str | None = None
+    calib: str = "builtin"
+    eval_data: str = "builtin"
+    runtimes: tuple[str, ...] = ()  # default: the profile's runtime
+    verify_windows: int = 4
+    verify_ctx: int = 512
+    profile_runs: int = 3
+    prompt_tokens: int | None = None  # default: the profile's
+    new_tokens: int = 32
+
+    @classmethod
+    def quick(cls, **kw) -> BuildOptions:
+        """The smoke recipe: small everything, for tests and a first look."""
+        base = dict(recipe="quick", verify_windows=1, verify_ctx=128, profile_runs=3, prompt_tokens=32,
+                    new_tokens=8)
+        return cls(**{**base, **kw})
+
+
+def _versions() -> dict:
+    names = ["fusedeploy", "torch", "transformers", "optimum", "onnxruntime", "onnx", "gguf", "llama_cpp_python"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def _export(model_dir: str, runtime: str, quant: str, dest: Path) -> Path:
+    if runtime == "gguf":
+        from exporters.gguf import export_gguf
+
+        return export_gguf(model_dir, dest.with_suffix(".gguf"), qtype=quant)
+    from exporters.onnx import export_onnx
+
+    return export_onnx(model_dir, dest, quantize=None if quant == "fp32" else quant)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*.onnx*"))
+
+
+def build(opts: BuildOptions, progress=None) -> dict:
+    """Run every stage into `opts.out`; returns the report (with its sign-off)."""
+    from ..models.loading import load_config, resolve_model
+    from ..profiling.planner import ModelShape, plan
+    from ..profiling.schema import load_profile
+
+    say = progress or (lambda msg: log.info(msg))
+    out = Path(opts.out)
+    profile = load_profile(opts.profile)
+    source = resolve_model(opts.model)
+    if not source.is_local:
+        raise UserError("build needs a local model (folder, .gguf or built-in); download it first")
+    model_dir = Path(source.location)
+    config = load_config(source)
+    shape = ModelShape.from_config(config)
+    runtimes = tuple(opts.runtimes) or (profile.runtime,)
+    for r in runtimes:
+        if r not in ("gguf", "onnx"):
+            raise UserError(f"unknown runtime {r!r}; choose gguf or onnx")
+    input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
+
+    # 1. plan: before any compute is spent
+    def do_plan(work: Path) -> dict:
+        result = plan(shape, profile, sparsity=opts.sparsity, quant=opts.quant)
+        (work / "plan.json").write_text(json.dumps(result.to_dict(), indent=2))
+        return result.to_dict()
+
+    say("plan")
+    planned = run_stage(out, Stage("plan", do_plan, {"profile": profile.model_dump(), "sparsity": opts.sparsity,
+                                                      "quant": opts.quant, "shape": shape.__dict__}, input_model))
+    chosen = planned["outputs"]["chosen"]
+
+    # 2. compress (+ fold): skipped in substance when the plan needs no block removal
+    def do_compress(work: Path) -> dict:
+        if chosen["removed_blocks"] == 0:
+            return {"model_dir": str(model_dir), "compressed": False}
+        from ..compress import compress_model, load_recipe
+
+        target = work / "model"
+        state = target.with_name(target.name + ".state")
+        summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method, calib=opts.calib,
+                                 settings=load_recipe(opts.recipe), resume=state.exists())
+        return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
+
+    say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
+    compressed = run_stage(out, Stage("compress", do_compress, {"sparsity": chosen["sparsity"], "method": opts.method,
+                                                                "recipe": opts.recipe, "calib": opts.calib},
+                                      input_model))
+    c_out = compressed["outputs"]
+    compressed_dir = out / "compress" / c_out["model_dir"] if c_out["compressed"] else model_dir
+
+    # 3. export: the compressed model and, beside it, the dense one at the same precision
+    variants = [("compressed", compressed_dir)] + ([("dense", model_dir)] if c_out["compressed"] else [])
+    targets = []
+    for runtime in runtimes:
+        quant = chosen["quant"] if runtime == profile.runtime else CROSS_RUNTIME_QUANT[runtime][chosen["quant"]]
+        for variant, folder in variants:
+            targets.append((f"{variant}-{runtime}-{quant}", variant, runtime, quant, folder))
+
+    def do_export(work: Path) -> dict:
+        made = {}
+        for name, variant, runtime, quant, folder in targets:
+            say(f"export {name}")
+            path = _export(str(folder), runtime, quant, work / name)
+            made[name] = {"path": path.name, "variant": variant, "runtime": runtime, "quant": quant,
+                          "reference": str(folder), "size_bytes": _size(path)}
+        return made
+
+    exported = run_stage(out, Stage("export", do_export, {"targets": [t[:4] for t in targets]},
+                                    {"compressed": out / "compress", **input_model}))
+    artifacts = exported["outputs"]
+
+    # 4. verify each artifact against its own PyTorch model
+    def do_verify(work: Path) -> dict:
+        from exporters.verify import verify_artifact
+
+        results = {}
+        for name, a in artifacts.items():
+            say(f"verify {name}")
+            r = verify_artifact(out / "export" / a["path"], a["reference"], opts.eval_data, ctx=opts.verify_ctx,
+                                max_windows=opts.verify_windows)
+            results[name] = {**r.to_dict(), "passed": r.passed}
+        (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))
+        return results
+
+    verified = run_stage(out, Stage("verify", do_verify, {"data": opts.eval_data, "ctx": opts.verify_ctx,
+                                                          "windows": opts.verify_windows},
+                                    {"export": out / "export"}))
+
+    # 5. profile: every artifact in its runtime, in its own process; dense beside compressed
+    prompt = opts.prompt_tokens or profile.prompt_tokens
+
+    def do_profile(work: Path) -> dict:
+        from ..profiling.measure import calibrate_host, measure_artifact, project
+
+        host = calibrate_host()
+        results = {"host": host.to_dict(), "artifacts": {}}
+        for name, a in artifacts.items():
+            say(f"profile {name}")
+            measured = measure_artifact(out / "export" / a["path"], prompt_tokens=prompt,
+                                        new_tokens=opts.new_tokens, runs=opts.profile_runs)
+            kept = shape.blocks - (chosen["removed_blocks"] if a["variant"] == "compressed" else 0)
+            kv_bytes = 2 * kept * shape.kv_heads * shape.head_dim * (2 if a["runtime"] == "gguf" else 4)
+            results["artifacts"][name] = {"measured": measured,
+                                          "projected": project(measured, host, profile, kv_bytes)}
+        (work / "profile.json").write_text(json.dumps(results, indent=2))
+        return results
+
+    profiled = run_stage(out, Stage("profile", do_profile, {"prompt_tokens": prompt, "new_tokens": opts.new_tokens,
+                                                            "runs": opts.profile_runs, "profile": profile.name},
+                                    {"export": out / "export"}))
+
+    # 6. report
+    stage_manifests = [planned, compressed, exported, verified, profiled]
+
+    def do_report(work: Path) -> dict:
+        from ..profiling.report import signoff, write_report
+
+        rows = []
+        for name, a in artifacts.items():
+            p = profiled["outputs"]["artifacts"][name]
+            rows.append({"name": name, **a, "verify": verified["outputs"][name], **p})
+        deployed = next(r for r in rows if r["variant"] == "compressed" and r["runtime"] == profile.runtime)
+        report = {
+            "model": opts.model, "profile": profile.model_dump(), "plan": planned["outputs"],
+            "compression": c_out, "artifacts": rows, "host": profiled["outputs"]["host"],
+            "settings": {k: v for k, v in opts.__dict__.items()},
+            "stages": {m["stage"]: {"wall_s": m["wall_s"], "skipped": m.get("skipped", False)} for m in stage_manifests},
+            "versions": _versions(), "machine": {"platform": platform.platform(), **profiled["outputs"]["host"]},
+        }
+        report["signoff"] = signoff(report["profile"], deployed, [r["verify"] for r in rows])
+        write_report(report, work)
+        return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
+
+    run_stage(out, Stage("report", do_report, {"v": 1}, {"verify": out / "verify", "profile": out / "profile"}))
+    return json.loads((out / "report" / "report.json").read_text())

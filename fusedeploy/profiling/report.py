@@ -1,0 +1,138 @@
+"""The deployment sign-off: report.json, a self-contained report.html with plots, and report.md.
+
+The sign-off judges the compressed artifact in the profile's runtime: each
+budget against the figure projected onto the target from this host's
+measurements, and every artifact's verify result (a failed verify fails it).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+
+def signoff(profile: dict, deployed: dict, verifies: list[dict]) -> dict:
+    """PASS/FAIL per budget for the deployed artifact, plus verification."""
+    b = profile["budgets"]
+    p = deployed["projected"]
+    checks = {
+        "max_memory_gb": (p["memory_gb"], "<=", b["max_memory_gb"], p["memory_gb"] <= b["max_memory_gb"]),
+        "min_decode_tokens_per_s": (p["decode_tokens_per_s"], ">=", b["min_decode_tokens_per_s"],
+                                    p["decode_tokens_per_s"] >= b["min_decode_tokens_per_s"]),
+        "max_time_to_first_token_s": (p["time_to_first_token_s"], "<=", b["max_time_to_first_token_s"],
+                                      p["time_to_first_token_s"] <= b["max_time_to_first_token_s"]),
+    }
+    budgets = {name: {"figure": fig, "op": op, "budget": lim, "basis": "projected", "result": "PASS" if ok else "FAIL"}
+               for name, (fig, op, lim, ok) in checks.items()}
+    failed_verifies = [v["artifact"] for v in verifies if not v["passed"]]
+    verify = {"result": "FAIL" if failed_verifies else "PASS", "failed": failed_verifies}
+    overall = all(c["result"] == "PASS" for c in budgets.values()) and not failed_verifies
+    return {"artifact": deployed["name"], "budgets": budgets, "verify": verify,
+            "result": "PASS" if overall else "FAIL"}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(report: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arts = report["artifacts"]
+    names = [a["name"] for a in arts]
+    colors = ["#888888" if a["variant"] == "dense" else "#2a7ab0" for a in arts]
+    b = report["profile"]["budgets"]
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.barh(names, [a["projected"]["memory_gb"] for a in arts], color=colors)
+    ax.axvline(b["max_memory_gb"], color="red", linestyle="--", label="budget")
+    ax.set_xlabel("GB (projected onto the profile)")
+    ax.set_title("Memory against the budget")
+    ax.legend()
+    out["memory"] = _png(fig)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    for ax, key, label in ((axes[0], "decode_tokens_per_s", "decode tokens/s"),
+                           (axes[1], "time_to_first_token_s", "time to first token, s")):
+        measured = [a["measured"]["metrics"][key]["median"] for a in arts]
+        projected = [a["projected"][key] for a in arts]
+        x = range(len(arts))
+        ax.bar([i - 0.2 for i in x], measured, 0.4, label="measured (this host)", color="#bbbbbb")
+        ax.bar([i + 0.2 for i in x], projected, 0.4, label="projected (target)", color="#2a7ab0")
+        ax.set_xticks(list(x), names, rotation=20, ha="right")
+        ax.set_title(label)
+        ax.legend(fontsize=7)
+    out["speed"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.barh(names, [a["verify"]["ppl_artifact"] for a in arts], color=colors)
+    ax.set_xlabel(f"perplexity ({report['settings']['eval_data']}, lower is better)")
+    ax.set_title("Perplexity of each artifact in its runtime")
+    out["perplexity"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _markdown(report: dict) -> str:
+    s = report["signoff"]
+    lines = [f"# FuseDeploy sign-off: {report['model']} on {report['profile']['name']}: **{s['result']}**", "",
+             f"Deployed artifact: `{s['artifact']}`; plan: sparsity {report['plan']['chosen']['sparsity']:g}, "
+             f"{report['plan']['chosen']['quant']}.", "", "| budget | figure (projected) | limit | result |",
+             "|---|---|---|---|"]
+    for name, c in s["budgets"].items():
+        lines.append(f"| {name} | {c['figure']:.3f} | {c['op']} {c['budget']:g} | {c['result']} |")
+    lines.append(f"| verify (all artifacts) | | | {s['verify']['result']} |")
+    lines += ["", "| artifact | size MB | PPL | decode tok/s measured | projected | TTFT s measured | projected |",
+              "|---|---|---|---|---|---|---|"]
+    for a in report["artifacts"]:
+        m = a["measured"]["metrics"]
+        lines.append(f"| {a['name']} | {a['size_bytes'] / 1e6:.1f} | {a['verify']['ppl_artifact']:.2f} | "
+                     f"{m['decode_tokens_per_s']['median']:.1f} | {a['projected']['decode_tokens_per_s']:.1f} | "
+                     f"{m['time_to_first_token_s']['median']:.3f} | {a['projected']['time_to_first_token_s']:.3f} |")
+    host = report["host"]
+    lines += ["", f"Measured on {host['cpu']} ({host['cores']} cores; {host['memory_bandwidth_gbps']:.1f} GB/s copy "
+              f"bandwidth, {host['compute_tflops']:.3f} TFLOPS fp32 matmul). Projected figures scale these by the "
+              "profile's peak bandwidth (decode) and compute (prefill)."]
+    return "\n".join(lines) + "\n"
+
+
+def _html(report: dict, plots: dict[str, str]) -> str:
+    s = report["signoff"]
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{c['figure']:.3f}</td><td>{c['op']} {c['budget']:g}</td>"
+        f"<td class='{c['result']}'>{c['result']}</td></tr>" for n, c in s["budgets"].items())
+    rows += f"<tr><td>verify</td><td></td><td></td><td class='{s['verify']['result']}'>{s['verify']['result']}</td></tr>"
+    imgs = "".join(f"<h2>{html.escape(k)}</h2><img src='data:image/png;base64,{v}'>" for k, v in plots.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>FuseDeploy sign-off</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+table{{border-collapse:collapse}}.PASS{{color:#060;font-weight:bold}}.FAIL{{color:#a00;font-weight:bold}}</style></head>
+<body><h1>{html.escape(report['model'])} on {html.escape(report['profile']['name'])}:
+<span class="{s['result']}">{s['result']}</span></h1>
+<table><tr><th>budget</th><th>figure (projected)</th><th>limit</th><th>result</th></tr>{rows}</table>
+{imgs}
+<h2>Details</h2><pre>{html.escape(_markdown(report))}</pre>
+<p>Every number is in report.json beside this file.</p></body></html>"""
+
+
+def write_report(report: dict, folder: Path) -> dict:
+    """Write the three files atomically; returns the sign-off."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"report.json": json.dumps(report, indent=2, default=str), "report.md": _markdown(report),
+             "report.html": _html(report, _plots(report))}
+    for name, text in files.items():
+        tmp = folder / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)
+    return report["signoff"]
