@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fusedeploy eval --model smollm2-135m --data ../shared/data/wikitext-2/test.txt --ctx 512 --max-windows 20
+	$(BIN)/fusedeploy build --profile edge-8gb --model smollm2-135m --sparsity 0.25 --out build/smollm2-135m-edge-8gb
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
