@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     ap.add_argument("--out-json", default="benchmarks/compress_results.json")
     ap.add_argument("--work", default="/tmp/fd-compress-bench")
+    ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved state")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +73,7 @@ def main() -> None:
             out = Path(args.work) / f"{method}-{sparsity}"
             t0 = time.time()
             report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
-                                    settings=settings, force=True, device="cpu")
+                                    settings=settings, force=True, resume=args.resume, device="cpu")
             elapsed = time.time() - t0
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
             tok = AutoTokenizer.from_pretrained(out)

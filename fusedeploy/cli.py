@@ -135,7 +135,8 @@ def compress(
         tasks: dict[str, int] = {}
 
         def progress(kind: str, done: int, total: int, status: str = "") -> None:
-            label = {"iteration": "blocks removed", "epoch": "distillation epoch"}.get(kind, kind)
+            label = {"iteration": "blocks removed", "score": "scoring candidates",
+                     "epoch": "distillation epoch"}.get(kind, kind)
             if kind not in tasks:
                 tasks[kind] = bar.add_task(label, total=total, status="")
             bar.update(tasks[kind], completed=done, total=total, status=status)

@@ -82,8 +82,9 @@ def compress_model(
 ) -> dict:
     """Compress `model_spec` and write a stock Hugging Face checkpoint + compression.json to `out_dir`.
 
-    `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block)
-    and "epoch" (one per distillation epoch, status carries the loss). Returns compression.json.
+    `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
+    "score" (one per candidate block scored) and "epoch" (one per distillation epoch, status
+    carries the loss). Returns compression.json.
     """
     from .. import __version__
     from ..data import load_text, sample_sequences, tokenize
@@ -169,11 +170,11 @@ def compress_model(
         rec: dict = {"iteration": it, "blocks_before": n_now}
         if iterative or plan is None:
             if score_kind == "mi":
-                scores = mi_scores(cache)
+                scores = mi_scores(cache, progress)
             elif score_kind == "bi":
                 scores = bi_scores(cache)
             else:
-                scores = sleb_scores(model, adapter, cache, mi_ids.to(dev))
+                scores = sleb_scores(model, adapter, cache, mi_ids.to(dev), progress)
             rec[f"{score_kind}_scores"] = scores
             if not iterative:  # one-shot: the n_remove lowest of the original model, lowest first
                 order = sorted(range(n_now), key=lambda i: scores[i])[:n_remove]

@@ -42,7 +42,7 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def mi_scores(cache: ActivationCache) -> list[float]:
+def mi_scores(cache: ActivationCache, progress=None) -> list[float]:
     """MI_i = 1 - mean cos(H(model), H(model without block i)), for every current block."""
     runner = cache.runner
     n = len(runner.blocks)
@@ -50,6 +50,8 @@ def mi_scores(cache: ActivationCache) -> list[float]:
     for i in range(n):
         h = runner.run_range_batched(i + 1, n, cache.states[i], cache.batch)
         scores.append(1.0 - _mean_cos(cache.final, h))
+        if progress:
+            progress("score", i + 1, n, "MI")
     return scores
 
 
@@ -101,7 +103,7 @@ def lm_loss(model, adapter, runner: BlockRunner, hidden: torch.Tensor, ids: torc
 
 
 @torch.no_grad()
-def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor) -> list[float]:
+def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor, progress=None) -> list[float]:
     """SLEB: calibration LM loss of the model with each block removed (lowest = remove)."""
     runner = cache.runner
     n = len(runner.blocks)
@@ -109,4 +111,6 @@ def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor) -> li
     for i in range(n):
         h = runner.run_range_batched(i + 1, n, cache.states[i], cache.batch)
         out.append(lm_loss(model, adapter, runner, h, ids, cache.batch))
+        if progress:
+            progress("score", i + 1, n, "SLEB loss")
     return out
