@@ -367,13 +367,10 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own message and exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own message
+        if hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

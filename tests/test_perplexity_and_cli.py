@@ -63,3 +63,10 @@ def test_user_errors_are_one_line(run_cli, tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     _one_line_error(*run_cli("info", tmp_path / "gpt2"), "unsupported architecture 'gpt2'")
     _one_line_error(*run_cli("eval", "--model", tmp_path / "gpt2"), "unsupported architecture 'gpt2'")
+
+
+def test_usage_errors_exit_2_without_traceback(run_cli):
+    code, out, err = run_cli("eval", "--no-such-flag")
+    assert code == 2 and "No such option" in err and "Traceback" not in err
+    code, _, err = run_cli("eval", "--ctx", "abc")
+    assert code == 2 and "Invalid value" in err
