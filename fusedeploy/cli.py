@@ -123,7 +123,7 @@ def compress(
 ) -> None:
     """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
     from .compress import compress_model, load_recipe, parse_overrides
-    from .console import make_progress
+    from .console import compression_progress
 
     overrides = parse_overrides(set_)
     if seed is not None:
@@ -131,16 +131,7 @@ def compress(
     if epochs is not None:
         overrides["epochs"] = epochs
     settings = load_recipe(recipe, overrides, config_file=config)
-    with make_progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(kind: str, done: int, total: int, status: str = "") -> None:
-            label = {"iteration": "blocks removed", "score": "scoring candidates",
-                     "epoch": "distillation epoch"}.get(kind, kind)
-            if kind not in tasks:
-                tasks[kind] = bar.add_task(label, total=total, status="")
-            bar.update(tasks[kind], completed=done, total=total, status=status)
-
+    with compression_progress() as progress:
         report = compress_model(model, out, sparsity, method=method, calib=calib, settings=settings,
                                 resume=resume, device=device, dtype=dtype, progress=progress, force=force)
     if as_json:
@@ -340,7 +331,11 @@ def build(
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()))
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
-    report = run_build(opts, progress=lambda msg: console.print(f"[bold]>[/bold] {msg}"))
+    from .console import compression_progress
+
+    with compression_progress() as compress_progress:
+        report = run_build(opts, progress=lambda msg: console.print(f"[bold]>[/bold] {msg}"),
+                           compress_progress=compress_progress)
     s = report["signoff"]
     for name, c in s["budgets"].items():
         console.print(f"  {name}: {c['figure']:.3f} {c['op']} {c['budget']:g} (projected)  [{c['result']}]")

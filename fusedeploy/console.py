@@ -28,3 +28,18 @@ def progress_task(description: str, total: int):
             progress.update(task, completed=done, total=total_ or total, status=status)
 
         yield update
+
+
+@contextmanager
+def compression_progress():
+    """Yield a `progress(kind, done, total, status)` callback drawing one bar per kind of step."""
+    labels = {"iteration": "blocks removed", "score": "scoring candidates", "epoch": "distillation epoch"}
+    with make_progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(kind: str, done: int, total: int, status: str = "") -> None:
+            if kind not in tasks:
+                tasks[kind] = bar.add_task(labels.get(kind, kind), total=total, status="")
+            bar.update(tasks[kind], completed=done, total=total, status=status)
+
+        yield progress

@@ -78,8 +78,12 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*.onnx*"))
 
 
-def build(opts: BuildOptions, progress=None) -> dict:
-    """Run every stage into `opts.out`; returns the report (with its sign-off)."""
+def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
+    """Run every stage into `opts.out`; returns the report (with its sign-off).
+
+    `progress(message)` announces each step; `compress_progress` is handed to
+    `compress_model` for its per-iteration and per-epoch bars.
+    """
     from ..models.loading import load_config, resolve_model
     from ..profiling.planner import ModelShape, plan
     from ..profiling.schema import load_profile
@@ -119,7 +123,8 @@ def build(opts: BuildOptions, progress=None) -> dict:
         target = work / "model"
         state = target.with_name(target.name + ".state")
         summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method, calib=opts.calib,
-                                 settings=load_recipe(opts.recipe), resume=state.exists())
+                                 settings=load_recipe(opts.recipe), resume=state.exists(),
+                                 progress=compress_progress)
         return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
 
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
