@@ -56,3 +56,12 @@ def test_projection_scales_by_roofline_ratios():
     assert p["prefill_tokens_per_s"] == pytest.approx(500.0)
     assert p["time_to_first_token_s"] == pytest.approx(512 / 500.0)
     assert p["memory_gb"] == pytest.approx((1e9 + 1000.0 * (4096 - 96)) / 1e9)
+
+
+def test_peak_rss_is_the_workers_own_not_the_parents(tiny_artifacts):
+    """A parent with a large resident set must not leak its high-water mark into the measurement."""
+    ballast = bytearray(1_500_000_000)  # touch 1.5 GB in the parent before profiling
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    result = measure_artifact(tiny_artifacts[0], prompt_tokens=16, new_tokens=4, runs=1)
+    del ballast
+    assert result["peak_rss_bytes"] < 1_200_000_000

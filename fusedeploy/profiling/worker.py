@@ -19,6 +19,23 @@ def _prompt_ids(vocab_size: int, count: int) -> list[int]:
     return [low + (i * 7919) % (vocab_size - low) for i in range(count)]
 
 
+def peak_rss_bytes() -> int:
+    """This process image's resident high-water mark.
+
+    `VmHWM` belongs to the current address space, so it starts fresh at exec;
+    `getrusage().ru_maxrss` does not (Linux carries it over from the parent,
+    which would charge a profiled artifact with the build's own peak).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # other systems: best available
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -61,7 +78,7 @@ def measure(artifact: str, prompt_tokens: int, new_tokens: int, runs: int, threa
                 "latency_p50_s": _percentile(steps, 0.5),
                 "latency_p95_s": _percentile(steps, 0.95),
             })
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak_rss = peak_rss_bytes()
     summary = {}
     for key in per_run[0]:
         values = [r[key] for r in per_run]
