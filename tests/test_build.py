@@ -34,7 +34,8 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
     assert signoff["result"] == ("PASS" if expected else "FAIL")
     html = (out / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<script" not in html
-    assert "sign-off" in (out / "report" / "report.md").read_text()
+    md = (out / "report" / "report.md").read_text()
+    assert "sign-off" in md and "Planner candidates" in md and "| chosen |" in md
 
 
 def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, monkeypatch):

@@ -101,6 +101,14 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {a['name']} | {a['size_bytes'] / 1e6:.1f} | {a['verify']['ppl_artifact']:.2f} | "
                      f"{m['decode_tokens_per_s']['median']:.1f} | {a['projected']['decode_tokens_per_s']:.1f} | "
                      f"{m['time_to_first_token_s']['median']:.3f} | {a['projected']['time_to_first_token_s']:.3f} |")
+    lines += ["", "Planner candidates (projected before building; the chosen one is marked):", "",
+              "| sparsity | blocks | quant | memory GB | decode tok/s | TTFT s | fits |", "|---|---|---|---|---|---|---|"]
+    chosen = report["plan"]["chosen"]
+    for c in report["plan"]["candidates"]:
+        mark = "chosen" if (c["sparsity"], c["quant"]) == (chosen["sparsity"], chosen["quant"]) else \
+            ("yes" if c["fits"] else "no")
+        lines.append(f"| {c['sparsity']:g} | {c['kept_blocks']} | {c['quant']} | {c['memory_gb']:.3f} | "
+                     f"{c['decode_tokens_per_s']:.1f} | {c['time_to_first_token_s']:.3f} | {mark} |")
     host = report["host"]
     lines += ["", f"Measured on {host['cpu']} ({host['cores']} cores; {host['memory_bandwidth_gbps']:.1f} GB/s copy "
               f"bandwidth, {host['compute_tflops']:.3f} TFLOPS fp32 matmul). Projected figures scale these by the "
