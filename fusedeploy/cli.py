@@ -348,7 +348,10 @@ def build(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         if _state["debug"]:
             raise

@@ -70,3 +70,20 @@ def test_usage_errors_exit_2_without_traceback(run_cli):
     assert code == 2 and "No such option" in err and "Traceback" not in err
     code, _, err = run_cli("eval", "--ctx", "abc")
     assert code == 2 and "Invalid value" in err
+
+
+def test_a_command_that_exits_1_really_exits_1(run_cli, monkeypatch):
+    """`typer.Exit(1)` (a failed verify or sign-off) must reach the shell as status 1."""
+    import typer
+
+    from fusedeploy import cli
+
+    @cli.app.command("fail-for-test", hidden=True)
+    def _fail() -> None:
+        raise typer.Exit(1)
+
+    try:
+        code, _, _ = run_cli("fail-for-test")
+    finally:
+        cli.app.registered_commands = [c for c in cli.app.registered_commands if c.name != "fail-for-test"]
+    assert code == 1
