@@ -36,6 +36,20 @@ def test_every_shipped_profile_validates_and_cites_sources():
         assert profile.name == name and profile.sources
 
 
+def test_without_a_checkout_the_installed_profiles_are_used(tmp_path, monkeypatch):
+    """A wheel install has no repository beside the package; profiles come from <prefix>/share."""
+    from fusedeploy.profiling import schema
+
+    installed = tmp_path / "share" / "fusedeploy" / "profiles"
+    installed.mkdir(parents=True)
+    (installed / "edge-8gb.yaml").write_text((profiles_dir() / "edge-8gb.yaml").read_text())
+    monkeypatch.delenv("FUSEDEPLOY_PROFILES", raising=False)
+    monkeypatch.setattr(schema, "CHECKOUT_PROFILES", tmp_path / "no-checkout")
+    monkeypatch.setattr(schema, "INSTALLED_PROFILES", installed)
+    assert shipped_profiles() == ["edge-8gb"]
+    assert load_profile("edge-8gb").name == "edge-8gb"
+
+
 def test_malformed_profiles_name_the_bad_field(tmp_path):
     with pytest.raises(UserError, match=r"field 'budgets.max_memory_gb'"):
         load_profile(str(_profile(tmp_path, **{"budgets.max_memory_gb": -1})))

@@ -7,6 +7,7 @@ field names so a YAML file reads unambiguously.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -63,10 +64,18 @@ class Profile(BaseModel):
         return self
 
 
+# A wheel install has no repository beside the package; pyproject's data-files puts the
+# shipped profiles under <prefix>/share/fusedeploy/profiles instead.
+CHECKOUT_PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+INSTALLED_PROFILES = Path(sys.prefix) / "share" / "fusedeploy" / "profiles"
+
+
 def profiles_dir() -> Path:
-    """`$FUSEDEPLOY_PROFILES`, else the repository's `profiles/` beside the package."""
+    """`$FUSEDEPLOY_PROFILES`, else the repository's `profiles/` (a checkout), else the installed copy."""
     env = os.environ.get("FUSEDEPLOY_PROFILES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "profiles"
+    if env:
+        return Path(env)
+    return CHECKOUT_PROFILES if CHECKOUT_PROFILES.is_dir() else INSTALLED_PROFILES
 
 
 def shipped_profiles() -> list[str]:
