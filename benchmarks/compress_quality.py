@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def main() -> None:
         for method in args.methods.split(","):
             settings = load_recipe(args.recipe, overrides)
             out = Path(args.work) / f"{method}-{sparsity}"
+            load_before = os.getloadavg()[0]
             t0 = time.time()
             report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
                                     settings=settings, force=True, resume=args.resume, device="cpu")
@@ -79,19 +81,25 @@ def main() -> None:
             tok = AutoTokenizer.from_pretrained(out)
             save({"method": method, "sparsity": sparsity, "recipe": args.recipe, "overrides": overrides,
                   "blocks": report["blocks_after"], "removed": report["removed_blocks"], **evaluate(model, tok),
-                  "time_s": round(elapsed, 1),
+                  "time_s": round(elapsed, 1), "load_before": round(load_before, 2),
+                  "load_after": round(os.getloadavg()[0], 2),
+                  "time_score_s": round(sum(r.get("time_score_s", 0) for r in report["iterations"]), 1),
+                  "time_distill_s": round(sum(r.get("time_distill_s", 0) for r in report["iterations"]), 1),
                   "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]]})
     print(render(results))
 
 
 def render(results: list[dict]) -> str:
-    lines = ["| method | sparsity | recipe / overrides | blocks | WikiText-2 PPL | PTB PPL | compress time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | sparsity | recipe / overrides | blocks | removed (original numbering, in order) | "
+             "WikiText-2 PPL | PTB PPL | compress time (s) | of which scoring / distillation (s) |",
+             "|---|---|---|---|---|---:|---:|---:|---|"]
     for r in results:
         over = ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items())
         rec = r.get("recipe", "-") + (f" ({over})" if over else "")
-        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {rec} | {r['blocks']} | {r['wikitext2']:.2f} | "
-                     f"{r['ptb']:.2f} | {r['time_s']:.0f} |")
+        removed = ", ".join(str(b) for b in r.get("removed", [])) or "-"
+        split = f"{r['time_score_s']:.0f} / {r['time_distill_s']:.0f}" if "time_score_s" in r else "-"
+        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {rec} | {r['blocks']} | {removed} | "
+                     f"{r['wikitext2']:.2f} | {r['ptb']:.2f} | {r['time_s']:.0f} | {split} |")
     return "\n".join(lines)
 
 
