@@ -304,6 +304,8 @@ def test_recipes_and_yaml_overrides(tmp_path):
     cfg.write_text("epochs: 5\nlr_fusion: 2.0e-4\n")
     s = load_recipe("cpu", parse_overrides(["epochs=7", "seed=3"]), config_file=cfg)
     assert (s.epochs, s.lr_fusion, s.seed, s.seq_len) == (7, 2e-4, 3, 256)
+    assert parse_overrides(["lr_other=1e-3", "offload=true", "static_coefficient=null"]) == {
+        "lr_other": 1e-3, "offload": True, "static_coefficient": None}
 
 
 def test_cli_compress(tiny_dirs, calib_file, tmp_path):
