@@ -14,8 +14,10 @@ Choices where FUSEGPT.md leaves room (documented here and in the modules):
 - static-fusion uses the fixed coefficient c = 1 / (number of neighbours): each of the G
   neighbours receives an equal share of p's weights, W_n + W_p / G (settings.static_coefficient).
 - mi-lora trains the neighbours' LoRA (lr_mi_lora = 1e-3, the fusion factors' rate) and norms
-  with the same local distillation, but no fusion terms; with the 9.65e-6 LoRA rate of the
-  full method a zero-initialised LoRA would barely move in a CPU budget.
+  with the same local distillation, but no fusion terms; with the paper's 9.65e-6 LoRA rate a
+  zero-initialised LoRA would barely move in a CPU budget. The `cpu` recipe raises FuseGPT's own
+  LoRA/norm rate (lr_other) to 1e-3 for the same reason, so there MI + LoRA is exactly FuseGPT
+  without the fusion terms.
 - Divergence guard: NaN during training, or a final distillation loss above the starting loss,
   rolls the group back and retries with lr x lr_backoff (max_retries times), then keeps the
   untrained fusion (= p removed) and records `gave_up`.
