@@ -18,6 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
+from fusedeploy.errors import UserError
 from fusedeploy.profiling.measure import measure_artifact
 
 KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s")
@@ -33,12 +34,19 @@ def main() -> None:
     ap.add_argument("--out-json", default=None)
     args = ap.parse_args()
 
+    bad = [a for a in args.artifact if "=" not in a or not Path(a.split("=", 1)[1]).exists()]
+    if bad:
+        ap.error(f"--artifact expects label=path to an existing .gguf file or ONNX folder, got {bad[0]!r}")
     artifacts = dict(a.split("=", 1) for a in args.artifact)
     samples: dict[str, list[dict]] = {label: [] for label in artifacts}
     for rnd in range(args.rounds):
         for label, path in artifacts.items():
             load = os.getloadavg()[0]
-            m = measure_artifact(path, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs)
+            try:
+                m = measure_artifact(path, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                     runs=args.runs)
+            except UserError as exc:
+                ap.exit(2, f"error: {exc}\n")
             row = {k: m["metrics"][k]["median"] for k in KEYS}
             row.update(peak_rss_mb=m["peak_rss_bytes"] / 2**20, load_before=load, round=rnd)
             samples[label].append(row)
