@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("FUSEDEPLOY_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 EVAL_SETS = {"wikitext2": DATA / "wikitext-2" / "test.txt", "ptb": DATA / "ptb" / "test.txt"}
 
 
@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--out-json", default="benchmarks/compress_results.json")
     ap.add_argument("--work", default="/tmp/fd-compress-bench")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved state")
+    ap.add_argument("--device", default="cpu", help="compression device (evaluation stays on the CPU in fp32)")
+    ap.add_argument("--dtype", default=None, help="compute dtype of the compression (default: bf16 on cuda)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,8 +76,13 @@ def main() -> None:
             out = Path(args.work) / f"{method}-{sparsity}"
             load_before = os.getloadavg()[0]
             t0 = time.time()
+            def progress(kind, done, total, status, t0=t0):
+                if kind == "iteration":
+                    print(f"[{time.time() - t0:7.1f} s] {method}: {done}/{total} blocks removed {status}", flush=True)
+
             report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
-                                    settings=settings, force=True, resume=args.resume, device="cpu")
+                                    settings=settings, force=True, resume=args.resume, device=args.device,
+                                    dtype=args.dtype, progress=progress)
             elapsed = time.time() - t0
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
             tok = AutoTokenizer.from_pretrained(out)
@@ -85,7 +92,10 @@ def main() -> None:
                   "load_after": round(os.getloadavg()[0], 2),
                   "time_score_s": round(sum(r.get("time_score_s", 0) for r in report["iterations"]), 1),
                   "time_distill_s": round(sum(r.get("time_distill_s", 0) for r in report["iterations"]), 1),
-                  "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]]})
+                  "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]],
+                  "device": report["device"], "compute_dtype": report["compute_dtype"],
+                  "memory": report["memory"],
+                  "fold_errors": [r["fold_error"] for r in report["iterations"] if "fold_error" in r]})
     print(render(results))
 
 

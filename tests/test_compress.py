@@ -101,7 +101,7 @@ def test_standalone_blocks_reproduce_the_model(model_type):
     hook = runner.adapter.final_norm(model).register_forward_pre_hook(lambda m, a: got.append(a[0]))
     model(input_ids=ids, use_cache=False)
     hook.remove()
-    h = runner.run_range(0, len(runner.blocks), runner.block0_inputs(ids, 2))
+    h = runner.run_range(0, len(runner.blocks), runner.block0_inputs(ids, 2).data)
     assert torch.allclose(h, got[0], atol=1e-5, rtol=1e-5)
 
 
@@ -142,7 +142,7 @@ def test_fusion_init_then_training_then_fold_matches(model_type, tmp_path):
     n_fused = sum(isinstance(m, FusedLinear) for m in model.modules())
     assert n_fused == 7 * (hi - lo - 1)
     with torch.no_grad():
-        h = runner.run_range(0, 6, runner.block0_inputs(ids, 8), skip=p)
+        h = runner.run_range(0, 6, runner.block0_inputs(ids, 8).data, skip=p)
         logits_init = model.lm_head(adapter.final_norm(model)(h))
     if model_type == "gemma3_text":
         cap = model.config.final_logit_softcapping

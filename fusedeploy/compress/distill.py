@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import FusedLinear, effective_linear, wrap_block
+from .activations import ActivationStore
+from .fused import FusedLinear, effective_linear, fold_block, wrap_block
 from .runner import BlockRunner
 from .settings import CompressSettings
 
@@ -83,16 +84,17 @@ def _param_groups(runner: BlockRunner, neighbours: list[int], mode: str, setting
 
 
 @torch.no_grad()
-def _eval_loss(runner, lo, hi, p, x, y, batch) -> float:
+def _eval_loss(runner, lo, hi, p, x: ActivationStore, y: ActivationStore, batch) -> float:
+    """Mean KL over the full mini-batches (a short last one would change the batch softmax)."""
     losses = []
     with runner.on_device(lo, hi):
-        for s in range(0, x.shape[0] - batch + 1, batch):
-            yhat = runner.run_range(lo, hi, x[s:s + batch], skip=p)
-            losses.append(float(kl_batch_loss(yhat, y[s:s + batch])))
+        for (s, xb), (_, yb) in zip(x.batches(batch), y.batches(batch)):
+            if xb.shape[0] == batch:
+                losses.append(float(kl_batch_loss(runner.run_range(lo, hi, xb, skip=p), yb)))
     return sum(losses) / max(1, len(losses))
 
 
-def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: torch.Tensor, mode: str,
+def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore, mode: str,
                   settings: CompressSettings, seed: int,
                   progress: Callable[..., None] | None = None) -> dict:
     """Fuse p into its group's neighbours and train them to reproduce the group's original output.
@@ -101,7 +103,7 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: torch.Tensor
     before/after and every attempt; on divergence (NaN or a final loss above the starting one)
     the neighbours are rolled back and training is retried with a lower learning rate.
     """
-    batch = min(settings.batch_size, x.shape[0])
+    batch = min(settings.batch_size, len(x))
     if batch < 2:
         raise ValueError("local distillation needs at least 2 sequences per mini-batch")
     y = runner.run_range_batched(lo, hi, x, batch)  # teacher: the group with p
@@ -111,8 +113,9 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: torch.Tensor
     record = {"loss_before": loss_before, "loss_after": loss_before, "attempts": [], "mode": mode}
     if mode == "static" or settings.epochs == 0:
         return record
-    snapshot = {i: {k: v.detach().clone() for k, v in runner.blocks[i].state_dict().items()} for i in neighbours}
-    steps_per_epoch = x.shape[0] // batch
+    snapshot = {i: {k: v.detach().to("cpu", copy=True) for k, v in runner.blocks[i].state_dict().items()}
+                for i in neighbours}
+    steps_per_epoch = len(x) // batch
     total = max(1, steps_per_epoch * settings.epochs)
     for attempt in range(settings.max_retries + 1):
         scale = settings.lr_backoff ** attempt
@@ -125,25 +128,26 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: torch.Tensor
         diverged = None
         with runner.on_device(lo, hi):
             for epoch in range(settings.epochs):
-                order = torch.randperm(x.shape[0], generator=gen)
-                epoch_losses = []
-                for s in range(steps_per_epoch):
-                    idx = order[s * batch:(s + 1) * batch].to(x.device)
-                    yhat = runner.run_range(lo, hi, x[idx], skip=p)
-                    loss = kl_batch_loss(yhat, y[idx])
-                    if not torch.isfinite(loss):
-                        diverged = "nan"
-                        break
+                order = torch.randperm(len(x), generator=gen)
+                index = [order[s * batch:(s + 1) * batch] for s in range(steps_per_epoch)]
+                # Losses stay on the device and are read once per epoch: a read per step would stall
+                # the GPU while the host gathers the next mini-batch. A NaN step is caught at the
+                # epoch's end and rolled back like any other divergence.
+                loss_sum = torch.zeros((), device=runner.device)
+                for (_, xb), (_, yb) in zip(x.gathered(index), y.gathered(index)):
+                    yhat = runner.run_range(lo, hi, xb, skip=p)
+                    loss = kl_batch_loss(yhat, yb)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
-                    epoch_losses.append(loss.item())
-                if diverged:
+                    loss_sum += loss.detach()
+                epoch_loss = float(loss_sum) / max(1, steps_per_epoch)
+                if not math.isfinite(epoch_loss):
+                    diverged = "nan"
                     break
                 if progress:
-                    progress("epoch", epoch + 1, settings.epochs,
-                             f"loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4g} (start {loss_before:.4g})")
+                    progress("epoch", epoch + 1, settings.epochs, f"loss {epoch_loss:.4g} (start {loss_before:.4g})")
         for prm in params:
             prm.requires_grad_(False)
         loss_after = float("nan") if diverged else _eval_loss(runner, lo, hi, p, x, y, batch)
@@ -162,6 +166,22 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: torch.Tensor
     record["loss_after"] = loss_before
     record["gave_up"] = True  # kept the untrained fusion (= p removed, neighbours unchanged)
     return record
+
+
+@torch.no_grad()
+def fold_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore, batch: int) -> float:
+    """Fold the group's fused layers into dense weights; returns the fold error on one mini-batch.
+
+    The error is max |folded - fused| / max |fused| of the group's output, both computed the way
+    training ran (bf16 autocast on a GPU): the number BENCHMARKS.md quotes as the fold error.
+    """
+    with runner.on_device(lo, hi):
+        xb = next(iter(x.batches(batch)))[1]
+        fused = runner.run_range(lo, hi, xb, skip=p).float()
+        for i in range(lo, hi):
+            fold_block(runner.adapter, runner.blocks[i])
+        folded = runner.run_range(lo, hi, xb, skip=p).float()
+    return float((folded - fused).abs().max() / fused.abs().max().clamp_min(1e-30))
 
 
 def trainable_count(module: nn.Module) -> int:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .distill import distill_group, group_range
+from .distill import distill_group, fold_group, group_range
 from .fused import fold_model
+from .activations import reset_stream_stats
 from .runner import BlockRunner
 from .scores import ActivationCache, bi_scores, mi_scores, sleb_scores
 from .settings import METHODS, CompressSettings, load_recipe
@@ -150,8 +151,11 @@ def compress_model(
     elif state_path.exists():  # --force: start over
         shutil.rmtree(state_path.parent, ignore_errors=True)
 
-    if not settings.offload or dev.type == "cpu":
+    if not settings.offload:
         model.to(dev)
+    stream_stats = reset_stream_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     runner = BlockRunner(model, adapter, dev, compute_dtype, offload=settings.offload)
     runner.capture_kwargs(settings.seq_len)
     batch = settings.score_batch
@@ -174,7 +178,7 @@ def compress_model(
             elif score_kind == "bi":
                 scores = bi_scores(cache)
             else:
-                scores = sleb_scores(model, adapter, cache, mi_ids.to(dev), progress)
+                scores = sleb_scores(model, adapter, cache, mi_ids, progress)
             rec[f"{score_kind}_scores"] = scores
             if not iterative:  # one-shot: the n_remove lowest of the original model, lowest first
                 order = sorted(range(n_now), key=lambda i: scores[i])[:n_remove]
@@ -191,8 +195,8 @@ def compress_model(
             x = runner.run_range_batched(0, lo, ft_x0, batch)
             d = distill_group(runner, lo, hi, p, x, mode, settings, seed=settings.seed * 7919 + it,
                               progress=progress)
+            rec["fold_error"] = fold_group(runner, lo, hi, p, x, batch)  # earlier terms become dense weights
             del x
-            fold_model(adapter, model)  # earlier terms become frozen dense weights
             rec.update(d)
             rec["time_distill_s"] = round(time.time() - t_d, 3)
         runner.remove(p)
@@ -224,10 +228,22 @@ def compress_model(
         "iterations": iterations, "timings": {"total_s": round(total, 3),
                                               "iterations_s": round(sum(r["time_s"] for r in iterations), 3)},
         "resumed": bool(resume and elapsed_before),
+        "memory": _memory_record(dev, stream_stats),
     }
     _write_output(model, tokenizer, report, out)
     shutil.rmtree(state_path.parent, ignore_errors=True)
     return report
+
+
+def _memory_record(dev: torch.device, stream_stats) -> dict:
+    """Peaks of this run: activations streamed to the device, all device memory, the process's RSS."""
+    import resource
+
+    rec = {"activation_stream_peak_bytes": stream_stats.peak_bytes,
+           "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if dev.type == "cuda":
+        rec["device_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return rec
 
 
 def _write_output(model, tokenizer, report: dict, out: Path) -> None:

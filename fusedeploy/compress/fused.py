@@ -104,12 +104,18 @@ class FusedLinear(nn.Module):
 
     # -- the function ----------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """Everything added to `W_n`, in float32."""
-        w = torch.zeros(self.out_features, self.in_features, device=self.base.weight.device, dtype=torch.float32)
-        if self.lora_A is not None:
-            w = w + (self.lora_B @ self.lora_A) * self.lora_scale
-        for a, b, src, c in zip(self.fusion_A, self.fusion_B, self._sources, self._static):
-            w = w + (c * src if c is not None else (b @ a) * src)
+        """Everything added to `W_n`, in float32 even inside a bf16 autocast region.
+
+        Under autocast `B @ A` would run in bf16 during training while `merge()` (outside
+        autocast) computed it in fp32, so the folded model would differ from the trained one.
+        """
+        dev = self.base.weight.device
+        with torch.autocast(dev.type, enabled=False):
+            w = torch.zeros(self.out_features, self.in_features, device=dev, dtype=torch.float32)
+            if self.lora_A is not None:
+                w = w + (self.lora_B @ self.lora_A) * self.lora_scale
+            for a, b, src, c in zip(self.fusion_A, self.fusion_B, self._sources, self._static):
+                w = w + (c * src if c is not None else (b @ a) * src)
         return w
 
     def delta_bias(self) -> torch.Tensor | None:

@@ -16,6 +16,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .activations import ActivationStore
+
 
 class _Stop(Exception):
     pass
@@ -68,10 +70,17 @@ class BlockRunner:
                     raise RuntimeError("decoder block received extra positional arguments; adapter needed")
                 if i == len(store) - 1:
                     raise _Stop
+                if streaming:  # offload: each block visits the device for its own forward only
+                    mod.to(self.device)
             hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-        ids = torch.zeros(1, seq_len, dtype=torch.long, device=self._embed_device())
+        streaming = self.offload
+        if streaming:
+            def back(mod, args, out):
+                mod.to("cpu")  # returns None: a forward hook's return value would replace the output
+            hooks += [b.register_forward_hook(back) for b in blocks]
         try:
-            with self._all_on_device(), self.autocast():
+            with self._trunk_on_device(), self.autocast():
+                ids = torch.zeros(1, seq_len, dtype=torch.long, device=self._embed_device())
                 self.model(input_ids=ids, use_cache=False)
         except _Stop:
             pass
@@ -83,38 +92,48 @@ class BlockRunner:
         self.block_kwargs = [_to(s, self.device) for s in store]
 
     @torch.no_grad()
-    def block0_inputs(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
-        """Hidden states entering block 0 for every sequence in `ids` [n, T] -> [n, T, d]."""
+    def block0_inputs(self, ids: torch.Tensor, batch: int) -> ActivationStore:
+        """Hidden states entering block 0 for every sequence in `ids` [n, T], kept on the host."""
         first = self.blocks[0]
-        outs = []
+        got: list[torch.Tensor] = []
 
         def hook(mod, args, kwargs):
-            outs.append(_first_arg(args, kwargs).detach())
+            got.append(_first_arg(args, kwargs).detach())
             raise _Stop
 
         h = first.register_forward_pre_hook(hook, with_kwargs=True)
+        store = None
         try:
-            with self._all_on_device(), self.autocast():
+            with self._trunk_on_device(), self.autocast():
                 for s in range(0, ids.shape[0], batch):
                     try:
                         self.model(input_ids=ids[s:s + batch].to(self._embed_device()), use_cache=False)
                     except _Stop:
                         pass
+                    x = got.pop()
+                    if store is None:
+                        store = ActivationStore(ids.shape[0], x.shape[1:], self.store_dtype, self.device)
+                    store.write(s, x)
         finally:
             h.remove()
-        return torch.cat(outs).to(self.device)
+        return store
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """Activations are kept in the compute dtype (bf16 on a GPU run, fp32 on a CPU run)."""
+        return self.compute_dtype
 
     @contextlib.contextmanager
-    def _all_on_device(self):
-        """With offload, the model lives on the CPU; a full forward needs it on the device briefly."""
-        if not self.offload or self.device.type == "cpu":
+    def _trunk_on_device(self):
+        """With offload, embeddings and rotary tables visit the device for block-0 inputs; blocks stay."""
+        if not self.offload:
             yield
             return
-        self.model.to(self.device)
+        moved = _move_outside(self.model, self.blocks, self.device)
         try:
             yield
         finally:
-            self.model.to("cpu")
+            _move_outside(self.model, self.blocks, torch.device("cpu"), only=moved)
 
     # -- running ---------------------------------------------------------------
     def run_block(self, index: int, h: torch.Tensor) -> torch.Tensor:
@@ -123,7 +142,7 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     def run_range(self, start: int, stop: int, h: torch.Tensor, skip: int | None = None) -> torch.Tensor:
-        """Blocks start..stop-1 (current numbering), optionally skipping one."""
+        """Blocks start..stop-1 (current numbering) on one device mini-batch, optionally skipping one."""
         with self.autocast():
             for i in range(start, stop):
                 if i != skip:
@@ -131,24 +150,27 @@ class BlockRunner:
         return h
 
     @torch.no_grad()
-    def run_range_batched(self, start: int, stop: int, h: torch.Tensor, batch: int,
-                          skip: int | None = None) -> torch.Tensor:
-        if self.offload and self.device.type != "cpu":  # one block on the device at a time
+    def run_range_batched(self, start: int, stop: int, store: ActivationStore, batch: int,
+                          skip: int | None = None) -> ActivationStore:
+        """A host store through blocks start..stop-1, one mini-batch at a time; a new host store."""
+        if self.offload:  # one block on the device at a time
             for i in range(start, stop):
                 if i != skip:
-                    h = self._batched(i, i + 1, h, batch, None)
-            return h
-        return self._batched(start, stop, h, batch, skip)
+                    store = self._batched(i, i + 1, store, batch, None)
+            return store
+        return self._batched(start, stop, store, batch, skip)
 
-    def _batched(self, start, stop, h, batch, skip):
+    def _batched(self, start, stop, store: ActivationStore, batch: int, skip) -> ActivationStore:
+        out = store.like()
         with self.on_device(start, stop):
-            return torch.cat([self.run_range(start, stop, h[s:s + batch], skip)
-                              for s in range(0, h.shape[0], batch)])
+            for s, h in store.batches(batch):
+                out.write(s, self.run_range(start, stop, h, skip))
+        return out
 
     @contextlib.contextmanager
     def on_device(self, start: int, stop: int):
         """With offload, move blocks start..stop-1 to the device for the duration."""
-        if not self.offload or self.device.type == "cpu":
+        if not self.offload:
             yield
             return
         moved = [self.blocks[i] for i in range(start, stop)]
@@ -184,3 +206,22 @@ def _to(obj, device):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to(v, device) for v in obj)
     return obj
+
+
+def _move_outside(model: nn.Module, blocks: nn.Module, device: torch.device, only=None) -> list:
+    """Move the parameters and buffers that are not inside `blocks`; returns what was moved."""
+    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+    moved = []
+    for mod in model.modules():
+        if mod is blocks:
+            continue
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is None or id(t) in inside or (only is not None and (mod, name) not in only):
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(device)
+                else:
+                    store[name] = t.to(device)
+                moved.append((mod, name))
+    return moved
