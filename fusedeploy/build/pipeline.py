@@ -118,12 +118,11 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     def do_compress(work: Path) -> dict:
         if chosen["removed_blocks"] == 0:
             return {"model_dir": str(model_dir), "compressed": False}
-        from ..compress import compress_model, load_recipe
+        from ..compress import compress_model, has_resumable_state, load_recipe
 
         target = work / "model"
-        state = target.with_name(target.name + ".state")
         summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method, calib=opts.calib,
-                                 settings=load_recipe(opts.recipe), resume=state.exists(),
+                                 settings=load_recipe(opts.recipe), resume=has_resumable_state(target),
                                  progress=compress_progress)
         return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
 

@@ -29,9 +29,9 @@ Public API::
     report = compress_model("smollm2-135m", "out/", 0.25, method="fusegpt", calib="data.txt", settings=settings)
 """
 
-from .driver import METHOD_TABLE, blocks_to_remove, compress_model
+from .driver import METHOD_TABLE, blocks_to_remove, compress_model, has_resumable_state, state_dir
 from .fused import FusedLinear, fold_block, fold_model
 from .settings import METHODS, RECIPES, CompressSettings, load_recipe, parse_overrides
 
 __all__ = ["METHODS", "METHOD_TABLE", "RECIPES", "CompressSettings", "FusedLinear", "blocks_to_remove",
-           "compress_model", "fold_block", "fold_model", "load_recipe", "parse_overrides"]
+           "compress_model", "fold_block", "has_resumable_state", "state_dir", "fold_model", "load_recipe", "parse_overrides"]

@@ -52,6 +52,16 @@ def blocks_to_remove(n_blocks: int, sparsity: float) -> int:
     return n
 
 
+def state_dir(out_dir) -> Path:
+    """Where an unfinished run writing `out_dir` keeps its resumable state (beside the output)."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".state")
+
+
+def has_resumable_state(out_dir) -> bool:
+    return state_dir(out_dir).is_dir()
+
+
 def _finished(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
@@ -102,7 +112,7 @@ def compress_model(
     out = Path(out_dir)
     if _finished(out) and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
-    state_path = out.with_name(out.name + ".state") / "state.pt"
+    state_path = state_dir(out) / "state.pt"
     if state_path.exists() and not resume and not force:
         raise UserError(f"an unfinished run's state is at {state_path.parent}; pass --resume to continue it "
                         "or --force to start over")
