@@ -61,7 +61,6 @@ CONFIG_FILE = "genai_config.json"
 
 def _import_builder():
     """The builder module; it expects its own folder on sys.path (the package's __init__ adds it)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # its per-tensor progress bars are noise in our CLI
     try:
         import onnxruntime_genai.models  # noqa: F401 - puts builders/ on sys.path
         from onnxruntime_genai.models import builder
@@ -166,11 +165,11 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             options.append(f"accuracy_level={accuracy_level}")
     builder = _import_builder()
     t0 = time.perf_counter()
-    chatter = io.StringIO()  # the builder prints its progress; keep it for --debug, off the terminal
+    chatter = io.StringIO()  # the builder prints progress and per-tensor bars; keep them for --debug, off the terminal
     with atomic_path(out, is_dir=True) as tmp, \
             tempfile.TemporaryDirectory(prefix=".fusedeploy-genai-cache-", dir=out.parent) as cache:
         try:
-            with contextlib.redirect_stdout(chatter):
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 parsed = builder.parse_extra_options(None, str(folder), str(tmp), precision, provider, cache, options)
                 config = parsed["hf_details"]["hf_config"]
                 _fill_token_ids(config, folder)

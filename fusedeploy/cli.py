@@ -209,20 +209,33 @@ def export_gguf_cmd(
 def export_onnx_cmd(
     model: ModelOpt = "smollm2-135m",
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    quantize: Annotated[Optional[str], typer.Option(help="int8 (dynamic) or int4 (MatMulNBits RTN); default fp32.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", "--precision", help="fp32 (default), int8 or int4 (weight-only MatMulNBits); "
+                                          "fp16/bf16 (CUDA; genai engine only).")] = None,
+    engine: Annotated[str, typer.Option(
+        help="genai: ONNX Runtime GenAI's builder (og.Model/og.Generator); "
+             "optimum: standard ONNX operators only, for runtimes other than ONNX Runtime.")] = "genai",
+    provider: Annotated[Optional[str], typer.Option(help="cpu or cuda (genai; default cuda for fp16/bf16).")] = None,
+    algo: Annotated[Optional[str], typer.Option(
+        help="int4/int8 method (genai): default, rtn, k_quant, rtn_last, k_quant_last, k_quant_mixed.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="int4/int8 block size (genai): 16..256, default 32.")] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option(
+        help="int4/int8 MatMul compute (genai): 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
-    """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
+    """Write an ONNX model folder for ONNX Runtime (GenAI by default), optionally int8/int4."""
     import time
     from pathlib import Path
 
     from exporters.onnx import export_onnx
 
+    genai = {k: v for k, v in dict(provider=provider, algo=algo, block_size=block_size,
+                                   accuracy_level=accuracy_level).items() if v is not None}
     t0 = time.perf_counter()
-    with console.status(f"exporting {model} to ONNX {quantize or 'fp32'}"):
-        path = export_onnx(model, out, quantize=quantize, force=force)
+    with console.status(f"exporting {model} to ONNX {quantize or 'fp32'} ({engine})"):
+        path = export_onnx(model, out, quantize=quantize, force=force, engine=engine, **genai)
     size = sum(f.stat().st_size for f in Path(path).glob("model.onnx*"))
-    print(f"wrote {path} ({_human_bytes(size)}, {quantize or 'fp32'}, {time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {path} ({_human_bytes(size)}, {quantize or 'fp32'}, {engine}, {time.perf_counter() - t0:.1f} s)")
 
 
 @app.command()
