@@ -87,22 +87,29 @@ def _layer_types_from_config(config):
         gemma.Gemma3Model.is_local = saved
 
 
-def _fill_token_ids(config, folder: Path) -> None:
-    """genai_config.json needs numeric eos/pad ids; take them from the tokenizer where config.json has none."""
-    if getattr(config, "eos_token_id", None) is not None and getattr(config, "pad_token_id", None) is not None:
+def _fill_token_ids(out: Path, folder: Path) -> None:
+    """genai_config.json needs numeric eos/pad ids; where config.json has none, take the tokenizer's.
+
+    (The builder re-reads config.json from disk when it writes genai_config.json, so this patches its output.)
+    """
+    path = out / CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    model = config["model"]
+    if model.get("eos_token_id") is not None and model.get("pad_token_id") is not None:
         return
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    if getattr(config, "eos_token_id", None) is None:
-        config.eos_token_id = tok.eos_token_id
-    if config.eos_token_id is None:
+    if model.get("eos_token_id") is None:
+        model["eos_token_id"] = tok.eos_token_id
+    if model["eos_token_id"] is None:
         raise UserError(f"{folder} declares no end-of-sequence token (config.json or tokenizer); "
                         "set eos_token_id in config.json")
-    if getattr(config, "pad_token_id", None) is None:
-        pad = tok.pad_token_id
-        config.pad_token_id = pad if pad is not None else (
-            config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id)
+    if model.get("pad_token_id") is None:
+        eos = model["eos_token_id"]
+        model["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else (
+            eos[0] if isinstance(eos, list) else eos)
+    path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
 def _stamp(path: Path, meta: dict[str, str]) -> None:
@@ -171,9 +178,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 parsed = builder.parse_extra_options(None, str(folder), str(tmp), precision, provider, cache, options)
-                config = parsed["hf_details"]["hf_config"]
-                _fill_token_ids(config, folder)
-                with _layer_types_from_config(config):
+                with _layer_types_from_config(parsed["hf_details"]["hf_config"]):
                     builder.create_model(None, str(folder), str(tmp), precision, provider, cache, **parsed)
         except UserError:
             raise
@@ -182,6 +187,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             raise UserError(f"ONNX Runtime GenAI's builder could not export {model_dir} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         log.debug("builder output:\n%s", chatter.getvalue())
+        _fill_token_ids(tmp, folder)
         meta = {f"fusedeploy.{k}": (",".join(map(str, v)) if isinstance(v, list) else str(v))
                 for k, v in provenance(folder, str(model_dir)).items()}
         meta["fusedeploy.export_type"] = precision

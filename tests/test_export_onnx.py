@@ -46,8 +46,8 @@ def torch_greedy(model, ids, n):
 
 
 def _tiny(mt, tokenizer, remove=()):
-    # explicit special ids: genai_config.json needs them, and some tiny configs (qwen2) have none
-    model = tiny_model(mt, len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    # the tiny qwen2 config sets no eos/pad ids: the exporter must take the tokenizer's
+    model = tiny_model(mt, len(tokenizer))
     if remove:
         ADAPTERS[mt].remove_blocks(model, list(remove))
     return model
@@ -69,6 +69,8 @@ def test_genai_fp32_logits_and_greedy_generation(tiny_genai, sample_ids):
     model, out = tiny_genai
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 4
+    assert isinstance(config["model"]["eos_token_id"], (int, list))
+    assert isinstance(config["model"]["pad_token_id"], int)
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert "GroupQueryAttention" in ops
     backend = OnnxRuntimeBackend(out)
