@@ -75,4 +75,8 @@ def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]
     weights = folder / str(facts.get("weights", ""))
     if weights.parent != folder or not weights.is_file():
         raise UserError(f"the saved state at {folder} lacks its weights file; use --force to start over")
-    return facts, load_file(weights)
+    try:
+        return facts, load_file(weights)
+    except Exception as exc:  # safetensors refuses anything but its own format
+        raise UserError(f"the saved state at {folder} has unreadable weights ({type(exc).__name__}); "
+                        "use --force to start over") from None
