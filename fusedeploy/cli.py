@@ -120,6 +120,7 @@ def compress(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print compression.json to stdout.")] = False,
+    keep_steps: Annotated[bool, typer.Option("--keep-steps", help="Also keep what rebuilds the model after every removed block (the quality-vs-sparsity curve).")] = False,
 ) -> None:
     """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
     from .compress import compress_model, load_recipe, parse_overrides
@@ -133,7 +134,8 @@ def compress(
     settings = load_recipe(recipe, overrides, config_file=config)
     with compression_progress() as progress:
         report = compress_model(model, out, sparsity, method=method, calib=calib, settings=settings,
-                                resume=resume, device=device, dtype=dtype, progress=progress, force=force)
+                                resume=resume, device=device, dtype=dtype, progress=progress, force=force,
+                                keep_steps=keep_steps)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -179,3 +179,24 @@ def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_file, tmp_pat
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     assert not (tmp_path / "two.state").exists()
+
+
+def test_a_step_of_a_deeper_run_is_bitwise_the_run_stopped_there(tiny_llama, calib_file, tmp_path):
+    """The quality curve: step k of a run to 3 removals equals a separate run that removes k."""
+    from fusedeploy.compress import steps
+
+    settings = load_recipe("quick")
+    deep = compress_model(tiny_llama, tmp_path / "deep", 0.5, calib=calib_file, settings=settings, keep_steps=True)
+    assert steps.available(tmp_path / "deep") == [1, 2, 3]
+    short = compress_model(tiny_llama, tmp_path / "short", 0.3, calib=calib_file, settings=settings)
+    assert short["removed_blocks"] == deep["removed_blocks"][:2]
+    model, _ = steps.rebuild(tmp_path / "deep", 2)
+    ref = load_file(tmp_path / "short" / "model.safetensors")
+    got = {k: v for k, v in model.state_dict().items() if k in ref}
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert model.config.num_hidden_layers == 4
+    final, _ = steps.rebuild(tmp_path / "deep", 3)  # the last step is the output itself
+    out = load_file(tmp_path / "deep" / "model.safetensors")
+    assert all(torch.equal(final.state_dict()[k], out[k]) for k in out)
+    with pytest.raises(UserError, match="no step 4"):
+        steps.rebuild(tmp_path / "deep", 4)

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import UserError
 from . import state as saved_state
+from . import steps as steps_mod
 from .activations import ActivationStore, StreamStats, reset_stream_stats
 from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
@@ -90,6 +91,7 @@ class _Run:
     plan: list[int] | None = None  # one-shot methods: the original indices to remove, in order
     oneshot_scores: dict | None = None
     elapsed_before: float = 0.0
+    keep_steps: bool = False
     started: float = field(default_factory=time.time)
 
     @property
@@ -99,7 +101,7 @@ class _Run:
     def fingerprint(self) -> dict:
         return {"model": self.spec, "method": self.method_name, "sparsity": self.sparsity, "calib": self.calib,
                 "settings": self.settings.model_dump(), "device": self.device.type,
-                "dtype": str(self.compute_dtype), "world": self.ranks.world}
+                "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": self.keep_steps}
 
 
 def compress_model(
@@ -114,8 +116,12 @@ def compress_model(
     dtype=None,
     progress: Callable[..., None] | None = None,
     force: bool = False,
+    keep_steps: bool = False,
 ) -> dict:
     """Compress `model_spec` and write a stock Hugging Face checkpoint + compression.json to `out_dir`.
+
+    `keep_steps` also keeps what rebuilds the model after every removal (`steps.rebuild`): the
+    quality-vs-sparsity curve from one run.
 
     `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
     "score" (one per candidate block scored) and "epoch" (one per distillation epoch, status
@@ -123,6 +129,7 @@ def compress_model(
     """
     run = _setup(model_spec, out_dir, sparsity, method, calib, settings or load_recipe(), resume, device, dtype,
                  force)
+    run.keep_steps = keep_steps
     if not run.ranks.main:
         progress = None
     if resume and saved_state.exists(run.state_folder):
@@ -132,7 +139,8 @@ def compress_model(
     stats = _iterate(run, progress)
     report = _report(run, resume, stats)
     if run.ranks.main:
-        _write_output(run.model, run.tokenizer, report, run.out)
+        _write_output(run.model, run.tokenizer, report, run.out,
+                      steps_dir=run.state_folder / steps_mod.FOLDER if keep_steps else None)
         shutil.rmtree(run.state_folder, ignore_errors=True)
     run.ranks.barrier()
     return report
@@ -218,6 +226,12 @@ def _iterate(run: _Run, progress) -> StreamStats:
     while len(run.removed) < run.n_remove:
         rec = _one_iteration(run, runner, cache, ft_x0, progress)
         run.iterations.append(rec)
+        if run.ranks.main and run.keep_steps:
+            changed = [o for o in rec.get("group_original", []) if o != rec["removed_original"]]
+            steps_mod.save_step(run.state_folder / steps_mod.FOLDER, len(run.removed), rec["removed_original"],
+                                list(run.original),
+                                {o: runner.blocks[run.original.index(o)] for o in changed},
+                                {"sparsity_removed": len(run.removed) / run.n_blocks})
         if run.ranks.main:
             saved_state.save(run.state_folder, {
                 "fingerprint": saved_state.normalized(run.fingerprint()), "removed": run.removed,
@@ -303,13 +317,15 @@ def _memory_record(dev: torch.device, stream_stats) -> dict:
     return rec
 
 
-def _write_output(model, tokenizer, report: dict, out: Path) -> None:
+def _write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if steps_dir is not None:
+            shutil.copytree(steps_dir, tmp / steps_mod.FOLDER)
         (tmp / "compression.json").write_text(json.dumps(report, indent=2))
         if out.exists():  # --force: swap the old output away only once the new one is complete
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
