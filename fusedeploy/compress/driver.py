@@ -92,6 +92,7 @@ class _Run:
     oneshot_scores: dict | None = None
     elapsed_before: float = 0.0
     keep_steps: bool = False
+    calib_part: str | None = None
     started: float = field(default_factory=time.time)
 
     @property
@@ -100,6 +101,7 @@ class _Run:
 
     def fingerprint(self) -> dict:
         return {"model": self.spec, "method": self.method_name, "sparsity": self.sparsity, "calib": self.calib,
+                "calib_part": self.calib_part,
                 "settings": self.settings.model_dump(), "device": self.device.type,
                 "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": self.keep_steps}
 
@@ -117,18 +119,20 @@ def compress_model(
     progress: Callable[..., None] | None = None,
     force: bool = False,
     keep_steps: bool = False,
+    calib_part: str | None = None,
 ) -> dict:
     """Compress `model_spec` and write a stock Hugging Face checkpoint + compression.json to `out_dir`.
 
     `keep_steps` also keeps what rebuilds the model after every removal (`steps.rebuild`): the
-    quality-vs-sparsity curve from one run.
+    quality-vs-sparsity curve from one run. `calib_part` ("calib") reads only the calibration part of
+    a text that evaluation shares (`data.split`).
 
     `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
     "score" (one per candidate block scored) and "epoch" (one per distillation epoch, status
     carries the loss). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
     run = _setup(model_spec, out_dir, sparsity, method, calib, settings or load_recipe(), resume, device, dtype,
-                 force)
+                 force, calib_part)
     run.keep_steps = keep_steps
     if not run.ranks.main:
         progress = None
@@ -146,8 +150,9 @@ def compress_model(
     return report
 
 
-def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, device, dtype, force) -> _Run:
-    from ..data import load_text, sample_sequences, tokenize
+def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, device, dtype, force,
+           calib_part=None) -> _Run:
+    from ..data import load_text, sample_sequences, text_part, tokenize
     from ..models import adapter_for
     from ..models.loading import load_model, pick_device, pick_dtype
 
@@ -178,7 +183,9 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     run.n_remove = blocks_to_remove(run.n_blocks, sparsity)
     run.original = list(range(run.n_blocks))
 
-    ids = tokenize(run.tokenizer, load_text(calib, purpose="calib"))
+    text = load_text(calib, purpose="calib")
+    ids = tokenize(run.tokenizer, text_part(text, calib_part) if calib_part else text)
+    run.calib_part = calib_part
     need = settings.seq_len + 1
     if ids.numel() < need:
         raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
@@ -294,7 +301,7 @@ def _report(run: _Run, resume: bool, stats: StreamStats) -> dict:
     s = run.settings
     return {
         "fusedeploy_version": __version__, "model": run.spec, "method": run.method_name, "sparsity": run.sparsity,
-        "calib": run.calib, "seed": s.seed, "settings": s.model_dump(),
+        "calib": run.calib, "calib_part": run.calib_part, "seed": s.seed, "settings": s.model_dump(),
         "device": str(run.device), "compute_dtype": str(run.compute_dtype).replace("torch.", ""),
         "processes": run.ranks.world,
         "architecture": run.model.config.model_type, "blocks_before": run.n_blocks,
