@@ -200,3 +200,17 @@ def test_a_step_of_a_deeper_run_is_bitwise_the_run_stopped_there(tiny_llama, cal
     assert all(torch.equal(final.state_dict()[k], out[k]) for k in out)
     with pytest.raises(UserError, match="no step 4"):
         steps.rebuild(tmp_path / "deep", 4)
+
+
+def test_self_generated_calibration_is_seeded_and_drives_a_run(tiny_llama, tmp_path):
+    from fusedeploy.compress.calibration import generate_samples
+    from fusedeploy.models.loading import load_model
+
+    model, tok, _ = load_model(tiny_llama, device="cpu", dtype="float32")
+    a = generate_samples(model, tok, 5, 12, seed=3, batch=2)
+    b = generate_samples(model, tok, 5, 12, seed=3, batch=2)
+    c = generate_samples(model, tok, 5, 12, seed=4, batch=2)
+    assert a.shape == (5, 12) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(r.tolist()) for r in a}) == 5  # distinct samples, not one repeated text
+    report = compress_model(tiny_llama, tmp_path / "self", 0.16, calib="self", settings=load_recipe("quick"))
+    assert report["calib"] == "self" and report["blocks_after"] == 5

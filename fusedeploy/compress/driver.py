@@ -28,6 +28,7 @@ import torch
 from ..errors import UserError
 from . import state as saved_state
 from . import steps as steps_mod
+from .calibration import SELF, generate_samples
 from .activations import ActivationStore, StreamStats, reset_stream_stats
 from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
@@ -183,16 +184,21 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     run.n_remove = blocks_to_remove(run.n_blocks, sparsity)
     run.original = list(range(run.n_blocks))
 
-    text = load_text(calib, purpose="calib")
-    ids = tokenize(run.tokenizer, text_part(text, calib_part) if calib_part else text)
     run.calib_part = calib_part
-    need = settings.seq_len + 1
-    if ids.numel() < need:
-        raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
-                        f"{settings.seq_len} needs {need}; give more text or a smaller seq_len")
-    run.mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
-    if repair:
-        run.ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1)
+    if calib == SELF:  # data-free: the dense model writes its own calibration text
+        n_ft = settings.ft_samples if repair else 0
+        ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed)
+        run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if repair else None)
+    else:
+        text = load_text(calib, purpose="calib")
+        ids = tokenize(run.tokenizer, text_part(text, calib_part) if calib_part else text)
+        need = settings.seq_len + 1
+        if ids.numel() < need:
+            raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
+                            f"{settings.seq_len} needs {need}; give more text or a smaller seq_len")
+        run.mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
+        if repair:
+            run.ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1)
     if repair and repair.trains and settings.epochs > 0 and settings.ft_samples < 2:
         raise UserError("local distillation needs ft_samples >= 2 (the KL softmax runs over the batch)")
     return run
