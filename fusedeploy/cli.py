@@ -325,8 +325,8 @@ def build(
     runtime: Annotated[Optional[list[str]], typer.Option(help="gguf and/or onnx (default: the profile's runtime).")] = None,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
-    from .build import BuildOptions
-    from .build import build as run_build
+    from .pipeline import BuildOptions
+    from .pipeline import build as run_build
 
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()))

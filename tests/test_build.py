@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fusedeploy.build import BuildOptions, build
-from fusedeploy.build import pipeline
+from fusedeploy.pipeline import BuildOptions, build
+from fusedeploy.pipeline import flow
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
 def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, monkeypatch):
     opts, _, out = quick_build
     calls = []
-    real_export = pipeline._export
-    monkeypatch.setattr(pipeline, "_export", lambda *a: calls.append(a) or real_export(*a))
+    real_export = flow._export
+    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
     build(opts)
     assert calls == []  # nothing changed: every stage skipped
 
@@ -58,7 +58,7 @@ def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, 
         build(changed)
     assert (out / "profile" / "manifest.json").is_file()  # the finished older stage is intact
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "_export", lambda *a: calls.append(a) or real_export(*a))
+    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
     report = build(changed)
     assert calls == []  # export was not redone
     assert report["stages"]["export"]["skipped"] and not report["stages"]["profile"]["skipped"]
