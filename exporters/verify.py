@@ -9,7 +9,6 @@ and the perplexity ratio.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,6 +143,3 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
         result.failures.append(f"perplexity ratio {result.ppl_ratio:.4f} > {limits['ppl_ratio_max']}")
     return result
 
-
-def result_json(result: VerifyResult) -> str:
-    return json.dumps(result.to_dict(), indent=2)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from . import __version__
 from .console import console, progress_task
+from .builtin import DEFAULT_MODEL
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -51,7 +52,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, float16, bfloat1
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, Hub id, or built-in name.")] = "smollm2-135m",
+    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, Hub id, or built-in name.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Architecture, block count, sizes and parameter count of a model."""
@@ -70,7 +71,7 @@ def info(
 
 @app.command("eval")
 def eval_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     data: Annotated[str, typer.Option("--data", "-d", help=".txt/.jsonl file, folder, builtin, wikitext2, ptb, c4")] = "builtin",
     ctx: Annotated[int, typer.Option(help="Context length of each window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Score at most this many windows.")] = None,
@@ -105,7 +106,7 @@ def eval_cmd(
 
 @app.command()
 def compress(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
     method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = "fusegpt",
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ...")] = "builtin",
@@ -184,7 +185,7 @@ app.add_typer(export_app, name="export")
 
 @export_app.command("gguf")
 def export_gguf_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output .gguf file.")] = ...,
     qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")] = "f16",
     imatrix_data: Annotated[Optional[str], typer.Option(
@@ -207,7 +208,7 @@ def export_gguf_cmd(
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
     quantize: Annotated[Optional[str], typer.Option(help="int8 (dynamic) or int4 (MatMulNBits RTN); default fp32.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -228,7 +229,7 @@ def export_onnx_cmd(
 @app.command()
 def verify(
     artifact: Annotated[str, typer.Argument(help="A .gguf file or an exported ONNX folder.")],
-    reference: Annotated[str, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")] = "smollm2-135m",
+    reference: Annotated[str, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")] = DEFAULT_MODEL,
     data: Annotated[str, typer.Option("--data", "-d", help="Text to score (.txt/.jsonl, folder, builtin, ...).")] = "builtin",
     ctx: Annotated[int, typer.Option(help="Context length of each window.")] = 512,
     max_windows: Annotated[int, typer.Option(help="Compare this many windows.")] = 4,
@@ -285,7 +286,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="A shipped profile na
 @profiles_app.command("plan")
 def profiles_plan(
     profile: Annotated[str, typer.Argument(help="A shipped profile name or a path to a YAML file.")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of searching.")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of searching.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -314,7 +315,7 @@ def profiles_plan(
 @app.command()
 def build(
     profile: Annotated[str, typer.Option("--profile", "-p", help="A shipped profile name or a path to a YAML file.")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Build folder (one subfolder per stage).")] = "build",
     recipe: Annotated[Optional[str], typer.Option(help="quick (smoke test), cpu or paper (default: paper on a GPU, cpu otherwise)")] = None,
     method: Annotated[str, typer.Option(help="Compression method (see `fusedeploy compress --help`).")] = "fusegpt",

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for, supported_architectures
-from fusedeploy.models.tiny import tiny_config, tiny_model
+from .tiny import tiny_config, tiny_model
 
 from .conftest import TINY_TYPES
 

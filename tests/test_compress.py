@@ -16,7 +16,7 @@ from fusedeploy.compress.scores import ActivationCache, mi_scores, mi_scores_bru
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 from fusedeploy.models.loading import load_tokenizer, resolve_model
-from fusedeploy.models.tiny import save_tiny_model, tiny_model
+from .tiny import save_tiny_model, tiny_model
 
 VOCAB = 300
 TYPES = ["llama", "gemma3_text", "qwen2"]

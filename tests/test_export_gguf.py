@@ -18,8 +18,10 @@ from fusedeploy.data import eval_windows, load_text, tokenize
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import LlamaCppBackend, TorchBackend, perplexity
 from fusedeploy.models import ADAPTERS
+from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.models.loading import resolve_model
-from fusedeploy.models.tiny import tiny_model
+
+from .tiny import tiny_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
@@ -33,7 +35,7 @@ def wikitext(chars: int) -> str:
 
 @pytest.fixture(scope="module")
 def smol_source():
-    return resolve_model("smollm2-135m")
+    return resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol_f16(smol_source, tmp_path_factory):
-    return export_gguf("smollm2-135m", tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "f16")
+    return export_gguf(DEFAULT_MODEL, tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "f16")
 
 
 @pytest.mark.slow
@@ -246,7 +248,7 @@ def test_smollm2_with_blocks_removed_f32(tokenizer, tmp_path):
 
     from fusedeploy.models.loading import load_model
 
-    model, _, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    model, _, _ = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     ADAPTERS["llama"].remove_blocks(model, [3, 7, 11, 15, 19, 23, 26, 28])
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")

@@ -10,17 +10,19 @@ from typer.testing import CliRunner
 from exporters.gguf import export_gguf
 from exporters.onnx import export_onnx
 from exporters.verify import verify_artifact
+from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.cli import app
 from fusedeploy.errors import UserError
 from fusedeploy.models.loading import resolve_model
-from fusedeploy.models.tiny import tiny_model
+
+from .tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").location)
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).location)
     root = tmp_path_factory.mktemp("verify")
     for name, seed in (("ref", 0), ("other", 1)):
         tiny_model("qwen2", len(tok), seed=seed).save_pretrained(root / name)

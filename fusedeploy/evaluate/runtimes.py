@@ -45,10 +45,6 @@ class LlamaCppBackend:
 
         return int(llama_cpp.llama_model_n_layer(self.llm.model))
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self.llm.metadata)
-
     def logits(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
             raise UserError(f"window of {len(ids)} tokens is longer than the llama.cpp context {self.n_ctx}")

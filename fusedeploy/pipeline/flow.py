@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from ..builtin import DEFAULT_MODEL
 from ..errors import UserError
 from .stages import Stage, run_stage
 
@@ -29,7 +30,7 @@ CROSS_RUNTIME_QUANT = {
 @dataclass
 class BuildOptions:
     profile: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     out: str = "build"
     recipe: str | None = None  # compression recipe: quick, cpu, paper
     method: str = "fusegpt"
