@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from . import __version__
+from . import __version__, formats
 from .console import console, progress_task
-from .builtin import DEFAULT_MODEL
 from .errors import UserError
+from .builtin import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a decoder-only LM with FuseGPT, export it, verify it, and sign it off for a device.")
@@ -79,7 +79,7 @@ def eval_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     runtime: Annotated[str, typer.Option(
-        help="pytorch, llama.cpp (a .gguf file) or onnxruntime (an exported ONNX folder); "
+        help=f"{', '.join(EVAL_RUNTIMES[1:])} (llama.cpp: a .gguf file; onnxruntime: an exported ONNX folder); "
              "auto: onnxruntime for an ONNX folder, else pytorch (a .gguf is then dequantized by transformers)")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -143,38 +143,48 @@ def compress(
               f"wrote {out}")
 
 
-RUNTIMES = ("auto", "pytorch", "llama.cpp", "onnxruntime")
+PYTORCH = "pytorch"  # not an export target, so not a runtime of fusedeploy.formats
 
 
 def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
     """(logits backend, tokenizer) for `eval --runtime`; the tokenizer feeds `fusedeploy.data.tokenize`."""
     from pathlib import Path
 
-    from .evaluate import LlamaCppBackend, OnnxRuntimeBackend, TorchBackend
+    from .evaluate import TorchBackend
     from .models.loading import load_model
 
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown --runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     path = Path(model).expanduser()
-    if runtime == "auto":
-        runtime = "onnxruntime" if (path / "model.onnx").is_file() else "pytorch"
-    if runtime == "llama.cpp":
-        if path.suffix != ".gguf":
-            raise UserError(f"--runtime llama.cpp needs a .gguf file, not {model}")
-        backend = LlamaCppBackend(path, n_ctx=ctx)
-
-        class _LlamaTokenizer:  # llama.cpp's own tokenizer, called like an HF one by data.tokenize
-            def __call__(self, text, **_):
-                return {"input_ids": backend.tokenize(text)}
-
-        return backend, _LlamaTokenizer()
-    if runtime == "onnxruntime":
+    if runtime == "auto":  # an artifact only its runtime can open runs there; the rest in PyTorch
+        opener = next((r for r in formats.RUNTIMES.values() if r.reads(path)), None)
+        runtime = opener.name if opener and not opener.transformers_loads else PYTORCH
+    if runtime == PYTORCH:
+        lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        return TorchBackend(lm), tokenizer
+    if formats.RUNTIME_ALIASES.get(runtime, runtime) not in formats.RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}; choose from {', '.join(EVAL_RUNTIMES)}")
+    rt = formats.runtime(runtime)
+    if not rt.reads(path):
+        raise UserError(f"--runtime {rt.name} needs a {_artifact_kind(rt)}, not {model}")
+    backend = rt.open(path, n_ctx=ctx)
+    if not hasattr(backend, "tokenize"):  # the folder carries the Hugging Face tokenizer
         from transformers import AutoTokenizer
 
-        backend = OnnxRuntimeBackend(path)
-        return backend, AutoTokenizer.from_pretrained(path)
-    lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
-    return TorchBackend(lm), tokenizer
+        return backend, AutoTokenizer.from_pretrained(rt.root(path))
+
+    class _RuntimeTokenizer:  # the runtime's own tokenizer, called like an HF one by data.tokenize
+        def __call__(self, text, **_):
+            return {"input_ids": backend.tokenize(text)}
+
+    return backend, _RuntimeTokenizer()
+
+
+def _artifact_kind(rt) -> str:
+    return f"{rt.suffix} file" if rt.suffix else f"folder with {rt.marker}"
+
+
+EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
+GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
+ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
 
 
 # ---------------------------------------------------------------- export / verify
@@ -187,7 +197,7 @@ app.add_typer(export_app, name="export")
 def export_gguf_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output .gguf file.")] = ...,
-    qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")] = "f16",
+    qtype: Annotated[str, typer.Option("--type", "-t", help=GGUF_TYPES)] = "f16",
     imatrix_data: Annotated[Optional[str], typer.Option(
         help="Calibration text (.txt/.jsonl, folder, builtin, ...) for an importance matrix (llama.cpp-quantized types).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -203,14 +213,14 @@ def export_gguf_cmd(
     t0 = time.perf_counter()
     with console.status(f"exporting {model} to GGUF {qtype}"):
         path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)
-    print(f"wrote {path} ({_human_bytes(path.stat().st_size)}, {qtype}, {time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {qtype}, {time.perf_counter() - t0:.1f} s)")
 
 
 @export_app.command("onnx")
 def export_onnx_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    quantize: Annotated[Optional[str], typer.Option(help="int8 (dynamic) or int4 (MatMulNBits RTN); default fp32.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help=f"{ONNX_TYPES} (default fp32: none).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
@@ -222,8 +232,8 @@ def export_onnx_cmd(
     t0 = time.perf_counter()
     with console.status(f"exporting {model} to ONNX {quantize or 'fp32'}"):
         path = export_onnx(model, out, quantize=quantize, force=force)
-    size = sum(f.stat().st_size for f in Path(path).glob("model.onnx*"))
-    print(f"wrote {path} ({_human_bytes(size)}, {quantize or 'fp32'}, {time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, "
+          f"{time.perf_counter() - t0:.1f} s)")
 
 
 @app.command()
@@ -323,7 +333,8 @@ def build(
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of letting the planner choose.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text for compression.")] = "builtin",
     eval_data: Annotated[str, typer.Option("--eval-data", help="Text for verify perplexity.")] = "builtin",
-    runtime: Annotated[Optional[list[str]], typer.Option(help="gguf and/or onnx (default: the profile's runtime).")] = None,
+    runtime: Annotated[Optional[list[str]], typer.Option(
+        help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
     from .pipeline import BuildOptions

@@ -13,18 +13,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .. import formats
 from ..builtin import DEFAULT_MODEL
 from ..errors import UserError
+from ..formats import Artifact
 from .stages import Stage, run_stage
 
 log = logging.getLogger(__name__)
-
-# The same precision in the other runtime, for builds that export both.
-CROSS_RUNTIME_QUANT = {
-    "gguf": {"fp32": "f32", "int8": "q8_0", "int4": "q4_k_m"},
-    "onnx": {"f32": "fp32", "f16": "fp32", "bf16": "fp32", "q8_0": "int8", "q6_k": "int8",
-             "q5_k_m": "int4", "q4_k_m": "int4", "q4_0": "int4"},
-}
 
 
 @dataclass
@@ -65,18 +60,8 @@ def _versions() -> dict:
     return out
 
 
-def _export(model_dir: str, runtime: str, quant: str, dest: Path) -> Path:
-    if runtime == "gguf":
-        from exporters.gguf import export_gguf
-
-        return export_gguf(model_dir, dest.with_suffix(".gguf"), qtype=quant)
-    from exporters.onnx import export_onnx
-
-    return export_onnx(model_dir, dest, quantize=None if quant == "fp32" else quant)
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*.onnx*"))
+def _export(model_dir: str, runtime: str, precision: str, dest: Path) -> Path:
+    return formats.runtime(runtime).export(model_dir, dest, precision)
 
 
 def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
@@ -98,10 +83,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     model_dir = Path(source.location)
     config = load_config(source)
     shape = ModelShape.from_config(config)
-    runtimes = tuple(opts.runtimes) or (profile.runtime,)
-    for r in runtimes:
-        if r not in ("gguf", "onnx"):
-            raise UserError(f"unknown runtime {r!r}; choose gguf or onnx")
+    runtimes = tuple(dict.fromkeys(formats.runtime(r).name for r in opts.runtimes)) or (profile.runtime,)
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
 
     # 1. plan: before any compute is spent
@@ -138,22 +120,22 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     variants = [("compressed", compressed_dir)] + ([("dense", model_dir)] if c_out["compressed"] else [])
     targets = []
     for runtime in runtimes:
-        quant = chosen["quant"] if runtime == profile.runtime else CROSS_RUNTIME_QUANT[runtime][chosen["quant"]]
+        precision = formats.peer(profile.runtime, chosen["quant"], runtime)
         for variant, folder in variants:
-            targets.append((f"{variant}-{runtime}-{quant}", variant, runtime, quant, folder))
+            name = f"{variant}-{formats.runtime(runtime).file_format}-{precision}"
+            targets.append((name, variant, runtime, precision, folder))
 
     def do_export(work: Path) -> dict:
         made = {}
-        for name, variant, runtime, quant, folder in targets:
+        for name, variant, runtime, precision, folder in targets:
             say(f"export {name}")
-            path = _export(str(folder), runtime, quant, work / name)
-            made[name] = {"path": path.name, "variant": variant, "runtime": runtime, "quant": quant,
-                          "reference": str(folder), "size_bytes": _size(path)}
+            path = _export(str(folder), runtime, precision, work / name)
+            made[name] = Artifact(path, runtime, precision, variant, str(folder)).to_dict(root=work)
         return made
 
     exported = run_stage(out, Stage("export", do_export, {"targets": [t[:4] for t in targets]},
                                     {"compressed": out / "compress", **input_model}))
-    artifacts = exported["outputs"]
+    artifacts = {name: Artifact.from_dict(a, root=out / "export") for name, a in exported["outputs"].items()}
 
     # 4. verify each artifact against its own PyTorch model
     def do_verify(work: Path) -> dict:
@@ -162,7 +144,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         results = {}
         for name, a in artifacts.items():
             say(f"verify {name}")
-            r = verify_artifact(out / "export" / a["path"], a["reference"], opts.eval_data, ctx=opts.verify_ctx,
+            r = verify_artifact(a.path, a.reference, opts.eval_data, ctx=opts.verify_ctx,
                                 max_windows=opts.verify_windows)
             results[name] = {**r.to_dict(), "passed": r.passed}
         (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))
@@ -182,10 +164,10 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         results = {"host": host.to_dict(), "artifacts": {}}
         for name, a in artifacts.items():
             say(f"profile {name}")
-            measured = measure_artifact(out / "export" / a["path"], prompt_tokens=prompt,
-                                        new_tokens=opts.new_tokens, runs=opts.profile_runs)
-            kept = shape.blocks - (chosen["removed_blocks"] if a["variant"] == "compressed" else 0)
-            kv_bytes = 2 * kept * shape.kv_heads * shape.head_dim * (2 if a["runtime"] == "gguf" else 4)
+            measured = measure_artifact(a.path, prompt_tokens=prompt, new_tokens=opts.new_tokens,
+                                        runs=opts.profile_runs)
+            kept = shape.blocks - (chosen["removed_blocks"] if a.variant == "compressed" else 0)
+            kv_bytes = shape.kv_bytes_per_token(kept, a.runtime)
             results["artifacts"][name] = {"measured": measured,
                                           "projected": project(measured, host, profile, kv_bytes)}
         (work / "profile.json").write_text(json.dumps(results, indent=2))
@@ -204,7 +186,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         rows = []
         for name, a in artifacts.items():
             p = profiled["outputs"]["artifacts"][name]
-            rows.append({"name": name, **a, "verify": verified["outputs"][name], **p})
+            rows.append({"name": name, **a.to_dict(root=out / "export"), "verify": verified["outputs"][name], **p})
         deployed = next(r for r in rows if r["variant"] == "compressed" and r["runtime"] == profile.runtime)
         report = {
             "model": opts.model, "profile": profile.model_dump(), "plan": planned["outputs"],
