@@ -1,7 +1,10 @@
 """`fusedeploy build`: plan -> compress -> export -> verify -> profile -> report, one build folder.
 
 Each step is a stage (see stages.py): re-running with the same inputs and
-settings skips finished stages; an interrupted one resumes.
+settings skips finished stages; an interrupted one resumes. A stage's key is
+everything it reads -- settings, the profile's content, the folders of the
+stages before it, the content of text files it is given -- so no stage can
+return a result computed from other inputs (Olive caches passes the same way).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def _export(model_dir: str, runtime: str, precision: str, dest: Path) -> Path:
     return formats.runtime(runtime).export(model_dir, dest, precision)
 
 
+def _text_inputs(**specs: str) -> dict[str, Path]:
+    """The text sources that are local files or folders, so their content is part of a stage's key."""
+    return {name: Path(spec) for name, spec in specs.items() if Path(spec).exists()}
+
+
 def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     """Run every stage into `opts.out`; returns the report (with its sign-off).
 
@@ -112,7 +120,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
     compressed = run_stage(out, Stage("compress", do_compress, {"sparsity": chosen["sparsity"], "method": opts.method,
                                                                 "recipe": opts.recipe, "calib": opts.calib},
-                                      input_model))
+                                      {**input_model, **_text_inputs(calib=opts.calib)}))
     c_out = compressed["outputs"]
     compressed_dir = out / "compress" / c_out["model_dir"] if c_out["compressed"] else model_dir
 
@@ -152,7 +160,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
     verified = run_stage(out, Stage("verify", do_verify, {"data": opts.eval_data, "ctx": opts.verify_ctx,
                                                           "windows": opts.verify_windows},
-                                    {"export": out / "export"}))
+                                    {"export": out / "export", **_text_inputs(eval_data=opts.eval_data)}))
 
     # 5. profile: every artifact in its runtime, in its own process; dense beside compressed
     prompt = opts.prompt_tokens or profile.prompt_tokens
@@ -173,9 +181,13 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         (work / "profile.json").write_text(json.dumps(results, indent=2))
         return results
 
-    profiled = run_stage(out, Stage("profile", do_profile, {"prompt_tokens": prompt, "new_tokens": opts.new_tokens,
-                                                            "runs": opts.profile_runs, "profile": profile.name},
-                                    {"export": out / "export"}))
+    # The projection reads the whole profile (hardware figures, context, batch), the plan's
+    # removed blocks and each runtime's KV-cache width, so all of them are in the key.
+    profiled = run_stage(out, Stage("profile", do_profile, {
+        "prompt_tokens": prompt, "new_tokens": opts.new_tokens, "runs": opts.profile_runs,
+        "profile": profile.model_dump(), "shape": shape.__dict__,
+        "kv_bytes": {r: formats.runtime(r).kv_bytes for r in runtimes}},
+        {"export": out / "export", "plan": out / "plan"}))
 
     # 6. report
     stage_manifests = [planned, compressed, exported, verified, profiled]
@@ -199,5 +211,9 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         write_report(report, work)
         return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
 
-    run_stage(out, Stage("report", do_report, {"v": 1}, {"verify": out / "verify", "profile": out / "profile"}))
+    # The report prints the profile and every option, and judges by the profile's budgets. Where the
+    # build lives and how the profile was named are not content: moving a build re-runs nothing.
+    settings = {k: v for k, v in opts.__dict__.items() if k not in ("out", "profile")}
+    run_stage(out, Stage("report", do_report, {"profile": profile.model_dump(), "settings": settings},
+                         {name: out / name for name in ("plan", "compress", "export", "verify", "profile")}))
     return json.loads((out / "report" / "report.json").read_text())
