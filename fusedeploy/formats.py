@@ -152,9 +152,12 @@ _PRECISIONS = (
     Precision("llama.cpp", "q8_0", 8.5, GGUF_PY, "8bit", "int8", "MOSTLY_Q8_0"),
     Precision("llama.cpp", "q6_k", 6.56, LLAMA_QUANTIZE, "8bit", "int8", "MOSTLY_Q6_K"),
     Precision("llama.cpp", "q5_k_m", 5.69, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q5_K_M"),
+    Precision("llama.cpp", "q5_0", 5.5, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q5_0"),  # 22 bytes / 32 weights
     Precision("llama.cpp", "q4_k_m", 4.85, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q4_K_M"),
     Precision("llama.cpp", "q4_1", 5.0, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q4_1"),  # the built-in's file
     Precision("llama.cpp", "q4_0", 4.55, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q4_0"),
+    # Non-linear 4-bit grid, 18 bytes / 32 weights; llama.cpp quantizes it without an importance matrix.
+    Precision("llama.cpp", "iq4_nl", 4.5, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_IQ4_NL"),
     Precision("onnxruntime", "fp32", 32.0, OPTIMUM, "fp32", "f32"),
     Precision("onnxruntime", "int8", 8.0, ORT_QUANTIZER, "8bit", "q8_0"),  # dynamic, per-channel MatMul
     Precision("onnxruntime", "int4", 5.0, ORT_QUANTIZER, "4bit", "q4_k_m"),  # MatMulNBits RTN, block 32
