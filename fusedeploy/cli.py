@@ -19,6 +19,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress a decoder-only LM with FuseGPT, export it, verify it, and sign it off for a device.")
 _state = {"debug": False}
 
+# Choices shown in --help, read from the format catalogue.
+PYTORCH = "pytorch"  # `eval` can also run the model itself; not an export target, so not a runtime of formats
+EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
+GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
+ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
+
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -143,9 +149,6 @@ def compress(
               f"wrote {out}")
 
 
-PYTORCH = "pytorch"  # not an export target, so not a runtime of fusedeploy.formats
-
-
 def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
     """(logits backend, tokenizer) for `eval --runtime`; the tokenizer feeds `fusedeploy.data.tokenize`."""
     from pathlib import Path
@@ -180,11 +183,6 @@ def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
 
 def _artifact_kind(rt) -> str:
     return f"{rt.suffix} file" if rt.suffix else f"folder with {rt.marker}"
-
-
-EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
-GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
-ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
 
 
 # ---------------------------------------------------------------- export / verify
@@ -225,7 +223,6 @@ def export_onnx_cmd(
 ) -> None:
     """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
     import time
-    from pathlib import Path
 
     from exporters.onnx import export_onnx
 
