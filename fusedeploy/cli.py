@@ -158,7 +158,7 @@ def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
 
     path = Path(model).expanduser()
     if runtime == "auto":  # an artifact only its runtime can open runs there; the rest in PyTorch
-        opener = next((r for r in formats.RUNTIMES.values() if r.reads(path)), None)
+        opener = formats.runtime_opening(path)
         runtime = opener.name if opener and not opener.transformers_loads else PYTORCH
     if runtime == PYTORCH:
         lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
@@ -167,7 +167,7 @@ def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
         raise UserError(f"unknown --runtime {runtime!r}; choose from {', '.join(EVAL_RUNTIMES)}")
     rt = formats.runtime(runtime)
     if not rt.reads(path):
-        raise UserError(f"--runtime {rt.name} needs a {_artifact_kind(rt)}, not {model}")
+        raise UserError(f"--runtime {rt.name} needs a {rt.artifact_kind}, not {model}")
     backend = rt.open(path, n_ctx=ctx)
     if not hasattr(backend, "tokenize"):  # the folder carries the Hugging Face tokenizer
         from transformers import AutoTokenizer
@@ -179,10 +179,6 @@ def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
             return {"input_ids": backend.tokenize(text)}
 
     return backend, _RuntimeTokenizer()
-
-
-def _artifact_kind(rt) -> str:
-    return f"{rt.suffix} file" if rt.suffix else f"folder with {rt.marker}"
 
 
 # ---------------------------------------------------------------- export / verify

@@ -67,6 +67,11 @@ class Runtime:
             return path.suffix == self.suffix
         return (path / self.marker).is_file() or (path.name == self.marker and path.is_file())
 
+    @property
+    def artifact_kind(self) -> str:
+        """What an artifact of this runtime is, for messages."""
+        return f"{self.suffix} file" if self.suffix else f"folder with {self.marker}"
+
     def root(self, path: str | os.PathLike) -> Path:
         """The artifact a path points into: the folder for a folder runtime's marker file."""
         p = Path(path)
@@ -205,13 +210,18 @@ def peer(runtime_name: str, precision: str, other: str) -> str:
     return spec(other, spec(runtime_name, precision).peer).name
 
 
-def runtime_for_path(path: str | os.PathLike) -> Runtime:
-    """Which runtime opens this path: answered here and nowhere else."""
+def runtime_opening(path: str | os.PathLike) -> Runtime | None:
+    """Which runtime opens this path (None: none does). Answered here and nowhere else."""
     p = Path(path).expanduser()
-    for rt in RUNTIMES.values():
-        if rt.reads(p):
-            return rt
-    kinds = ", ".join(f"{r.suffix} file" if r.suffix else f"folder with {r.marker}" for r in RUNTIMES.values())
+    return next((rt for rt in RUNTIMES.values() if rt.reads(p)), None)
+
+
+def runtime_for_path(path: str | os.PathLike) -> Runtime:
+    """The runtime that opens this path; a one-line error when none does."""
+    found = runtime_opening(path)
+    if found is not None:
+        return found
+    kinds = " or a ".join(r.artifact_kind for r in RUNTIMES.values())
     raise UserError(f"{path} is not an artifact FuseDeploy can run (expected a {kinds})")
 
 
