@@ -17,7 +17,7 @@ from tests.reference import mi_scores_bruteforce
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 from fusedeploy.models.loading import load_tokenizer, resolve_model
-from fusedeploy.models.tiny import save_tiny_model, tiny_model
+from .tiny import save_tiny_model, tiny_model
 
 VOCAB = 300
 TYPES = ["llama", "gemma3_text", "qwen2"]
