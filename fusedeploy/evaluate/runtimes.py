@@ -2,7 +2,9 @@
 
 Both score a window the same way the PyTorch backend does (one forward pass
 over the whole window, logits for every position), so `perplexity` compares
-like with like.
+like with like. Which backend opens a path is `fusedeploy.formats`' answer
+(`runtime_for_path`, `Artifact.open`); every backend takes the same
+constructor arguments so the catalogue can open any of them one way.
 """
 
 from __future__ import annotations
@@ -44,10 +46,6 @@ class LlamaCppBackend:
         import llama_cpp
 
         return int(llama_cpp.llama_model_n_layer(self.llm.model))
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self.llm.metadata)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
@@ -108,11 +106,14 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_dir: str | os.PathLike, n_threads: int | None = None):
+    def __init__(self, onnx_dir: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
+                 logits_all: bool = True):
+        """`n_ctx` and `logits_all` are accepted for the common signature: each call sizes its own KV buffer."""
         folder = Path(onnx_dir)
         if not (folder / "model.onnx").is_file():
             raise UserError(f"{folder} is not an exported ONNX model folder (no model.onnx)")
         self.folder = folder
+        self.n_ctx = n_ctx
         self.genai = (folder / "genai_config.json").is_file()
         if self.genai:
             self._open_genai(folder, n_threads or _threads())
@@ -203,7 +204,7 @@ class OnnxRuntimeBackend:
         """Prefill a prompt with an empty KV cache; the greedy next token."""
         if self.genai:
             self._gen = None  # free the previous buffer first
-            self._gen = self._generator(min(self.context_length, len(ids) + max_new_tokens))
+            self._gen = self._generator(min(self.context_length, max(self.n_ctx or 0, len(ids) + max_new_tokens)))
             self._gen.append_tokens(list(map(int, ids)))
             return int(np.argmax(self._gen.get_logits()[0]))
         import torch
@@ -230,15 +231,3 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         self._gen = None
         self.og_model = None
-
-
-def backend_for_artifact(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True):
-    """LlamaCppBackend for a .gguf file, OnnxRuntimeBackend for an ONNX folder."""
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return LlamaCppBackend(p, n_ctx=n_ctx, logits_all=logits_all)
-    if p.is_dir() and (p / "model.onnx").is_file():
-        return OnnxRuntimeBackend(p)
-    if p.suffix == ".onnx" and p.is_file():
-        return OnnxRuntimeBackend(p.parent)
-    raise UserError(f"{path} is neither a .gguf file nor an ONNX model folder")
