@@ -156,7 +156,7 @@ def test_client_disconnect_mid_stream_does_not_hurt_the_server(server):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
-def test_genai_server_greedy_matches_the_runtime(artifacts, tiny_model_dir, smol_tokenizer):
+def test_genai_server_greedy_matches_the_runtime(artifacts, smol_tokenizer):
     """The served greedy text is og.Generator's greedy continuation, detokenized."""
     proc, url = start_server(artifacts["genai"])
     try:
