@@ -128,7 +128,7 @@ def export_onnx_optimum(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     names = formats.precision_names(formats.ONNXRUNTIME.name)
     if precision not in names:
         raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
-    quantize = None if formats.spec(formats.ONNXRUNTIME.name, precision).made_by == formats.OPTIMUM else precision
+    quantize = None if precision == "fp32" else precision  # Optimum's export is fp32; the rest is ORT's quantizer
     out = Path(out_dir)
     check_overwrite(out, force)
     source = resolve_local(model_dir)
