@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fusedeploy.data import eval_windows, load_text, tokenize
+from fusedeploy.data import text_part as data_part
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import TorchBackend, window_nll
 from fusedeploy.formats import Artifact
@@ -48,8 +49,11 @@ class VerifyResult:
 
 
 def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str = "builtin", ctx: int = 512,
-                    max_windows: int | None = 4, progress=None) -> VerifyResult:
-    """Run `artifact` and the PyTorch `reference` on the same windows of `text_spec` and compare."""
+                    max_windows: int | None = 4, progress=None, text_part: str | None = None) -> VerifyResult:
+    """Run `artifact` and the PyTorch `reference` on the same windows of `text_spec` and compare.
+
+    `text_part="eval"` reads only the evaluation part of a text that calibration also uses (data.split).
+    """
     from fusedeploy.models.loading import load_model
 
     path = Path(artifact)
@@ -58,7 +62,8 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
     art = Artifact.at(path, reference=reference)
     limits = art.spec.limits
     model, tokenizer, _ = load_model(reference, device="cpu", dtype="float32")
-    windows = eval_windows(tokenize(tokenizer, load_text(text_spec, purpose="eval")), ctx, max_windows)
+    text = load_text(text_spec, purpose="eval")
+    windows = eval_windows(tokenize(tokenizer, data_part(text, text_part) if text_part else text), ctx, max_windows)
     backend = art.open(n_ctx=ctx)
     ref = TorchBackend(model)
     max_abs = max_rel = 0.0

@@ -340,16 +340,17 @@ def build(
     sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of letting the planner choose.")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of letting the planner choose.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text for compression.")] = "builtin",
-    eval_data: Annotated[str, typer.Option("--eval-data", help="Text for verify perplexity.")] = "builtin",
+    eval_data: Annotated[str, typer.Option("--eval-data", help="Text for verify perplexity and the quality budget (when it is the --calib source, the build splits it: calibration never reads the evaluation part).")] = "builtin",
     runtime: Annotated[Optional[list[str]], typer.Option(
         help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,
+    max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Quality budget: the compressed artifact's perplexity over the dense one's, at most (overrides the profile's).")] = None,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
     from .pipeline import BuildOptions
     from .pipeline import build as run_build
 
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
-              eval_data=eval_data, runtimes=tuple(runtime or ()))
+              eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 
@@ -358,7 +359,8 @@ def build(
                            compress_progress=compress_progress)
     s = report["signoff"]
     for name, c in s["budgets"].items():
-        console.print(f"  {name}: {c['figure']:.3f} {c['op']} {c['budget']:g} (projected)  [{c['result']}]")
+        console.print(f"  {name}: {c['figure']:.3f} {c['op']} {c['budget']:g} ({c['basis']})  [{c['result']}]"
+                      + (f"  {c['reason']}" if c.get("reason") else ""))
     console.print(f"  verify: [{s['verify']['result']}]")
     print(f"sign-off {s['result']}: {s['artifact']} on {report['profile']['name']}; report: {out}/report/report.html")
     if s["result"] != "PASS":

@@ -28,7 +28,8 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
     compressed = json.loads((out / "compress" / "model" / "compression.json").read_text())
     assert len(compressed["removed_blocks"]) == 3  # ceil(6 * 0.34)
     signoff = report["signoff"]
-    assert set(signoff["budgets"]) == {"max_memory_gb", "min_decode_tokens_per_s", "max_time_to_first_token_s"}
+    assert set(signoff["budgets"]) == {"max_memory_gb", "min_decode_tokens_per_s", "max_time_to_first_token_s",
+                                       "max_perplexity_ratio"}  # the shipped profile sets a quality budget
     assert all(c["result"] in ("PASS", "FAIL") for c in signoff["budgets"].values())
     expected = all(c["result"] == "PASS" for c in signoff["budgets"].values()) and signoff["verify"]["result"] == "PASS"
     assert signoff["result"] == ("PASS" if expected else "FAIL")
@@ -120,3 +121,27 @@ def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stage
     assert decode["figure"] == pytest.approx(measured * 5.12 / 200.0)
     assert report["signoff"]["result"] == "FAIL" and code == 1
     assert "sign-off FAIL" in stdout and ">= 150 (projected)  [FAIL]" in err
+
+
+def test_quality_budget_is_judged_on_held_out_text(quick_build):
+    """The perplexity ratio compressed/dense, measured in the runtime on text calibration never read."""
+    opts, report, out = quick_build
+    q = report["signoff"]["budgets"]["max_perplexity_ratio"]
+    rows = {a["variant"]: a for a in report["artifacts"]}
+    ratio = rows["compressed"]["verify"]["ppl_artifact"] / rows["dense"]["verify"]["ppl_artifact"]
+    assert q["basis"] == "measured" and q["figure"] == pytest.approx(ratio) and q["budget"] == 2.5
+    texts = report["evaluation_text"]  # one source for both: split, and the report says so
+    assert texts["calibration"]["part"] == "calib" and texts["evaluation"]["part"] == "eval" and texts["disjoint"]
+    compression = json.loads((out / "compress" / "model" / "compression.json").read_text())
+    assert compression["calib_part"] == "calib"
+
+    tight = max(1.0, ratio * 0.5)
+    if ratio > tight:  # an impossible budget fails the build, and says why
+        failed = build(BuildOptions.quick(**{**opts.__dict__, "max_ppl_ratio": tight}))
+        fq = failed["signoff"]["budgets"]["max_perplexity_ratio"]
+        assert fq["result"] == "FAIL" and failed["signoff"]["result"] == "FAIL" and "dense" in fq["reason"]
+        assert "max_perplexity_ratio" in (out / "report" / "report.md").read_text()
+    loose = build(BuildOptions.quick(**{**opts.__dict__, "max_ppl_ratio": ratio * 2 + 1}))
+    assert loose["signoff"]["budgets"]["max_perplexity_ratio"]["result"] == "PASS"
+    with pytest.raises(Exception, match="at least 1"):
+        build(BuildOptions.quick(**{**opts.__dict__, "max_ppl_ratio": 0.5}))

@@ -33,3 +33,23 @@ def describe(text: str, part: str, eval_fraction: float = EVAL_FRACTION) -> dict
     cut = cut_point(text, eval_fraction)
     lo, hi = (0, cut) if part == "calib" else (cut, len(text))
     return {"part": part, "chars": [lo, hi], "of_chars": len(text)}
+
+
+class BuildTexts:
+    """Which part of its source each of a build's texts reads: both halves of one text, or each whole."""
+
+    def __init__(self, calib_source: str, eval_source: str):
+        self.calib_source, self.eval_source = calib_source, eval_source
+        shared = calib_source == eval_source
+        self.calib = "calib" if shared else None  # None: the whole source
+        self.eval = "eval" if shared else None
+
+    def describe(self, verify: dict) -> dict:
+        """For the report: where every quality number comes from, and how many tokens it scored."""
+        return {
+            "calibration": {"source": self.calib_source, "part": self.calib or "whole"},
+            "evaluation": {"source": self.eval_source, "part": self.eval or "whole",
+                           "windows": verify.get("windows"), "ctx": verify.get("ctx"),
+                           "tokens_scored": (verify.get("windows") or 0) * ((verify.get("ctx") or 1) - 1)},
+            "disjoint": self.calib_source != self.eval_source or self.calib is not None,
+        }

@@ -36,6 +36,7 @@ class BuildOptions:
     quant: str | None = None
     calib: str = "builtin"
     eval_data: str = "builtin"
+    max_ppl_ratio: float | None = None  # overrides the profile's budgets.max_perplexity_ratio
     runtimes: tuple[str, ...] = ()  # default: the profile's runtime
     verify_windows: int = 4
     verify_ctx: int = 512
@@ -49,6 +50,16 @@ class BuildOptions:
         base = dict(recipe="quick", verify_windows=1, verify_ctx=128, profile_runs=3, prompt_tokens=32,
                     new_tokens=8)
         return cls(**{**base, **kw})
+
+
+def _with_quality_budget(profile, max_ppl_ratio: float | None):
+    """The profile with `--max-ppl-ratio` in place of its own quality budget."""
+    if max_ppl_ratio is None:
+        return profile
+    if not max_ppl_ratio >= 1:  # also refuses NaN
+        raise UserError(f"--max-ppl-ratio must be at least 1 (the dense model's own perplexity), got {max_ppl_ratio}")
+    budgets = profile.budgets.model_copy(update={"max_perplexity_ratio": float(max_ppl_ratio)})
+    return profile.model_copy(update={"budgets": budgets})
 
 
 def _versions() -> dict:
@@ -85,7 +96,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
     say = progress or (lambda msg: log.info(msg))
     out = Path(opts.out)
-    profile = load_profile(opts.profile)
+    profile = _with_quality_budget(load_profile(opts.profile), opts.max_ppl_ratio)
     source = resolve_model(opts.model)
     if not source.is_local:
         raise UserError("build needs a local model (folder, .gguf or built-in); download it first")
@@ -94,6 +105,10 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     shape = ModelShape.from_config(config)
     runtimes = tuple(dict.fromkeys(formats.runtime(r).name for r in opts.runtimes)) or (profile.runtime,)
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
+
+    from ..data.split import BuildTexts
+
+    split = BuildTexts(opts.calib, opts.eval_data)  # one source for both: calibration and evaluation halves
 
     # 1. plan: before any compute is spent
     def do_plan(work: Path) -> dict:
@@ -114,13 +129,15 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
         target = work / "model"
         summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method, calib=opts.calib,
+                                 calib_part=split.calib,
                                  settings=load_recipe(opts.recipe), resume=has_resumable_state(target),
                                  progress=compress_progress)
         return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
 
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
     compressed = run_stage(out, Stage("compress", do_compress, {"sparsity": chosen["sparsity"], "method": opts.method,
-                                                                "recipe": opts.recipe, "calib": opts.calib},
+                                                                "recipe": opts.recipe, "calib": opts.calib,
+                                                                "calib_part": split.calib},
                                       {**input_model, **_text_inputs(calib=opts.calib)}))
     c_out = compressed["outputs"]
     compressed_dir = out / "compress" / c_out["model_dir"] if c_out["compressed"] else model_dir
@@ -154,12 +171,13 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         for name, a in artifacts.items():
             say(f"verify {name}")
             r = verify_artifact(a.path, a.reference, opts.eval_data, ctx=opts.verify_ctx,
-                                max_windows=opts.verify_windows)
+                                max_windows=opts.verify_windows, text_part=split.eval)
             results[name] = {**r.to_dict(), "passed": r.passed}
         (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))
         return results
 
-    verified = run_stage(out, Stage("verify", do_verify, {"data": opts.eval_data, "ctx": opts.verify_ctx,
+    verified = run_stage(out, Stage("verify", do_verify, {"data": opts.eval_data, "part": split.eval,
+                                                          "ctx": opts.verify_ctx,
                                                           "windows": opts.verify_windows},
                                     {"export": out / "export", **_text_inputs(eval_data=opts.eval_data)}))
 
@@ -208,7 +226,10 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
             "stages": {m["stage"]: {"wall_s": m["wall_s"], "skipped": m.get("skipped", False)} for m in stage_manifests},
             "versions": _versions(), "machine": {"platform": platform.platform(), **profiled["outputs"]["host"]},
         }
-        report["signoff"] = signoff(report["profile"], deployed, [r["verify"] for r in rows])
+        dense = next((r for r in rows if r["variant"] == "dense" and r["runtime"] == deployed["runtime"]
+                      and r["precision"] == deployed["precision"]), None)
+        report["evaluation_text"] = split.describe(deployed["verify"])
+        report["signoff"] = signoff(report["profile"], deployed, [r["verify"] for r in rows], dense=dense)
         write_report(report, work)
         return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
 

@@ -1,8 +1,10 @@
 """The deployment sign-off: report.json, a self-contained report.html with plots, and report.md.
 
 The sign-off judges the compressed artifact in the profile's runtime: each
-budget against the figure projected onto the target from this host's
-measurements, and every artifact's verify result (a failed verify fails it).
+speed and memory budget against the figure projected onto the target from
+this host's measurements, the quality budget against the measured perplexity
+ratio to the dense artifact (on text calibration never read), and every
+artifact's verify result (a failed verify fails it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,26 @@ import os
 from pathlib import Path
 
 
-def signoff(profile: dict, deployed: dict, verifies: list[dict]) -> dict:
+def quality_check(budget: float, deployed: dict, dense: dict | None) -> dict:
+    """The perplexity ratio of the deployed artifact to the dense one, both as measured in their runtime."""
+    import math
+
+    if dense is None:  # nothing was compressed: the deployed artifact is the dense model
+        ratio, note = 1.0, "not compressed: the deployed artifact is the dense model"
+    else:
+        ratio = deployed["verify"]["ppl_artifact"] / dense["verify"]["ppl_artifact"]
+        note = f"{deployed['name']} vs {dense['name']}"
+    ok = math.isfinite(ratio) and ratio <= budget
+    check = {"figure": ratio, "op": "<=", "budget": budget, "basis": "measured",
+             "result": "PASS" if ok else "FAIL", "note": note}
+    if not math.isfinite(ratio):
+        check["reason"] = "perplexity is not finite"
+    elif not ok:
+        check["reason"] = f"the compressed model's perplexity is {ratio:.2f}x the dense model's, over {budget:g}x"
+    return check
+
+
+def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | None = None) -> dict:
     """PASS/FAIL per budget for the deployed artifact, plus verification."""
     b = profile["budgets"]
     p = deployed["projected"]
@@ -28,6 +49,8 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict]) -> dict:
     }
     budgets = {name: {"figure": fig, "op": op, "budget": lim, "basis": "projected", "result": "PASS" if ok else "FAIL"}
                for name, (fig, op, lim, ok) in checks.items()}
+    if b.get("max_perplexity_ratio") is not None:
+        budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
     failed_verifies = [v["artifact"] for v in verifies if not v["passed"]]
     verify = {"result": "FAIL" if failed_verifies else "PASS", "failed": failed_verifies}
     overall = all(c["result"] == "PASS" for c in budgets.values()) and not failed_verifies
@@ -89,11 +112,16 @@ def _markdown(report: dict) -> str:
     s = report["signoff"]
     lines = [f"# FuseDeploy sign-off: {report['model']} on {report['profile']['name']}: **{s['result']}**", "",
              f"Deployed artifact: `{s['artifact']}`; plan: sparsity {report['plan']['chosen']['sparsity']:g}, "
-             f"{report['plan']['chosen']['quant']}.", "", "| budget | figure (projected) | limit | result |",
-             "|---|---|---|---|"]
+             f"{report['plan']['chosen']['quant']}.", "", "| budget | figure | basis | limit | result |",
+             "|---|---|---|---|---|"]
     for name, c in s["budgets"].items():
-        lines.append(f"| {name} | {c['figure']:.3f} | {c['op']} {c['budget']:g} | {c['result']} |")
-    lines.append(f"| verify (all artifacts) | | | {s['verify']['result']} |")
+        lines.append(f"| {name} | {c['figure']:.3f} | {c['basis']} | {c['op']} {c['budget']:g} | {c['result']} |")
+    lines.append(f"| verify (all artifacts) | | | | {s['verify']['result']} |")
+    texts = report.get("evaluation_text")
+    if texts:
+        ev, cal = texts["evaluation"], texts["calibration"]
+        lines += ["", f"Quality and verify text: `{ev['source']}` ({ev['part']}), {ev['windows']} windows x {ev['ctx']} "
+                  f"tokens ({ev['tokens_scored']} scored); calibration read `{cal['source']}` ({cal['part']})."]
     lines += ["", "| artifact | size MB | PPL | decode tok/s measured | projected | TTFT s measured | projected |",
               "|---|---|---|---|---|---|---|"]
     for a in report["artifacts"]:
@@ -119,7 +147,7 @@ def _markdown(report: dict) -> str:
 def _html(report: dict, plots: dict[str, str]) -> str:
     s = report["signoff"]
     rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{c['figure']:.3f}</td><td>{c['op']} {c['budget']:g}</td>"
+        f"<tr><td>{html.escape(n)}</td><td>{c['figure']:.3f}</td><td>{c['basis']}</td><td>{c['op']} {c['budget']:g}</td>"
         f"<td class='{c['result']}'>{c['result']}</td></tr>" for n, c in s["budgets"].items())
     rows += f"<tr><td>verify</td><td></td><td></td><td class='{s['verify']['result']}'>{s['verify']['result']}</td></tr>"
     imgs = "".join(f"<h2>{html.escape(k)}</h2><img src='data:image/png;base64,{v}'>" for k, v in plots.items())
@@ -128,7 +156,7 @@ def _html(report: dict, plots: dict[str, str]) -> str:
 table{{border-collapse:collapse}}.PASS{{color:#060;font-weight:bold}}.FAIL{{color:#a00;font-weight:bold}}</style></head>
 <body><h1>{html.escape(report['model'])} on {html.escape(report['profile']['name'])}:
 <span class="{s['result']}">{s['result']}</span></h1>
-<table><tr><th>budget</th><th>figure (projected)</th><th>limit</th><th>result</th></tr>{rows}</table>
+<table><tr><th>budget</th><th>figure</th><th>basis</th><th>limit</th><th>result</th></tr>{rows}</table>
 {imgs}
 <h2>Details</h2><pre>{html.escape(_markdown(report))}</pre>
 <p>Every number is in report.json beside this file.</p></body></html>"""

@@ -23,6 +23,9 @@ class Budgets(BaseModel):
     max_memory_gb: float = Field(gt=0)
     min_decode_tokens_per_s: float = Field(ge=0)
     max_time_to_first_token_s: float = Field(gt=0)
+    # quality: the deployed compressed artifact's perplexity / the dense artifact's at the same precision,
+    # both measured in the deployed runtime on evaluation text that calibration never read
+    max_perplexity_ratio: float | None = Field(None, ge=1)
 
 
 class Profile(BaseModel):
