@@ -5,15 +5,17 @@
 Started by `exporters.gguf` (see `exporters/llama_converter.py` for why in a
 child process). It imports nothing from FuseDeploy: its `gguf` must be the
 gguf-py that ships with the converter. SPEC names the converter folder, the
-model folder, the output file and type, the model name, optionally a GGUF
-file whose `tokenizer.*` keys replace the converter's vocabulary, and extra
-key/value pairs (provenance, per-block facts) that are written after the
-converter's own, replacing a key of the same name. The outcome is written as
+model folder, the output file and type, the model name, optionally a JSON
+list of `tokenizer.*` keys (from the GGUF the model was converted from) that
+replace the converter's vocabulary, and extra key/value pairs (provenance,
+per-block facts) that are written after the converter's own, replacing a key
+of the same name. The outcome is written as
 JSON to SPEC["result"]: {"ok": true, "arch": ...} or {"error": kind, ...}.
 
 The converter's classes are used as llama.cpp's own `main()` uses them; the
-one subclass here only adds to `set_gguf_parameters` and `set_vocab`, the
-two hooks every converter model class has.
+one subclass here only adds to `set_gguf_parameters`, `set_vocab` and
+`prepare_metadata` (to report the per-block facts it is about to write),
+hooks every converter model class has.
 """
 
 from __future__ import annotations
@@ -40,18 +42,12 @@ def _add_kv(writer, gguf, key: str, kind: str, value) -> None:
         raise ValueError(f"unknown value kind {kind!r} for {key}")
 
 
-def _copy_tokenizer(writer, gguf, origin: str, n_vocab: int | None) -> None:
-    """Carry every `tokenizer.*` key over verbatim from the GGUF the model was converted from."""
-    reader = gguf.GGUFReader(origin)
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is None or (n_vocab is not None and len(tokens.data) != n_vocab):
-        raise ValueError(f"{origin} has no tokenizer for a {n_vocab}-token vocabulary")
-    for name, field in reader.fields.items():
-        if name.startswith("tokenizer."):
-            main = field.types[0]
-            sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
-            writer.remove_key(name)
-            writer.add_key_value(name, field.contents(), main, sub_type=sub)
+def _add_tokenizer(writer, gguf, keys_json: str) -> None:
+    """The `tokenizer.*` keys of the GGUF the model was converted from (read by the parent)."""
+    for name, main, sub, value in json.loads(Path(keys_json).read_text(encoding="utf-8")):
+        writer.remove_key(name)
+        writer.add_key_value(name, value, gguf.GGUFValueType(main),
+                             sub_type=None if sub is None else gguf.GGUFValueType(sub))
 
 
 def _is_gguf(path: Path) -> bool:
@@ -77,6 +73,21 @@ def _without(folder: Path, name: str, scratch: Path) -> Path:
     return view
 
 
+def _facts(writer, gguf, keys) -> dict:
+    """Per-block facts of what the writer is about to write (see exporters.gguf.per_block_facts)."""
+    import re
+
+    kv, arch = writer.kv_data[0], writer.arch
+    arrays = {}
+    for key in keys:
+        value = kv.get(f"{arch}.{key}")
+        if value is not None and value.type == gguf.GGUFValueType.ARRAY:
+            arrays[key] = [v.item() if hasattr(v, "item") else v for v in value.value]
+    blocks = {int(m.group(1)) for shard in writer.tensors for name in shard if (m := re.match(r"blk\.(\d+)\.", name))}
+    return {"arch": arch, "block_count": int(kv[f"{arch}.block_count"].value), "blocks": sorted(blocks),
+            "arrays": arrays}
+
+
 def convert(spec: dict) -> dict:
     conv = Path(spec["converter"])
     sys.path[:0] = [str(conv / "gguf-py"), str(conv)]
@@ -85,8 +96,8 @@ def convert(spec: dict) -> dict:
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
     model_dir = Path(spec["model_dir"])
-    tokenizer_gguf = spec.get("tokenizer_gguf")
-    if tokenizer_gguf and _is_gguf(model_dir / "tokenizer.model"):
+    tokenizer_kv = spec.get("tokenizer_kv")
+    if tokenizer_kv and _is_gguf(model_dir / "tokenizer.model"):
         model_dir = _without(model_dir, "tokenizer.model", Path(spec["scratch"]))
     hparams = ModelBase.load_hparams(model_dir, False)
     arch = get_model_architecture(hparams, ModelType.TEXT)
@@ -95,6 +106,7 @@ def convert(spec: dict) -> dict:
     except NotImplementedError:
         return {"error": "unknown-architecture", "architecture": arch}
     extra = spec.get("kv", [])
+    facts: dict = {}
 
     class FuseDeployModel(base):  # type: ignore[misc,valid-type]
         model_arch = base.model_arch
@@ -104,9 +116,13 @@ def convert(spec: dict) -> dict:
             for key, kind, value in extra:
                 _add_kv(self.gguf_writer, gguf, key.replace("{arch}", self.gguf_writer.arch), kind, value)
 
+        def prepare_metadata(self, vocab_only: bool):
+            super().prepare_metadata(vocab_only)
+            facts.update(_facts(self.gguf_writer, gguf, spec.get("per_block_keys", [])))
+
         def set_vocab(self):
-            if tokenizer_gguf:
-                _copy_tokenizer(self.gguf_writer, gguf, tokenizer_gguf, self.hparams.get("vocab_size"))
+            if tokenizer_kv:
+                _add_tokenizer(self.gguf_writer, gguf, tokenizer_kv)
             else:
                 super().set_vocab()
 
@@ -115,7 +131,7 @@ def convert(spec: dict) -> dict:
     with torch.inference_mode():
         model = FuseDeployModel(model_dir, ftype, Path(spec["outfile"]), model_name=spec.get("model_name"))
         model.write()
-    return {"ok": True, "arch": gguf.MODEL_ARCH_NAMES[base.model_arch], "hf_arch": arch}
+    return {"ok": True, "hf_arch": arch, "facts": facts}
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ _PROBE = ("Hello world! It's 2024-05-17, and 12.5 million people's lives cost $3
           "def f(x):\n    return x**2 + 1_000_000  # comment\n")
 
 # `<arch>.*` keys that llama.cpp reads either as one value or as one value per block.
-_PER_BLOCK_KEYS = ("attention.sliding_window_pattern", "attention.head_count", "attention.head_count_kv",
+PER_BLOCK_KEYS = ("attention.sliding_window_pattern", "attention.head_count", "attention.head_count_kv",
                    "feed_forward_length")
 
 
@@ -110,6 +110,38 @@ def _tokenizer_origin(source, folder: Path) -> Path | None:
     return None
 
 
+def tokenizer_keys(origin: Path, n_vocab: int) -> Path:
+    """The `tokenizer.*` keys of a GGUF file as JSON [key, type, sub-type, value], cached by content hash.
+
+    Reading them takes gguf-py's reader seconds per 50k-token vocabulary (a
+    numpy view per string), on every export of a GGUF-sourced model; the
+    JSON copy reads in milliseconds.
+    """
+    import hashlib
+
+    import gguf
+
+    from fusedeploy.models.loading import cache_dir
+
+    with origin.open("rb") as f:  # every folder derived from the built-in model has its own copy
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+    cached = cache_dir() / "gguf-tokenizers" / f"{key}.json"
+    if not cached.is_file():
+        reader = gguf.GGUFReader(origin)
+        fields = [[name, int(f.types[0]), int(f.types[1]) if f.types[0] == gguf.GGUFValueType.ARRAY else None,
+                   f.contents()] for name, f in reader.fields.items() if name.startswith("tokenizer.")]
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cached.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            json.dump(fields, f)
+        os.replace(f.name, cached)
+    tokens = next((v for k, _, _, v in json.loads(cached.read_text(encoding="utf-8"))
+                   if k == "tokenizer.ggml.tokens"), None)
+    if tokens is None or len(tokens) != n_vocab:
+        raise UserError(f"{origin} has no tokenizer for a {n_vocab}-token vocabulary "
+                        f"({len(tokens) if tokens else 'no'} tokens)")
+    return cached
+
+
 def _extra_kv(config, meta: dict) -> list[tuple[str, str, object]]:
     """(key, kind, value) written after the converter's own keys; `{arch}` is the file's architecture."""
     from fusedeploy.models import ADAPTERS
@@ -128,8 +160,12 @@ def _extra_kv(config, meta: dict) -> list[tuple[str, str, object]]:
     return kv
 
 
-def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv, tokenizer_gguf: Path | None) -> str:
-    """Run llama.cpp's converter on `folder` into `out` (f32/f16/bf16/q8_0); returns the GGUF architecture."""
+def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv, tokenizer_kv: Path | None) -> dict:
+    """Run llama.cpp's converter on `folder` into `out` (f32/f16/bf16/q8_0).
+
+    Returns the written file's per-block facts (as `per_block_facts`), which
+    the child reports from its writer, so the file need not be read again.
+    """
     from .llama_converter import converter_dir, runtime_version
 
     conv = converter_dir()
@@ -138,14 +174,15 @@ def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv,
         spec_path.write_text(json.dumps({
             "converter": str(conv), "model_dir": str(folder), "outfile": str(out), "outtype": outtype,
             "model_name": model_name, "kv": extra_kv, "result": str(result_path), "scratch": str(Path(tmp) / "view"),
-            "tokenizer_gguf": str(tokenizer_gguf) if tokenizer_gguf else None,
+            "per_block_keys": PER_BLOCK_KEYS,
+            "tokenizer_kv": str(tokenizer_kv) if tokenizer_kv else None,
             "verbose": log.isEnabledFor(logging.DEBUG)}), encoding="utf-8")
         proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_convert_hf.py")), str(spec_path)],
                               capture_output=True, text=True)
         result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
     log.debug("llama.cpp converter output:\n%s", proc.stderr)
     if result.get("ok"):
-        return result["arch"]
+        return result["facts"]
     who = f"llama.cpp's converter (llama-cpp-python {runtime_version()})"
     if result.get("error") == "unknown-architecture":
         raise UserError(f"{who} does not know the architecture {result['architecture']!r} of {folder}; "
@@ -160,28 +197,37 @@ def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv,
 # ---------------------------------------------------------------- checks after conversion
 
 
-def check_per_block(path: Path, config) -> None:
-    """Every per-block fact in the file describes the model's blocks as they are now."""
+def per_block_facts(path: Path) -> dict:
+    """What a GGUF file says per block: {"arch", "block_count", "blocks" (indices with tensors), "arrays"}."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     arch = reader.get_field("general.architecture").contents()
-    n_blocks = int(reader.get_field(f"{arch}.block_count").contents())
-    expected = int(config.num_hidden_layers)
-    present = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
-    if n_blocks != expected or present != set(range(n_blocks)):
-        raise UserError(f"{path.name}: block_count {n_blocks} and tensors of blocks {sorted(present)} "
-                        f"do not match the model's {expected} blocks")
-    for key in _PER_BLOCK_KEYS:
+    arrays = {}
+    for key in PER_BLOCK_KEYS:
         field = reader.get_field(f"{arch}.{key}")
-        if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) != n_blocks:
-            raise UserError(f"{path.name}: {arch}.{key} has {len(field.data)} entries for {n_blocks} blocks; "
+        if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
+            arrays[key] = field.contents()
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    return {"arch": arch, "block_count": int(reader.get_field(f"{arch}.block_count").contents()),
+            "blocks": sorted(blocks), "arrays": arrays}
+
+
+def check_per_block(facts: dict, config) -> None:
+    """Every per-block fact of a converted file (`per_block_facts`) describes the model's blocks as they are now."""
+    n_blocks, expected, arch = facts["block_count"], int(config.num_hidden_layers), facts["arch"]
+    if n_blocks != expected or facts["blocks"] != list(range(n_blocks)):
+        raise UserError(f"GGUF block_count {n_blocks} and tensors of blocks {facts['blocks']} "
+                        f"do not match the model's {expected} blocks")
+    for key, values in facts["arrays"].items():
+        if len(values) != n_blocks:
+            raise UserError(f"GGUF {arch}.{key} has {len(values)} entries for {n_blocks} blocks; "
                             "the model's config.json lists per-block values for another block count")
     layer_types = getattr(config, "layer_types", None)
-    pattern = reader.get_field(f"{arch}.attention.sliding_window_pattern")
-    if layer_types and pattern is not None and pattern.types[0] == gguf.GGUFValueType.ARRAY:
-        if [bool(v) for v in pattern.contents()] != [t == "sliding_attention" for t in layer_types]:
-            raise UserError(f"{path.name}: the sliding-window pattern does not match config.layer_types")
+    pattern = facts["arrays"].get("attention.sliding_window_pattern")
+    if layer_types and pattern is not None:
+        if [bool(v) for v in pattern] != [t == "sliding_attention" for t in layer_types]:
+            raise UserError("the GGUF's sliding-window pattern does not match config.layer_types")
 
 
 def probe_text() -> str:
@@ -323,19 +369,20 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     if imatrix_text is not None:
         meta["provenance"]["imatrix"] = "pytorch-hooks"
     name = re.sub(r"[^\w.-]+", "-", folder.name)
-    convert = dict(model_name=name, extra_kv=_extra_kv(config, meta), tokenizer_gguf=_tokenizer_origin(source, folder))
+    origin = _tokenizer_origin(source, folder)
+    tokenizer_kv = tokenizer_keys(origin, int(config.vocab_size)) if origin else None
+    convert = dict(model_name=name, extra_kv=_extra_kv(config, meta), tokenizer_kv=tokenizer_kv)
     with atomic_path(out) as tmp:
         if GGUF_TYPES[qtype] == "direct":
-            convert_hf(folder, tmp, qtype, **convert)
-            check_per_block(tmp, config)
+            check_per_block(convert_hf(folder, tmp, qtype, **convert), config)
             check_tokenization(tmp, folder)
         else:
             with tempfile.TemporaryDirectory(prefix=".fusedeploy-f32-", dir=out.parent) as scratch:
                 inter = Path(scratch) / "f32.gguf"
-                arch = convert_hf(folder, inter, "f32", **convert)
-                check_per_block(inter, config)
+                facts = convert_hf(folder, inter, "f32", **convert)
+                check_per_block(facts, config)
                 check_tokenization(inter, folder)
-                imatrix = _imatrix_for(source, arch, imatrix_text) if imatrix_text is not None else None
+                imatrix = _imatrix_for(source, facts["arch"], imatrix_text) if imatrix_text is not None else None
                 llama_cpp_quantize(inter, tmp, qtype, imatrix)
     log.info("exported %s (%s) in %.1f s", out, qtype, time.perf_counter() - t0)
     return out

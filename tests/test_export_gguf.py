@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters.gguf import check_per_block, check_tokenization, export_gguf
+from exporters.gguf import check_per_block, check_tokenization, export_gguf, per_block_facts
 from fusedeploy.data import eval_windows, load_text, tokenize
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import LlamaCppBackend, TorchBackend, perplexity
@@ -153,13 +153,18 @@ def test_stale_per_block_fact_is_refused(tiny_f32):
     mt, model, path = tiny_f32
     import copy
 
+    facts = per_block_facts(path)
+    check_per_block(facts, model.config)
     stale = copy.deepcopy(model.config)
     stale.layer_types = ["sliding_attention"] * 4
     with pytest.raises(UserError, match="sliding-window pattern"):
-        check_per_block(path, stale)
+        check_per_block(facts, stale)
     stale.num_hidden_layers = 6
     with pytest.raises(UserError, match="block_count 4"):
-        check_per_block(path, stale)
+        check_per_block(facts, stale)
+    facts["arrays"]["attention.sliding_window_pattern"] = [True] * 6  # as llama.cpp's --prune-layers leaves it
+    with pytest.raises(UserError, match="6 entries for 4 blocks"):
+        check_per_block(facts, model.config)
 
 
 # ---------------------------------------------------------------- SentencePiece (Llama 2 settings)
