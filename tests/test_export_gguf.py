@@ -167,32 +167,48 @@ def test_stale_per_block_fact_is_refused(tiny_f32):
         check_per_block(facts, model.config)
 
 
-# ---------------------------------------------------------------- SentencePiece (Llama 2 settings)
+# ---------------------------------------------------------------- SentencePiece
+
+
+def train_sentencepiece(folder: Path, name: str, **settings) -> Path:
+    """A SentencePiece BPE model trained here on WikiText-2 valid with Llama 2's trainer settings."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        input=str(WIKITEXT_VALID), model_prefix=str(folder / name), model_type="bpe", vocab_size=2000,
+        character_coverage=0.99995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        num_threads=1, minloglevel=2, **settings)
+    return folder / f"{name}.model"
 
 
 @pytest.fixture(scope="module")
-def spm_tokenizer(tmp_path_factory):
-    """A SentencePiece BPE tokenizer trained here on WikiText-2 valid with Llama 2's trainer settings."""
-    import sentencepiece as spm
-    from transformers import LlamaTokenizerFast
+def spm_tokenizers(tmp_path_factory):
+    """{"llama2": Llama 2's settings and tokenizer.json layout, "gemma": the same without a dummy prefix}."""
+    from transformers import GemmaTokenizerFast, LlamaTokenizerFast
 
     if not WIKITEXT_VALID.is_file():
         pytest.skip("needs ../shared/data/wikitext-2/valid.txt")
     folder = tmp_path_factory.mktemp("spm")
-    spm.SentencePieceTrainer.train(
-        input=str(WIKITEXT_VALID), model_prefix=str(folder / "llama2"), model_type="bpe", vocab_size=2000,
-        character_coverage=0.99995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentencepiece_length=16, num_threads=1, minloglevel=2)
-    # as Llama 2's tokenizer.json: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE
-    return LlamaTokenizerFast(vocab_file=str(folder / "llama2.model"), legacy=True, add_prefix_space=True)
+    llama2 = train_sentencepiece(folder, "llama2", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    gemma = train_sentencepiece(folder, "gemma", add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    return {
+        # as Llama 2's tokenizer.json: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE
+        "llama2": LlamaTokenizerFast(vocab_file=str(llama2), legacy=True, add_prefix_space=True),
+        "gemma": GemmaTokenizerFast(vocab_file=str(gemma)),
+    }
 
 
-@pytest.mark.parametrize("mt", ["llama", "mistral"])
-def test_sentencepiece_tokenizer(mt, spm_tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def spm_tokenizer(spm_tokenizers):
+    return spm_tokenizers["llama2"]
+
+
+@pytest.mark.parametrize("mt,style", [("llama", "llama2"), ("mistral", "llama2"), ("gemma3_text", "gemma")])
+def test_sentencepiece_tokenizer(mt, style, spm_tokenizers, tmp_path):
     from transformers import AutoTokenizer
 
-    model = save_tiny(mt, spm_tokenizer, tmp_path / "hf", REMOVED)
+    model = save_tiny(mt, spm_tokenizers[style], tmp_path / "hf", REMOVED)
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes()[:4] != b"GGUF"  # a real SentencePiece model
     path = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
     import gguf
