@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved state")
     ap.add_argument("--device", default="cpu", help="compression device (evaluation stays on the CPU in fp32)")
     ap.add_argument("--dtype", default=None, help="compute dtype of the compression (default: bf16 on cuda)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds; each method runs once per seed and the "
+                                                  "table adds mean ± sd per method and sparsity")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,33 +72,63 @@ def main() -> None:
         model, tok, _ = load_model(args.model, device="cpu", dtype="float32")
         save({"method": "dense", "sparsity": 0.0, "blocks": len(model.model.layers), **evaluate(model, tok),
               "time_s": 0.0})
-    for sparsity in [float(s) for s in args.sparsity.split(",")]:
-        for method in args.methods.split(","):
-            settings = load_recipe(args.recipe, overrides)
-            out = Path(args.work) / f"{method}-{sparsity}"
-            load_before = os.getloadavg()[0]
-            t0 = time.time()
-            def progress(kind, done, total, status, t0=t0):
-                if kind == "iteration":
-                    print(f"[{time.time() - t0:7.1f} s] {method}: {done}/{total} blocks removed {status}", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    for sparsity, method, seed in [(float(sp), m, sd) for sp in args.sparsity.split(",")
+                                   for m in args.methods.split(",") for sd in seeds]:
+        run_overrides = overrides if seed is None else {**overrides, "seed": seed}
+        settings = load_recipe(args.recipe, run_overrides)
+        out = Path(args.work) / (f"{method}-{sparsity}" + ("" if seed is None else f"-seed{seed}"))
+        load_before = os.getloadavg()[0]
+        t0 = time.time()
+        def progress(kind, done, total, status, t0=t0):
+            if kind == "iteration":
+                print(f"[{time.time() - t0:7.1f} s] {method}: {done}/{total} blocks removed {status}", flush=True)
 
-            report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
-                                    settings=settings, force=True, resume=args.resume, device=args.device,
-                                    dtype=args.dtype, progress=progress)
-            elapsed = time.time() - t0
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-            tok = AutoTokenizer.from_pretrained(out)
-            save({"method": method, "sparsity": sparsity, "recipe": args.recipe, "overrides": overrides,
-                  "blocks": report["blocks_after"], "removed": report["removed_blocks"], **evaluate(model, tok),
-                  "time_s": round(elapsed, 1), "load_before": round(load_before, 2),
-                  "load_after": round(os.getloadavg()[0], 2),
-                  "time_score_s": round(sum(r.get("time_score_s", 0) for r in report["iterations"]), 1),
-                  "time_distill_s": round(sum(r.get("time_distill_s", 0) for r in report["iterations"]), 1),
-                  "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]],
-                  "device": report["device"], "compute_dtype": report["compute_dtype"],
-                  "memory": report["memory"],
-                  "fold_errors": [r["fold_error"] for r in report["iterations"] if "fold_error" in r]})
+        report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
+                                settings=settings, force=True, resume=args.resume, device=args.device,
+                                dtype=args.dtype, progress=progress)
+        elapsed = time.time() - t0
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(out)
+        save({"method": method, "sparsity": sparsity, "recipe": args.recipe, "overrides": run_overrides,
+              "seed": settings.seed,
+              "blocks": report["blocks_after"], "removed": report["removed_blocks"], **evaluate(model, tok),
+              "time_s": round(elapsed, 1), "load_before": round(load_before, 2),
+              "load_after": round(os.getloadavg()[0], 2),
+              "time_score_s": round(sum(r.get("time_score_s", 0) for r in report["iterations"]), 1),
+              "time_distill_s": round(sum(r.get("time_distill_s", 0) for r in report["iterations"]), 1),
+              "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]],
+              "device": report["device"], "compute_dtype": report["compute_dtype"],
+              "memory": report["memory"],
+              "fold_errors": [r["fold_error"] for r in report["iterations"] if "fold_error" in r]})
     print(render(results))
+    if args.seeds:
+        print(render_seeds(results))
+
+
+def render_seeds(results: list[dict]) -> str:
+    """Mean ± sample standard deviation over seeds, per (method, sparsity, recipe, other overrides)."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r["method"] == "dense":
+            continue
+        rest = tuple(sorted((k, str(v)) for k, v in (r.get("overrides") or {}).items() if k != "seed"))
+        groups.setdefault((r["method"], r["sparsity"], r.get("recipe", "-"), rest), []).append(r)
+
+    def ms(vals):
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+
+    lines = ["| method | sparsity | recipe / overrides | seeds | WikiText-2 PPL | PTB PPL | compress time (s) |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for (method, sparsity, recipe, rest), rs in groups.items():
+        over = ", ".join(f"{k}={v}" for k, v in rest)
+        lines.append(f"| {method} | {sparsity:.0%} | {recipe}{f' ({over})' if over else ''} | "
+                     f"{','.join(str(r.get('seed', '-')) for r in rs)} | {ms([r['wikitext2'] for r in rs])} | "
+                     f"{ms([r['ptb'] for r in rs])} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
+    return "\n".join(lines)
 
 
 def render(results: list[dict]) -> str:

@@ -38,17 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusedeploy import formats
 from fusedeploy.errors import UserError
 
 from .common import atomic_path, check_overwrite, provenance, resolve_local
 
 log = logging.getLogger(__name__)
 
-# type name -> (how it is made, llama.cpp file type)
-GGUF_TYPES: dict[str, str] = {
-    "f32": "direct", "f16": "direct", "bf16": "direct", "q8_0": "direct",
-    "q4_0": "llama.cpp", "q4_k_m": "llama.cpp", "q5_k_m": "llama.cpp", "q6_k": "llama.cpp",
-}
 
 _PROBE = ("Hello world! It's 2024-05-17, and 12.5 million people's lives cost $3,141.59.\n\n"
           "  Indented   spaces\tand\ttabs; naïve café — “quotes” ... 東京 😀 don't WON'T we'll\n"
@@ -57,17 +53,6 @@ _PROBE = ("Hello world! It's 2024-05-17, and 12.5 million people's lives cost $3
 # `<arch>.*` keys that llama.cpp reads either as one value or as one value per block.
 PER_BLOCK_KEYS = ("attention.sliding_window_pattern", "attention.head_count", "attention.head_count_kv",
                    "feed_forward_length")
-
-
-def _file_type(qtype: str) -> int:
-    import gguf
-
-    return {
-        "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-        "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
-    }[qtype]
 
 
 def _load_config(folder: Path):
@@ -312,7 +297,7 @@ def llama_cpp_quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, np.n
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
                                                    else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(_file_type(qtype))
+    params.ftype = formats.spec(formats.LLAMA_CPP.name, qtype).llama_file_type()
     params.nthread = max(1, min(4, os.cpu_count() or 1))
     keep = []
     if imatrix:
@@ -354,9 +339,11 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     only when complete and checked (per-block facts, tokenization).
     """
     qtype = qtype.lower()
-    if qtype not in GGUF_TYPES:
-        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
-    if imatrix_text is not None and GGUF_TYPES[qtype] == "direct":
+    types = formats.precision_names(formats.LLAMA_CPP.name)
+    if qtype not in types:
+        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
+    direct = formats.spec(formats.LLAMA_CPP.name, qtype).made_by == formats.GGUF_PY
+    if imatrix_text is not None and direct:
         raise UserError(f"an importance matrix only applies to llama.cpp-quantized types, not {qtype}")
     out = Path(out_file)
     check_overwrite(out, force)
@@ -373,7 +360,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     tokenizer_kv = tokenizer_keys(origin, int(config.vocab_size)) if origin else None
     convert = dict(model_name=name, extra_kv=_extra_kv(config, meta), tokenizer_kv=tokenizer_kv)
     with atomic_path(out) as tmp:
-        if GGUF_TYPES[qtype] == "direct":
+        if direct:
             check_per_block(convert_hf(folder, tmp, qtype, **convert), config)
             check_tokenization(tmp, folder)
         else:

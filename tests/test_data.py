@@ -68,3 +68,26 @@ def test_dataset_name_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot load dataset 'wikitext2'.*local .txt file"):
         load_text("wikitext2")
+
+
+def test_calibration_and_evaluation_parts_share_no_token_window():
+    from fusedeploy.data import eval_windows, load_text, sample_sequences, text_part, tokenize
+    from fusedeploy.models.loading import load_tokenizer, resolve_model
+
+    text = load_text("builtin")
+    calib, ev = text_part(text, "calib"), text_part(text, "eval")
+    assert calib + ev == text and calib.endswith("\n") and 0.75 < len(calib) / len(text) < 0.85
+    tok = load_tokenizer(resolve_model("smollm2-135m"))
+    c_ids, e_ids = tokenize(tok, calib), tokenize(tok, ev)
+    windows = eval_windows(e_ids, 64, 20)
+    samples = sample_sequences(c_ids, 200, 64, seed=0)
+    calib_windows = {tuple(w.tolist()) for w in samples}
+    assert not any(tuple(w.tolist()) in calib_windows for w in windows)
+    # every calibration sample lies inside the calibration part's tokens, every evaluation window in the other
+    stream = c_ids.tolist()
+    assert all(any(stream[i:i + 64] == w.tolist() for i in range(len(stream) - 63)) for w in samples[:5])
+    from fusedeploy.data.split import describe
+
+    c, e = describe(text, "calib")["chars"], describe(text, "eval")["chars"]
+    assert c[1] == e[0] and c[0] == 0 and e[1] == len(text)  # disjoint character ranges that cover the text
+    assert text_part(text, "calib") == calib  # deterministic

@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 
 from exporters.gguf import check_per_block, check_tokenization, export_gguf, per_block_facts
+from exporters.verify import verify_artifact
+from fusedeploy import formats
+from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.data import eval_windows, load_text, tokenize
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import LlamaCppBackend, TorchBackend, perplexity
 from fusedeploy.models import ADAPTERS
 from fusedeploy.models.loading import resolve_model
-from fusedeploy.models.tiny import tiny_model
+
+from .tiny import tiny_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 WIKITEXT_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
@@ -37,7 +41,7 @@ def wikitext(chars: int) -> str:
 
 @pytest.fixture(scope="module")
 def smol_source():
-    return resolve_model("smollm2-135m")
+    return resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -275,25 +279,33 @@ def tiny_llama_dir(tokenizer, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"])
-def test_tiny_every_type_loads_and_tracks_pytorch(qtype, tiny_llama_dir, sample_ids, tmp_path):
+@pytest.mark.parametrize("qtype", formats.precision_names("llama.cpp"))
+def test_tiny_every_catalogue_type_exports_loads_tracks_pytorch_and_verifies(qtype, tiny_llama_dir, sample_ids,
+                                                                             tmp_path):
+    """Every GGUF row of fusedeploy.formats, so a new type is tested by adding its row."""
     import gguf
 
+    spec = formats.spec("llama.cpp", qtype)
     path = export_gguf(tiny_llama_dir, tmp_path / f"m-{qtype}.gguf", qtype)
     reader = gguf.GGUFReader(path)
     assert reader.get_field("fusedeploy.export_type").contents() == qtype
+    assert reader.get_field("general.file_type").contents() == spec.llama_file_type()
     assert reader.get_field("llama.block_count").contents() == 6
-    assert reader.get_field("general.file_type").contents() == int(
-        getattr(gguf.LlamaFileType, {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-                                     "q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M",
-                                     "q6_k": "MOSTLY_Q6_K"}[qtype]))
     from transformers import AutoModelForCausalLM
 
     want = TorchBackend(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()).logits(sample_ids)
     got = llama_cpp_logits(path, sample_ids)
     # a random tiny model has near-tied logits, so check closeness, not argmax
     corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
-    assert corr > (0.999 if qtype in ("f16", "bf16", "q8_0") else 0.9)
+    assert corr > (0.999 if spec.made_by == formats.GGUF_PY else 0.9)
+
+    result = verify_artifact(path, str(tiny_llama_dir), "builtin", ctx=64, max_windows=2)
+    assert result.export_type == qtype and result.tolerances == spec.limits
+    assert result.ppl_ratio < spec.limits["ppl_ratio_max"]
+    if spec.tolerance == "4bit":  # near-tied logits may flip the argmax under 4-bit rounding; nothing else may fail
+        assert all(f.startswith("top-1 agreement") for f in result.failures), result.failures
+    else:
+        assert result.passed, result.failures
 
 
 def test_provenance_and_imatrix(tiny_llama_dir, tmp_path):
@@ -393,7 +405,7 @@ def test_missing_converter_says_how_to_install(tiny_llama_dir, tmp_path, monkeyp
 
 @pytest.fixture(scope="module")
 def smol_f16(smol_source, tmp_path_factory):
-    return export_gguf("smollm2-135m", tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "f16")
+    return export_gguf(DEFAULT_MODEL, tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "f16")
 
 
 @pytest.mark.slow
@@ -444,7 +456,7 @@ def test_smollm2_with_blocks_removed_f32(tokenizer, tmp_path):
 
     from fusedeploy.models.loading import load_model
 
-    model, _, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    model, _, _ = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     ADAPTERS["llama"].remove_blocks(model, [3, 7, 11, 15, 19, 23, 26, 28])
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")

@@ -1,9 +1,11 @@
 """FuseGPT compression: scores, fused layers, local distillation, the iterative driver, folding.
 
-Modules: `settings` (recipes), `runner` (blocks run standalone on cached activations),
-`scores` (MI with cached prefix, BI, SLEB), `fused` (FusedLinear, fold), `distill` (groups,
-local KL distillation with rollback), `driver` (`compress_model`: iterate, save state, write
-the checkpoint).
+Modules: `methods` (the registry: a scorer and a repair per method), `settings` (recipes),
+`activations` (host-resident activation sets streamed per mini-batch), `runner` (blocks run
+standalone on those activations, offloaded or not), `scores` (MI with cached prefix, BI, SLEB),
+`fused` (FusedLinear, fold), `distill` (groups, repairs, local KL distillation with rollback),
+`parallel` (torch.distributed split of scoring and distillation), `state` (resumable state as
+JSON + safetensors), `driver` (`compress_model`: setup, restore, iterate, write the checkpoint).
 
 Choices where FUSEGPT.md leaves room (documented here and in the modules):
 - After each iteration every FusedLinear is merged into a plain dense layer. An already-fused
@@ -29,9 +31,10 @@ Public API::
     report = compress_model("smollm2-135m", "out/", 0.25, method="fusegpt", calib="data.txt", settings=settings)
 """
 
-from .driver import METHOD_TABLE, blocks_to_remove, compress_model, has_resumable_state, state_dir
+from .driver import blocks_to_remove, compress_model, has_resumable_state, state_dir
 from .fused import FusedLinear, fold_block, fold_model
-from .settings import METHODS, RECIPES, CompressSettings, load_recipe, parse_overrides
+from .methods import METHODS, REGISTRY
+from .settings import RECIPES, CompressSettings, load_recipe, parse_overrides
 
-__all__ = ["METHODS", "METHOD_TABLE", "RECIPES", "CompressSettings", "FusedLinear", "blocks_to_remove",
+__all__ = ["METHODS", "REGISTRY", "RECIPES", "CompressSettings", "FusedLinear", "blocks_to_remove",
            "compress_model", "fold_block", "has_resumable_state", "state_dir", "fold_model", "load_recipe", "parse_overrides"]

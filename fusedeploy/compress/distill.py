@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 
 from .activations import ActivationStore
 from .fused import FusedLinear, effective_linear, fold_block, wrap_block
+from .parallel import Ranks
 from .runner import BlockRunner
 from .settings import CompressSettings
 
@@ -36,10 +38,28 @@ def kl_batch_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(student.float(), dim=0), F.softmax(teacher.float(), dim=0), reduction="batchmean")
 
 
-def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, mode: str, settings: CompressSettings) -> None:
-    """Wrap the neighbours' linears and add p's terms.
+@dataclass(frozen=True)
+class Repair:
+    """How the neighbours of a removed block make up for it (a row of REPAIRS)."""
 
-    mode: "learned" (B·A ⊙ W_p, trained), "static" (fixed c · W_p) or "lora" (LoRA only, no fusion).
+    fusion: str | None  # "learned": trained (B·A) ⊙ W_p; "static": fixed c · W_p; None: no fusion term
+    lora: bool  # the neighbours also get a trainable LoRA (and their norms train)
+    trains: bool  # run local distillation
+    lora_lr: str  # the settings field holding the LoRA / norm learning rate
+
+
+REPAIRS: dict[str, Repair] = {
+    "fusion": Repair(fusion="learned", lora=True, trains=True, lora_lr="lr_other"),
+    "static": Repair(fusion="static", lora=False, trains=False, lora_lr="lr_other"),
+    # mi-lora: a zero-initialised LoRA at the paper's 9.65e-6 barely moves in a CPU budget,
+    # so the ablation trains it at the fusion factors' rate (lr_mi_lora).
+    "lora": Repair(fusion=None, lora=True, trains=True, lora_lr="lr_mi_lora"),
+}
+
+
+def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, repair: Repair, settings: CompressSettings) -> None:
+    """Wrap the neighbours' linears and add p's terms as the repair says.
+
     Earlier iterations were already folded into plain weights, so an already-fused neighbour's
     earlier terms and an already-fused p's own terms are materialized frozen matrices here
     (FUSEGPT.md §3 allows this; the function is unchanged).
@@ -51,16 +71,17 @@ def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, mode: str, sett
     if coef is None:
         coef = 1.0 / max(1, len(neighbours))
     for i in neighbours:
-        lora = settings.lora_rank if mode in ("learned", "lora") else 0
-        layers = wrap_block(adapter, blocks[i], lora, settings.lora_scale)
-        if mode == "lora":
+        layers = wrap_block(adapter, blocks[i], settings.lora_rank if repair.lora else 0, settings.lora_scale)
+        if repair.fusion is None:
             continue
         for name, fl in layers.items():
             w_p, b_p = p_lin[name]
-            fl.add_fusion(w_p, b_p, settings.fusion_rank, static_coefficient=coef if mode == "static" else None)
+            fl.add_fusion(w_p, b_p, settings.fusion_rank,
+                          static_coefficient=coef if repair.fusion == "static" else None)
 
 
-def _param_groups(runner: BlockRunner, neighbours: list[int], mode: str, settings: CompressSettings, scale: float):
+def _param_groups(runner: BlockRunner, neighbours: list[int], repair: Repair, settings: CompressSettings,
+                  scale: float):
     fusion, other = [], []
     for i in neighbours:
         block = runner.blocks[i]
@@ -74,12 +95,11 @@ def _param_groups(runner: BlockRunner, neighbours: list[int], mode: str, setting
             for name, prm in block.named_parameters():
                 if not any(name.startswith(pre) for pre in fused_prefixes) and prm.dtype.is_floating_point:
                     other.append(prm)
-    lr_other = settings.lr_mi_lora if mode == "lora" else settings.lr_other
     groups = []
     if fusion:
-        groups.append({"params": fusion, "lr": settings.lr_fusion * scale})
+        groups.append({"name": "fusion", "params": fusion, "lr": settings.lr_fusion * scale})
     if other:
-        groups.append({"params": other, "lr": lr_other * scale})
+        groups.append({"name": "lora_norms", "params": other, "lr": getattr(settings, repair.lora_lr) * scale})
     return groups, fusion + other
 
 
@@ -94,9 +114,9 @@ def _eval_loss(runner, lo, hi, p, x: ActivationStore, y: ActivationStore, batch)
     return sum(losses) / max(1, len(losses))
 
 
-def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore, mode: str,
+def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore, repair: Repair,
                   settings: CompressSettings, seed: int,
-                  progress: Callable[..., None] | None = None) -> dict:
+                  progress: Callable[..., None] | None = None, ranks: Ranks = Ranks()) -> dict:
     """Fuse p into its group's neighbours and train them to reproduce the group's original output.
 
     `x` is the group's input for every fine-tuning sequence. Returns a record with the loss
@@ -107,11 +127,11 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
     if batch < 2:
         raise ValueError("local distillation needs at least 2 sequences per mini-batch")
     y = runner.run_range_batched(lo, hi, x, batch)  # teacher: the group with p
-    attach_fusion(runner, lo, hi, p, mode, settings)
+    attach_fusion(runner, lo, hi, p, repair, settings)
     neighbours = [i for i in range(lo, hi) if i != p]
     loss_before = _eval_loss(runner, lo, hi, p, x, y, batch)
-    record = {"loss_before": loss_before, "loss_after": loss_before, "attempts": [], "mode": mode}
-    if mode == "static" or settings.epochs == 0:
+    record = {"loss_before": loss_before, "loss_after": loss_before, "attempts": []}
+    if not repair.trains or settings.epochs == 0:
         return record
     snapshot = {i: {k: v.detach().to("cpu", copy=True) for k, v in runner.blocks[i].state_dict().items()}
                 for i in neighbours}
@@ -119,7 +139,9 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
     total = max(1, steps_per_epoch * settings.epochs)
     for attempt in range(settings.max_retries + 1):
         scale = settings.lr_backoff ** attempt
-        groups, params = _param_groups(runner, neighbours, mode, settings, scale)
+        groups, params = _param_groups(runner, neighbours, repair, settings, scale)
+        record["attempts"].append({"lr_scale": scale,
+                                   "trained": {g["name"]: sum(t.numel() for t in g["params"]) for g in groups}})
         for prm in params:
             prm.requires_grad_(True)
         opt = torch.optim.Adam(groups, betas=(settings.beta1, settings.beta2), eps=settings.eps, weight_decay=0.0)
@@ -134,11 +156,13 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
                 # the GPU while the host gathers the next mini-batch. A NaN step is caught at the
                 # epoch's end and rolled back like any other divergence.
                 loss_sum = torch.zeros((), device=runner.device)
-                for (_, xb), (_, yb) in zip(x.gathered(index), y.gathered(index)):
-                    yhat = runner.run_range(lo, hi, xb, skip=p)
+                local = [ranks.my_slice(i) for i in index]  # with several processes, each takes a share
+                for (_, xb), (_, yb) in zip(x.gathered(local), y.gathered(index)):
+                    yhat = ranks.whole_batch(runner.run_range(lo, hi, xb, skip=p))
                     loss = kl_batch_loss(yhat, yb)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    ranks.sum_gradients(params)
                     opt.step()
                     sched.step()
                     loss_sum += loss.detach()
@@ -155,7 +179,7 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
             diverged = "nan"
         if not diverged and loss_after > loss_before:
             diverged = "loss grew"
-        record["attempts"].append({"lr_scale": scale, "loss_after": loss_after, "status": diverged or "ok"})
+        record["attempts"][-1].update({"loss_after": loss_after, "status": diverged or "ok"})
         if not diverged:
             record["loss_after"] = loss_after
             return record
@@ -182,7 +206,3 @@ def fold_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore
             fold_block(runner.adapter, runner.blocks[i])
         folded = runner.run_range(lo, hi, xb, skip=p).float()
     return float((folded - fused).abs().max() / fused.abs().max().clamp_min(1e-30))
-
-
-def trainable_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

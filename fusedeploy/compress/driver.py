@@ -1,9 +1,13 @@
-"""The iterative compression driver: score → group → fuse → distill → fold → remove, resumable.
+"""The iterative compression driver: score → group → repair → fold → remove, resumable.
 
-State after every completed iteration (removed blocks, the current blocks' weights, the
-records) is written to `<out>.state/state.pt` through a temporary file and an atomic rename,
-so a kill never leaves a half-written state. The final checkpoint is written to a temporary
-folder beside `out_dir` and renamed into place.
+`compress_model` reads top to bottom as its three phases: `_setup` (check the request, load the
+model and the calibration samples), `_restore` (continue a saved run) and `_iterate` (one removed
+block per iteration, state saved after each). A method is a scorer plus a repair, looked up in
+`methods.REGISTRY`; the activation cache recomputes what a removal invalidates.
+
+State after every completed iteration goes to `<out>.state/` (see `state.py`: JSON and
+safetensors, written so a kill never leaves a half-written state). The final checkpoint is
+written to a temporary folder beside `out_dir` and renamed into place.
 """
 
 from __future__ import annotations
@@ -16,31 +20,25 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .distill import distill_group, fold_group, group_range
+from . import state as saved_state
+from . import steps as steps_mod
+from .calibration import SELF, generate_samples
+from .activations import ActivationStore, StreamStats, reset_stream_stats
+from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
-from .activations import reset_stream_stats
+from .methods import Method, method as lookup_method
+from .parallel import Ranks, from_environment, local_device
 from .runner import BlockRunner
-from .scores import ActivationCache, bi_scores, mi_scores, sleb_scores
-from .settings import METHODS, CompressSettings, load_recipe
+from .scores import SCORERS, ActivationCache
+from .settings import CompressSettings, load_recipe
 
 log = logging.getLogger(__name__)
-
-# method -> (score, iterative?, group mode or None)
-METHOD_TABLE = {
-    "fusegpt": ("mi", True, "learned"),
-    "fusegpt-oneshot": ("mi", False, "learned"),
-    "sleb": ("sleb", True, None),
-    "shortgpt": ("bi", False, None),
-    "mi": ("mi", True, None),
-    "mi-lora": ("mi", True, "lora"),
-    "static-fusion": ("mi", True, "static"),
-}
-STATE_VERSION = 1
 
 
 def blocks_to_remove(n_blocks: int, sparsity: float) -> int:
@@ -59,23 +57,54 @@ def state_dir(out_dir) -> Path:
 
 
 def has_resumable_state(out_dir) -> bool:
-    return state_dir(out_dir).is_dir()
+    return saved_state.exists(state_dir(out_dir))
 
 
 def _finished(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+@dataclass
+class _Run:
+    """Everything one compression run holds; the phases below fill it in."""
+
+    spec: str
+    method_name: str
+    method: Method
+    repair: Repair | None
+    sparsity: float
+    calib: str
+    settings: CompressSettings
+    out: Path
+    device: torch.device
+    compute_dtype: torch.dtype
+    ranks: Ranks
+    model: torch.nn.Module = None
+    tokenizer: object = None
+    adapter: object = None
+    n_blocks: int = 0
+    n_remove: int = 0
+    mi_ids: torch.Tensor = None
+    ft_ids: torch.Tensor | None = None
+    original: list[int] = field(default_factory=list)  # current position -> original index
+    removed: list[int] = field(default_factory=list)
+    iterations: list[dict] = field(default_factory=list)
+    plan: list[int] | None = None  # one-shot methods: the original indices to remove, in order
+    oneshot_scores: dict | None = None
+    elapsed_before: float = 0.0
+    keep_steps: bool = False
+    calib_part: str | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def state_folder(self) -> Path:
+        return state_dir(self.out)
+
+    def fingerprint(self) -> dict:
+        return {"model": self.spec, "method": self.method_name, "sparsity": self.sparsity, "calib": self.calib,
+                "calib_part": self.calib_part,
+                "settings": self.settings.model_dump(), "device": self.device.type,
+                "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": self.keep_steps}
 
 
 def compress_model(
@@ -90,159 +119,204 @@ def compress_model(
     dtype=None,
     progress: Callable[..., None] | None = None,
     force: bool = False,
+    keep_steps: bool = False,
+    calib_part: str | None = None,
 ) -> dict:
     """Compress `model_spec` and write a stock Hugging Face checkpoint + compression.json to `out_dir`.
 
+    `keep_steps` also keeps what rebuilds the model after every removal (`steps.rebuild`): the
+    quality-vs-sparsity curve from one run. `calib_part` ("calib") reads only the calibration part of
+    a text that evaluation shares (`data.split`).
+
     `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
     "score" (one per candidate block scored) and "epoch" (one per distillation epoch, status
-    carries the loss). Returns compression.json.
+    carries the loss). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
-    from .. import __version__
-    from ..data import load_text, sample_sequences, tokenize
+    run = _setup(model_spec, out_dir, sparsity, method, calib, settings or load_recipe(), resume, device, dtype,
+                 force, calib_part)
+    run.keep_steps = keep_steps
+    if not run.ranks.main:
+        progress = None
+    if resume and saved_state.exists(run.state_folder):
+        _restore(run)
+    elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
+        shutil.rmtree(run.state_folder, ignore_errors=True)
+    stats = _iterate(run, progress)
+    report = _report(run, resume, stats)
+    if run.ranks.main:
+        _write_output(run.model, run.tokenizer, report, run.out,
+                      steps_dir=run.state_folder / steps_mod.FOLDER if keep_steps else None)
+        shutil.rmtree(run.state_folder, ignore_errors=True)
+    run.ranks.barrier()
+    return report
+
+
+def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, device, dtype, force,
+           calib_part=None) -> _Run:
+    from ..data import load_text, sample_sequences, text_part, tokenize
     from ..models import adapter_for
     from ..models.loading import load_model, pick_device, pick_dtype
 
-    started = time.time()
-    settings = settings or load_recipe()
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    chosen = lookup_method(method_name)
     if not 0 < sparsity < 1:
         raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
-    score_kind, iterative, mode = METHOD_TABLE[method]
     out = Path(out_dir)
     if _finished(out) and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
-    state_path = state_dir(out) / "state.pt"
-    if state_path.exists() and not resume and not force:
-        raise UserError(f"an unfinished run's state is at {state_path.parent}; pass --resume to continue it "
+    if saved_state.exists(state_dir(out)) and not resume and not force:
+        raise UserError(f"an unfinished run's state is at {state_dir(out)}; pass --resume to continue it "
                         "or --force to start over")
-
     dev = device if isinstance(device, torch.device) else pick_device(device)
+    ranks = from_environment(dev.type)
+    if ranks.active and settings.batch_size % ranks.world:
+        raise UserError(f"batch_size {settings.batch_size} does not split over {ranks.world} processes; "
+                        f"use a multiple of {ranks.world}")
+    dev = local_device(dev, ranks)
     compute_dtype = pick_dtype(dev, dtype if isinstance(dtype, str) or dtype is None else str(dtype).split(".")[-1])
+    repair = REPAIRS[chosen.repair] if chosen.repair else None
+    run = _Run(model_spec, method_name, chosen, repair, sparsity, calib, settings, out, dev, compute_dtype, ranks)
+
     # fp32 master weights everywhere; bf16/fp16 compute on CUDA through autocast.
-    model, tokenizer, _ = load_model(model_spec, device="cpu", dtype="float32")
-    model.requires_grad_(False)
-    adapter = adapter_for(model)
-    n_blocks = len(adapter.blocks(model))
-    n_remove = blocks_to_remove(n_blocks, sparsity)
+    run.model, run.tokenizer, _ = load_model(model_spec, device="cpu", dtype="float32")
+    run.model.requires_grad_(False)
+    run.adapter = adapter_for(run.model)
+    run.n_blocks = len(run.adapter.blocks(run.model))
+    run.n_remove = blocks_to_remove(run.n_blocks, sparsity)
+    run.original = list(range(run.n_blocks))
 
-    ids = tokenize(tokenizer, load_text(calib, purpose="calib"))
-    need = settings.seq_len + 1
-    if ids.numel() < need:
-        raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
-                        f"{settings.seq_len} needs {need}; give more text or a smaller seq_len")
-    mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
-    ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1) if mode else None
-    if mode in ("learned", "lora") and settings.epochs > 0 and settings.ft_samples < 2:
+    run.calib_part = calib_part
+    if calib == SELF:  # data-free: the dense model writes its own calibration text
+        n_ft = settings.ft_samples if repair else 0
+        ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed)
+        run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if repair else None)
+    else:
+        text = load_text(calib, purpose="calib")
+        ids = tokenize(run.tokenizer, text_part(text, calib_part) if calib_part else text)
+        need = settings.seq_len + 1
+        if ids.numel() < need:
+            raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
+                            f"{settings.seq_len} needs {need}; give more text or a smaller seq_len")
+        run.mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
+        if repair:
+            run.ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1)
+    if repair and repair.trains and settings.epochs > 0 and settings.ft_samples < 2:
         raise UserError("local distillation needs ft_samples >= 2 (the KL softmax runs over the batch)")
+    return run
 
-    fingerprint = {"model": model_spec, "method": method, "sparsity": sparsity, "calib": calib,
-                   "settings": settings.model_dump(), "device": dev.type, "dtype": str(compute_dtype)}
-    original = list(range(n_blocks))  # current position -> original index
-    removed: list[int] = []
-    iterations: list[dict] = []
-    plan: list[int] | None = None
-    oneshot_scores = None
-    elapsed_before = 0.0
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("version") != STATE_VERSION or state["fingerprint"] != fingerprint:
-            raise UserError(f"the saved state at {state_path.parent} is from a different run "
-                            "(model, method, sparsity, data, settings or device differ); use --force to start over")
-        for orig in state["removed"]:
-            idx = original.index(orig)
-            adapter.remove_blocks(model, [idx])
-            original.pop(idx)
-            removed.append(orig)
-        adapter.blocks(model).load_state_dict(state["blocks"])
-        iterations, plan, oneshot_scores = state["iterations"], state["plan"], state["oneshot_scores"]
-        elapsed_before = state["elapsed_s"]
-        log.info("resuming after %d removed blocks", len(removed))
-    elif state_path.exists():  # --force: start over
-        shutil.rmtree(state_path.parent, ignore_errors=True)
 
+def _restore(run: _Run) -> None:
+    """Continue from the last completed iteration; the fingerprint is checked before any weight is read."""
+    facts, blocks = saved_state.load(run.state_folder, run.fingerprint())
+    for orig in facts["removed"]:
+        idx = run.original.index(orig)
+        run.adapter.remove_blocks(run.model, [idx])
+        run.original.pop(idx)
+        run.removed.append(orig)
+    run.adapter.blocks(run.model).load_state_dict(blocks)
+    run.iterations, run.plan, run.oneshot_scores = facts["iterations"], facts["plan"], facts["oneshot_scores"]
+    run.elapsed_before = facts["elapsed_s"]
+    log.info("resuming after %d removed blocks", len(run.removed))
+
+
+def _iterate(run: _Run, progress) -> StreamStats:
+    """Remove blocks one per iteration until the target count; saves the state after each."""
+    settings, dev = run.settings, run.device
     if not settings.offload:
-        model.to(dev)
-    stream_stats = reset_stream_stats()
+        run.model.to(dev)
+    stats = reset_stream_stats()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    runner = BlockRunner(model, adapter, dev, compute_dtype, offload=settings.offload)
+    runner = BlockRunner(run.model, run.adapter, dev, run.compute_dtype, offload=settings.offload)
     runner.capture_kwargs(settings.seq_len)
     batch = settings.score_batch
-    cache = ActivationCache(runner, runner.block0_inputs(mi_ids, batch), batch)
-    ft_x0 = runner.block0_inputs(ft_ids, batch) if mode and len(removed) < n_remove else None
-    if not removed:
-        log.info("compressing %s: %s, removing %d of %d blocks", model_spec, method, n_remove, n_blocks)
+    cache = ActivationCache(runner, runner.block0_inputs(run.mi_ids, batch), batch)
+    ft_x0 = runner.block0_inputs(run.ft_ids, batch) if run.repair and len(run.removed) < run.n_remove else None
+    if not run.removed:
+        log.info("compressing %s: %s, removing %d of %d blocks", run.spec, run.method_name, run.n_remove,
+                 run.n_blocks)
     if progress:
-        progress("iteration", len(removed), n_remove, "")
-
-    while len(removed) < n_remove:
-        t_it = time.time()
-        it = len(removed)
-        n_now = len(runner.blocks)
-        torch.manual_seed(settings.seed * 7919 + it)
-        rec: dict = {"iteration": it, "blocks_before": n_now}
-        if iterative or plan is None:
-            if score_kind == "mi":
-                scores = mi_scores(cache, progress)
-            elif score_kind == "bi":
-                scores = bi_scores(cache)
-            else:
-                scores = sleb_scores(model, adapter, cache, mi_ids, progress)
-            rec[f"{score_kind}_scores"] = scores
-            if not iterative:  # one-shot: the n_remove lowest of the original model, lowest first
-                order = sorted(range(n_now), key=lambda i: scores[i])[:n_remove]
-                plan = [original[i] for i in order]
-                oneshot_scores = {"kind": score_kind, "scores": scores}
-        rec["time_score_s"] = round(time.time() - t_it, 3)
-        p = original.index(plan[it]) if not iterative else min(range(n_now), key=lambda i: scores[i])
-        rec["removed_current"], rec["removed_original"] = p, original[p]
-        lo = p
-        if mode:
-            t_d = time.time()
-            lo, hi = group_range(n_now, p, settings.group_size)
-            rec["group_original"] = [original[i] for i in range(lo, hi)]
-            x = runner.run_range_batched(0, lo, ft_x0, batch)
-            d = distill_group(runner, lo, hi, p, x, mode, settings, seed=settings.seed * 7919 + it,
-                              progress=progress)
-            rec["fold_error"] = fold_group(runner, lo, hi, p, x, batch)  # earlier terms become dense weights
-            del x
-            rec.update(d)
-            rec["time_distill_s"] = round(time.time() - t_d, 3)
-        runner.remove(p)
-        removed.append(original.pop(p))
-        if iterative and len(removed) < n_remove:
-            del cache.states[lo + 1:]
-            cache.refresh_from(lo)
-        rec["time_s"] = round(time.time() - t_it, 3)
-        iterations.append(rec)
-        status = f"removed block {rec['removed_original']}"
-        if "loss_after" in rec:
-            status += f", loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g}"
-        _atomic_save({"version": STATE_VERSION, "fingerprint": fingerprint, "removed": removed,
-                      "blocks": {k: v.detach().cpu() for k, v in adapter.blocks(model).state_dict().items()},
-                      "iterations": iterations, "plan": plan, "oneshot_scores": oneshot_scores,
-                      "elapsed_s": elapsed_before + time.time() - started}, state_path)
+        progress("iteration", len(run.removed), run.n_remove, "")
+    while len(run.removed) < run.n_remove:
+        rec = _one_iteration(run, runner, cache, ft_x0, progress)
+        run.iterations.append(rec)
+        if run.ranks.main and run.keep_steps:
+            changed = [o for o in rec.get("group_original", []) if o != rec["removed_original"]]
+            steps_mod.save_step(run.state_folder / steps_mod.FOLDER, len(run.removed), rec["removed_original"],
+                                list(run.original),
+                                {o: runner.blocks[run.original.index(o)] for o in changed},
+                                {"sparsity_removed": len(run.removed) / run.n_blocks})
+        if run.ranks.main:
+            saved_state.save(run.state_folder, {
+                "fingerprint": saved_state.normalized(run.fingerprint()), "removed": run.removed,
+                "iterations": run.iterations, "plan": run.plan, "oneshot_scores": run.oneshot_scores,
+                "elapsed_s": run.elapsed_before + time.time() - run.started,
+            }, run.adapter.blocks(run.model).state_dict())
+        run.ranks.barrier()
         if progress:
-            progress("iteration", len(removed), n_remove, status)
+            status = f"removed block {rec['removed_original']}"
+            if "loss_after" in rec:
+                status += f", loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g}"
+            progress("iteration", len(run.removed), run.n_remove, status)
+    fold_model(run.adapter, run.model)
+    run.model.to("cpu")
+    return stats
 
-    fold_model(adapter, model)
-    model.to("cpu")
-    total = elapsed_before + time.time() - started
-    report = {
-        "fusedeploy_version": __version__, "model": model_spec, "method": method, "sparsity": sparsity,
-        "calib": calib, "seed": settings.seed, "settings": settings.model_dump(),
-        "device": str(dev), "compute_dtype": str(compute_dtype).replace("torch.", ""),
-        "architecture": model.config.model_type, "blocks_before": n_blocks, "blocks_after": n_blocks - len(removed),
-        "removed_blocks": removed, "kept_blocks": original, "oneshot_scores": oneshot_scores,
-        "iterations": iterations, "timings": {"total_s": round(total, 3),
-                                              "iterations_s": round(sum(r["time_s"] for r in iterations), 3)},
-        "resumed": bool(resume and elapsed_before),
-        "memory": _memory_record(dev, stream_stats),
+
+def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0: ActivationStore | None,
+                   progress) -> dict:
+    settings, m = run.settings, run.method
+    t_it = time.time()
+    it = len(run.removed)
+    n_now = len(runner.blocks)
+    torch.manual_seed(settings.seed * 7919 + it)
+    rec: dict = {"iteration": it, "blocks_before": n_now}
+    if m.iterative or run.plan is None:
+        scores = SCORERS[m.scorer](cache, run.mi_ids, progress, run.ranks)
+        rec[f"{m.scorer}_scores"] = scores
+        if not m.iterative:  # one-shot: the n_remove lowest of the original model, lowest first
+            order = sorted(range(n_now), key=lambda i: scores[i])[:run.n_remove]
+            run.plan = [run.original[i] for i in order]
+            run.oneshot_scores = {"kind": m.scorer, "scores": scores}
+    rec["time_score_s"] = round(time.time() - t_it, 3)
+    p = min(range(n_now), key=lambda i: scores[i]) if m.iterative else run.original.index(run.plan[it])
+    rec["removed_current"], rec["removed_original"] = p, run.original[p]
+    changed_from = p
+    if run.repair:
+        t_d = time.time()
+        lo, hi = group_range(n_now, p, settings.group_size)
+        changed_from = lo
+        rec["group_original"] = [run.original[i] for i in range(lo, hi)]
+        x = runner.run_range_batched(0, lo, ft_x0, settings.score_batch)
+        rec.update(distill_group(runner, lo, hi, p, x, run.repair, settings, seed=settings.seed * 7919 + it,
+                                 progress=progress, ranks=run.ranks))
+        rec["fold_error"] = fold_group(runner, lo, hi, p, x, settings.score_batch)
+        del x
+        rec["time_distill_s"] = round(time.time() - t_d, 3)
+    runner.remove(p)
+    run.removed.append(run.original.pop(p))
+    if m.iterative and len(run.removed) < run.n_remove:
+        cache.block_removed(changed_from)
+    rec["time_s"] = round(time.time() - t_it, 3)
+    return rec
+
+
+def _report(run: _Run, resume: bool, stats: StreamStats) -> dict:
+    from .. import __version__
+
+    total = run.elapsed_before + time.time() - run.started
+    s = run.settings
+    return {
+        "fusedeploy_version": __version__, "model": run.spec, "method": run.method_name, "sparsity": run.sparsity,
+        "calib": run.calib, "calib_part": run.calib_part, "seed": s.seed, "settings": s.model_dump(),
+        "device": str(run.device), "compute_dtype": str(run.compute_dtype).replace("torch.", ""),
+        "processes": run.ranks.world,
+        "architecture": run.model.config.model_type, "blocks_before": run.n_blocks,
+        "blocks_after": run.n_blocks - len(run.removed), "removed_blocks": run.removed, "kept_blocks": run.original,
+        "oneshot_scores": run.oneshot_scores, "iterations": run.iterations,
+        "timings": {"total_s": round(total, 3), "iterations_s": round(sum(r["time_s"] for r in run.iterations), 3)},
+        "resumed": bool(resume and run.elapsed_before),
+        "memory": _memory_record(run.device, stats),
     }
-    _write_output(model, tokenizer, report, out)
-    shutil.rmtree(state_path.parent, ignore_errors=True)
-    return report
 
 
 def _memory_record(dev: torch.device, stream_stats) -> dict:
@@ -256,13 +330,15 @@ def _memory_record(dev: torch.device, stream_stats) -> dict:
     return rec
 
 
-def _write_output(model, tokenizer, report: dict, out: Path) -> None:
+def _write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if steps_dir is not None:
+            shutil.copytree(steps_dir, tmp / steps_mod.FOLDER)
         (tmp / "compression.json").write_text(json.dumps(report, indent=2))
         if out.exists():  # --force: swap the old output away only once the new one is complete
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))

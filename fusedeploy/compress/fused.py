@@ -97,7 +97,12 @@ class FusedLinear(nn.Module):
 
     # -- parameters by role (for the optimiser's two learning rates) -----------
     def fusion_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (*self.fusion_A, *self.fusion_B, *self.fusion_bias) if p.requires_grad and p.numel()]
+        """The trainable fusion factors, by role: empty placeholders (static terms, no bias) are left out.
+
+        Not by `requires_grad`: training switches that off at its end, and a retry must get the
+        same factors back (it once got none and silently trained LoRA only).
+        """
+        return [p for p in (*self.fusion_A, *self.fusion_B, *self.fusion_bias) if p.numel()]
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.lora_A, self.lora_B) if p is not None]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ActivationStore
+from .parallel import Ranks
 from .runner import BlockRunner
 
 
@@ -40,24 +41,29 @@ class ActivationCache:
             h = self.runner.run_range_batched(i, i + 1, h, self.batch)
             self.states.append(h)
 
+    def block_removed(self, changed_from: int) -> None:
+        """A block at or after `changed_from` was removed (and its group repaired): recompute from there."""
+        self.refresh_from(changed_from)
+
     @property
     def final(self) -> ActivationStore:
         return self.states[-1]
 
 
-def candidate_outputs(cache: ActivationCache) -> Iterator[tuple[int, Iterator[tuple[int, torch.Tensor]]]]:
-    """For each current block i: (i, mini-batches (start, last hidden state of the model without block i))."""
+def candidate_outputs(cache: ActivationCache, which: list[int]) -> Iterator[tuple[int, Iterator]]:
+    """For each block i in `which`: (i, mini-batches (start, last hidden state of the model without block i))."""
     runner, b = cache.runner, cache.batch
     n = len(runner.blocks)
     if runner.offload:
-        running = list(cache.states[:n])  # candidate i has skipped block i and waits at block i + 1
+        running = {i: cache.states[i] for i in which}  # candidate i skipped block i, waits at block i + 1
         for j in range(1, n):
-            with runner.on_device(j, j + 1):
-                for i in range(j):
-                    running[i] = runner._batched(j, j + 1, running[i], b, None)
-        for i in range(n):
-            yield i, running[i].batches(b)
-            running[i] = None
+            waiting = [i for i in which if i < j]
+            if waiting:
+                with runner.on_device(j, j + 1):
+                    for i in waiting:
+                        running[i] = runner._batched(j, j + 1, running[i], b, None)
+        for i in which:
+            yield i, running.pop(i).batches(b)
         return
 
     def suffix(i):
@@ -65,7 +71,7 @@ def candidate_outputs(cache: ActivationCache) -> Iterator[tuple[int, Iterator[tu
             for s, h in cache.states[i].batches(b):
                 yield s, runner.run_range(i + 1, n, h)
 
-    for i in range(n):
+    for i in which:
         yield i, suffix(i)
 
 
@@ -86,46 +92,25 @@ class _CosMean:
 
 
 @torch.no_grad()
-def mi_scores(cache: ActivationCache, progress=None) -> list[float]:
+def mi_scores(cache: ActivationCache, progress=None, ranks: Ranks = Ranks()) -> list[float]:
     """MI_i = 1 - mean cos(H(model), H(model without block i)), for every current block."""
-    scores = []
-    for i, batches in candidate_outputs(cache):
+    n = len(cache.states) - 1
+    mine = ranks.mine(n)
+    scores = {}
+    for k, (i, batches) in enumerate(candidate_outputs(cache, mine)):
         cos = _CosMean()
         for (_, h), (_, ref) in zip(batches, cache.final.batches(cache.batch)):
             cos.add(ref, h)
-        scores.append(1.0 - cos.value)
+        scores[i] = 1.0 - cos.value
         if progress:
-            progress("score", i + 1, len(cache.states) - 1, "MI")
-    return scores
+            progress("score", k + 1, len(mine), "MI")
+    return ranks.share_scores(scores, n)
 
 
 def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     cos = _CosMean()
     cos.add(a, b)
     return cos.value
-
-
-@torch.no_grad()
-def mi_scores_bruteforce(model, adapter, ids: torch.Tensor) -> list[float]:
-    """Reference MI: full forwards of a copy of the model with each block removed (tests only)."""
-    import copy
-
-    def last_hidden(m):
-        got = []
-        hook = adapter.final_norm(m).register_forward_pre_hook(lambda mod, args: got.append(args[0]))
-        try:
-            m(input_ids=ids, use_cache=False)
-        finally:
-            hook.remove()
-        return got[0]
-
-    ref = last_hidden(model)
-    scores = []
-    for i in range(len(adapter.blocks(model))):
-        pruned = copy.deepcopy(model)
-        adapter.remove_blocks(pruned, [i])
-        scores.append(1.0 - _mean_cos(ref, last_hidden(pruned)))
-    return scores
 
 
 @torch.no_grad()
@@ -147,26 +132,43 @@ def lm_loss_sum(model, adapter, runner: BlockRunner, hidden: torch.Tensor, ids: 
     head = model.get_output_embeddings()
     with runner.autocast():
         logits = head(norm(hidden.to(head.weight.device)))
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = adapter.cap_logits(model.config, logits)
         tgt = ids[:, 1:].to(logits.device)
         total = float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tgt.flatten(), reduction="sum"))
     return total, tgt.numel()
 
 
 @torch.no_grad()
-def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor, progress=None) -> list[float]:
+def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor, progress=None,
+                ranks: Ranks = Ranks()) -> list[float]:
     """SLEB: calibration LM loss of the model with each block removed (lowest = remove)."""
     runner = cache.runner
-    out = []
+    n = len(cache.states) - 1
+    mine = ranks.mine(n)
+    out = {}
     with runner._trunk_on_device():
-        for i, batches in candidate_outputs(cache):
+        for k, (i, batches) in enumerate(candidate_outputs(cache, mine)):
             total, count = 0.0, 0
             for s, h in batches:
                 t, c = lm_loss_sum(model, adapter, runner, h, ids[s:s + h.shape[0]])
                 total, count = total + t, count + c
-            out.append(total / count)
+            out[i] = total / count
             if progress:
-                progress("score", i + 1, len(cache.states) - 1, "SLEB loss")
-    return out
+                progress("score", k + 1, len(mine), "SLEB loss")
+    return ranks.share_scores(out, n)
+
+
+def _mi(cache, ids, progress, ranks):
+    return mi_scores(cache, progress, ranks)
+
+
+def _bi(cache, ids, progress, ranks):  # one pass over the cache: every rank computes it whole
+    return bi_scores(cache)
+
+
+def _sleb(cache, ids, progress, ranks):
+    return sleb_scores(cache.runner.model, cache.runner.adapter, cache, ids, progress, ranks)
+
+
+# scorer name -> f(cache, calibration ids, progress, ranks) -> one score per current block, lowest = remove
+SCORERS = {"mi": _mi, "bi": _bi, "sleb": _sleb}

@@ -13,9 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 
-METHODS = ("fusegpt", "fusegpt-oneshot", "sleb", "shortgpt", "mi", "mi-lora", "static-fusion")
-
-
 class CompressSettings(BaseModel):
     """All knobs of a compression run. Defaults are FUSEGPT.md's (the `paper` recipe)."""
 

@@ -1,7 +1,10 @@
 """`fusedeploy build`: plan -> compress -> export -> verify -> profile -> report, one build folder.
 
 Each step is a stage (see stages.py): re-running with the same inputs and
-settings skips finished stages; an interrupted one resumes.
+settings skips finished stages; an interrupted one resumes. A stage's key is
+everything it reads -- settings, the profile's content, the folders of the
+stages before it, the content of text files it is given -- so no stage can
+return a result computed from other inputs (Olive caches passes the same way).
 """
 
 from __future__ import annotations
@@ -13,23 +16,19 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .. import formats
+from ..builtin import DEFAULT_MODEL
 from ..errors import UserError
+from ..formats import Artifact
 from .stages import Stage, run_stage
 
 log = logging.getLogger(__name__)
-
-# The same precision in the other runtime, for builds that export both.
-CROSS_RUNTIME_QUANT = {
-    "gguf": {"fp32": "f32", "int8": "q8_0", "int4": "q4_k_m"},
-    "onnx": {"f32": "fp32", "f16": "fp32", "bf16": "fp32", "q8_0": "int8", "q6_k": "int8",
-             "q5_k_m": "int4", "q4_k_m": "int4", "q4_0": "int4"},
-}
 
 
 @dataclass
 class BuildOptions:
     profile: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     out: str = "build"
     recipe: str | None = None  # compression recipe: quick, cpu, paper
     method: str = "fusegpt"
@@ -64,18 +63,13 @@ def _versions() -> dict:
     return out
 
 
-def _export(model_dir: str, runtime: str, quant: str, dest: Path) -> Path:
-    if runtime == "gguf":
-        from exporters.gguf import export_gguf
-
-        return export_gguf(model_dir, dest.with_suffix(".gguf"), qtype=quant)
-    from exporters.onnx import export_onnx
-
-    return export_onnx(model_dir, dest, quantize=None if quant == "fp32" else quant)
+def _export(model_dir: str, runtime: str, precision: str, dest: Path) -> Path:
+    return formats.runtime(runtime).export(model_dir, dest, precision)
 
 
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*.onnx*"))
+def _text_inputs(**specs: str) -> dict[str, Path]:
+    """The text sources that are local files or folders, so their content is part of a stage's key."""
+    return {name: Path(spec) for name, spec in specs.items() if Path(spec).exists()}
 
 
 def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
@@ -97,10 +91,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     model_dir = Path(source.location)
     config = load_config(source)
     shape = ModelShape.from_config(config)
-    runtimes = tuple(opts.runtimes) or (profile.runtime,)
-    for r in runtimes:
-        if r not in ("gguf", "onnx"):
-            raise UserError(f"unknown runtime {r!r}; choose gguf or onnx")
+    runtimes = tuple(dict.fromkeys(formats.runtime(r).name for r in opts.runtimes)) or (profile.runtime,)
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
 
     # 1. plan: before any compute is spent
@@ -129,7 +120,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
     compressed = run_stage(out, Stage("compress", do_compress, {"sparsity": chosen["sparsity"], "method": opts.method,
                                                                 "recipe": opts.recipe, "calib": opts.calib},
-                                      input_model))
+                                      {**input_model, **_text_inputs(calib=opts.calib)}))
     c_out = compressed["outputs"]
     compressed_dir = out / "compress" / c_out["model_dir"] if c_out["compressed"] else model_dir
 
@@ -137,22 +128,22 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     variants = [("compressed", compressed_dir)] + ([("dense", model_dir)] if c_out["compressed"] else [])
     targets = []
     for runtime in runtimes:
-        quant = chosen["quant"] if runtime == profile.runtime else CROSS_RUNTIME_QUANT[runtime][chosen["quant"]]
+        precision = formats.peer(profile.runtime, chosen["quant"], runtime)
         for variant, folder in variants:
-            targets.append((f"{variant}-{runtime}-{quant}", variant, runtime, quant, folder))
+            name = f"{variant}-{formats.runtime(runtime).file_format}-{precision}"
+            targets.append((name, variant, runtime, precision, folder))
 
     def do_export(work: Path) -> dict:
         made = {}
-        for name, variant, runtime, quant, folder in targets:
+        for name, variant, runtime, precision, folder in targets:
             say(f"export {name}")
-            path = _export(str(folder), runtime, quant, work / name)
-            made[name] = {"path": path.name, "variant": variant, "runtime": runtime, "quant": quant,
-                          "reference": str(folder), "size_bytes": _size(path)}
+            path = _export(str(folder), runtime, precision, work / name)
+            made[name] = Artifact(path, runtime, precision, variant, str(folder)).to_dict(root=work)
         return made
 
     exported = run_stage(out, Stage("export", do_export, {"targets": [t[:4] for t in targets]},
                                     {"compressed": out / "compress", **input_model}))
-    artifacts = exported["outputs"]
+    artifacts = {name: Artifact.from_dict(a, root=out / "export") for name, a in exported["outputs"].items()}
 
     # 4. verify each artifact against its own PyTorch model
     def do_verify(work: Path) -> dict:
@@ -161,7 +152,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         results = {}
         for name, a in artifacts.items():
             say(f"verify {name}")
-            r = verify_artifact(out / "export" / a["path"], a["reference"], opts.eval_data, ctx=opts.verify_ctx,
+            r = verify_artifact(a.path, a.reference, opts.eval_data, ctx=opts.verify_ctx,
                                 max_windows=opts.verify_windows)
             results[name] = {**r.to_dict(), "passed": r.passed}
         (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))
@@ -169,7 +160,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
     verified = run_stage(out, Stage("verify", do_verify, {"data": opts.eval_data, "ctx": opts.verify_ctx,
                                                           "windows": opts.verify_windows},
-                                    {"export": out / "export"}))
+                                    {"export": out / "export", **_text_inputs(eval_data=opts.eval_data)}))
 
     # 5. profile: every artifact in its runtime, in its own process; dense beside compressed
     prompt = opts.prompt_tokens or profile.prompt_tokens
@@ -181,18 +172,22 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         results = {"host": host.to_dict(), "artifacts": {}}
         for name, a in artifacts.items():
             say(f"profile {name}")
-            measured = measure_artifact(out / "export" / a["path"], prompt_tokens=prompt,
-                                        new_tokens=opts.new_tokens, runs=opts.profile_runs)
-            kept = shape.blocks - (chosen["removed_blocks"] if a["variant"] == "compressed" else 0)
-            kv_bytes = 2 * kept * shape.kv_heads * shape.head_dim * (2 if a["runtime"] == "gguf" else 4)
+            measured = measure_artifact(a.path, prompt_tokens=prompt, new_tokens=opts.new_tokens,
+                                        runs=opts.profile_runs)
+            kept = shape.blocks - (chosen["removed_blocks"] if a.variant == "compressed" else 0)
+            kv_bytes = shape.kv_bytes_per_token(kept, a.runtime)
             results["artifacts"][name] = {"measured": measured,
                                           "projected": project(measured, host, profile, kv_bytes)}
         (work / "profile.json").write_text(json.dumps(results, indent=2))
         return results
 
-    profiled = run_stage(out, Stage("profile", do_profile, {"prompt_tokens": prompt, "new_tokens": opts.new_tokens,
-                                                            "runs": opts.profile_runs, "profile": profile.name},
-                                    {"export": out / "export"}))
+    # The projection reads the whole profile (hardware figures, context, batch), the plan's
+    # removed blocks and each runtime's KV-cache width, so all of them are in the key.
+    profiled = run_stage(out, Stage("profile", do_profile, {
+        "prompt_tokens": prompt, "new_tokens": opts.new_tokens, "runs": opts.profile_runs,
+        "profile": profile.model_dump(), "shape": shape.__dict__,
+        "kv_bytes": {r: formats.runtime(r).kv_bytes for r in runtimes}},
+        {"export": out / "export", "plan": out / "plan"}))
 
     # 6. report
     stage_manifests = [planned, compressed, exported, verified, profiled]
@@ -203,7 +198,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         rows = []
         for name, a in artifacts.items():
             p = profiled["outputs"]["artifacts"][name]
-            rows.append({"name": name, **a, "verify": verified["outputs"][name], **p})
+            rows.append({"name": name, **a.to_dict(root=out / "export"), "verify": verified["outputs"][name], **p})
         deployed = next(r for r in rows if r["variant"] == "compressed" and r["runtime"] == profile.runtime)
         report = {
             "model": opts.model, "profile": profile.model_dump(), "plan": planned["outputs"],
@@ -216,5 +211,9 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         write_report(report, work)
         return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
 
-    run_stage(out, Stage("report", do_report, {"v": 1}, {"verify": out / "verify", "profile": out / "profile"}))
+    # The report prints the profile and every option, and judges by the profile's budgets. Where the
+    # build lives and how the profile was named are not content: moving a build re-runs nothing.
+    settings = {k: v for k, v in opts.__dict__.items() if k not in ("out", "profile")}
+    run_stage(out, Stage("report", do_report, {"profile": profile.model_dump(), "settings": settings},
+                         {name: out / name for name in ("plan", "compress", "export", "verify", "profile")}))
     return json.loads((out / "report" / "report.json").read_text())

@@ -1,0 +1,5 @@
+"""`python -m fusedeploy ...` (and `torchrun -m fusedeploy compress ...`) run the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""Calibration text the model writes itself: needs no dataset and follows the model's own distribution.
+
+LLM-QAT (Liu et al., 2023) distilled quantized models on text sampled from the full-precision
+model and found it works as well as real data. Each sequence starts from one token drawn
+uniformly from the ordinary vocabulary and continues by sampling the dense model's next-token
+distribution (temperature 1, no truncation), batched, with the KV cache. Seeded: the same model,
+seed and sizes give the same tokens, so a resumed run sees the same samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SELF = "self"  # the --calib value that selects this source
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, count: int, length: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """`count` sampled sequences of `length` tokens each: [count, length]."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ordinary = torch.tensor([i for i in range(min(vocab, len(tokenizer))) if i not in special])
+    gen = torch.Generator().manual_seed(seed)
+    starts = ordinary[torch.randint(0, len(ordinary), (count,), generator=gen)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for s in range(0, count, batch):
+        torch.manual_seed(seed * 1_000_003 + s)  # generate() samples from the global generator
+        first = starts[s:s + batch, None].to(model.device)
+        seqs = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
+                              top_k=0, top_p=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                              pad_token_id=pad, use_cache=True)
+        out.append(seqs[:, :length].cpu())
+    return torch.cat(out)

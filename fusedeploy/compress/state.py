@@ -1,0 +1,82 @@
+"""The resumable state of a compression run: JSON for the facts, safetensors for the weights.
+
+Nothing here is unpickled: a state folder is data another person may have planted, and a pickle
+runs code on load. `state.json` is read and its fingerprint compared with the run's before any
+tensor is touched; the weights are read with safetensors, which only ever yields tensors.
+
+Crash safety: the weights of the k-th completed iteration go to `blocks-<k>.safetensors` first,
+then `state.json` naming that file replaces the old one atomically, then older weight files go.
+A kill at any point leaves a `state.json` whose weight file exists and matches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+VERSION = 2
+STATE_FILE = "state.json"
+
+
+def normalized(obj):
+    """The value as it reads back from JSON (tuples become lists), so fingerprints compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(folder: Path, facts: dict, blocks: dict[str, torch.Tensor]) -> None:
+    """Write one completed iteration's state; `facts` must be JSON (it carries `removed`)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = f"blocks-{len(facts['removed'])}.safetensors"
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in blocks.items()}
+    _atomic_write(folder / weights, lambda tmp: save_file(tensors, tmp))
+    record = {"version": VERSION, "weights": weights, **facts}
+    _atomic_write(folder / STATE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    for old in folder.glob("blocks-*.safetensors"):
+        if old.name != weights:
+            old.unlink(missing_ok=True)
+
+
+def exists(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file()
+
+
+def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(facts, block weights) of a saved run, only if it is the same run (same fingerprint)."""
+    from safetensors.torch import load_file
+
+    try:
+        facts = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the saved state at {folder} is unreadable ({type(exc).__name__}); "
+                        "use --force to start over") from None
+    if not isinstance(facts, dict) or facts.get("version") != VERSION \
+            or facts.get("fingerprint") != normalized(fingerprint):
+        raise UserError(f"the saved state at {folder} is from a different run "
+                        "(model, method, sparsity, data, settings or device differ); use --force to start over")
+    weights = folder / str(facts.get("weights", ""))
+    if weights.parent != folder or not weights.is_file():
+        raise UserError(f"the saved state at {folder} lacks its weights file; use --force to start over")
+    try:
+        return facts, load_file(weights)
+    except Exception as exc:  # safetensors refuses anything but its own format
+        raise UserError(f"the saved state at {folder} has unreadable weights ({type(exc).__name__}); "
+                        "use --force to start over") from None

@@ -1,0 +1,91 @@
+"""Zero-shot task accuracy through lm-evaluation-harness, on local task files only.
+
+A task is lm-eval's own YAML (for example `output_type: multiple_choice` with `dataset_path: json`
+and `dataset_kwargs.data_files` naming a local .jsonl). FuseDeploy adds what a deployment check
+needs around it: data paths relative to the YAML file work, nothing is fetched from the Hub
+(the datasets library runs offline), and a missing or malformed task is one line, not a traceback.
+The model is the in-memory Hugging Face model, through lm-eval's own HF wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+
+def _task_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+        if files:
+            return files
+        raise UserError(f"no task .yaml file in {path}")
+    raise UserError(f"task file not found: {path}")
+
+
+def _resolved(path: Path) -> dict:
+    """The task's YAML with its local data files made absolute; one-line errors for what lm-eval would crash on."""
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read task file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("task"), str):
+        raise UserError(f"{path}: not an lm-eval task (a YAML mapping with a `task:` name is expected)")
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if cfg.get("dataset_path") not in ("json", "csv", "text", "parquet") or not files:
+        raise UserError(f"{path}: task {cfg['task']!r} must read local data (dataset_path: json|csv|text|parquet "
+                        "with dataset_kwargs.data_files); nothing is downloaded")
+    items = files.items() if isinstance(files, dict) else [("test", files)]
+    fixed = {}
+    for split, f in items:
+        full = (path.parent / f).resolve() if not Path(f).is_absolute() else Path(f)
+        if not full.is_file():
+            raise UserError(f"{path}: data file {f} of task {cfg['task']!r} not found (looked at {full})")
+        fixed[split] = str(full)
+    cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": fixed}
+    return cfg
+
+
+@contextlib.contextmanager
+def _offline():
+    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def task_accuracy(model, tokenizer, tasks: str | Path, limit: int | None = None, batch_size: int = 8) -> dict:
+    """{task: {"acc": ..., "acc_norm": ..., "n": ...}} for every task file at `tasks` (a file or a folder)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    configs = [_resolved(p) for p in _task_files(Path(tasks))]
+    with tempfile.TemporaryDirectory(prefix="fusedeploy-tasks-") as include, _offline():
+        for cfg in configs:
+            Path(include, cfg["task"] + ".yaml").write_text(yaml.safe_dump(cfg))
+        manager = TaskManager(include_path=include, include_defaults=False)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(model=lm, tasks=[c["task"] for c in configs], task_manager=manager, limit=limit,
+                              log_samples=False)
+    results = {}
+    for cfg in configs:
+        r = out["results"][cfg["task"]]
+        results[cfg["task"]] = {metric.split(",")[0]: v for metric, v in r.items()
+                                if "," in metric and "stderr" not in metric and isinstance(v, (int, float))}
+        results[cfg["task"]]["n"] = out.get("n-samples", {}).get(cfg["task"], {}).get("effective")
+    return results
