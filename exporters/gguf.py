@@ -1,14 +1,25 @@
-"""Hugging Face checkpoint -> GGUF file for llama.cpp.
+"""Hugging Face checkpoint -> GGUF file for llama.cpp, converted by llama.cpp's own converter.
 
-gguf-py supplies the file writer, the architecture constants, the HF->GGUF
-tensor-name maps, the merges/special-token reader and the f16/bf16/q8_0
-packers; llama.cpp (through llama-cpp-python) supplies the quantizer for
-every other type. What neither ships is the small loop that walks an HF
-state dict and applies each family's layout facts (q/k row permutation for
-llama.cpp's RoPE, Gemma's norm offset, tied output) -- gguf-py has no
-converter script and llama.cpp's convert_hf_to_gguf.py is not a library --
-so that loop is written here, with the per-family facts kept on the
-adapters in `fusedeploy/models/families.py`.
+llama.cpp's `convert_hf_to_gguf.py` (installed from the runtime's own sdist,
+see `llama_converter.py`) writes the tensors, hyperparameters, RoPE scaling
+and tokenizer; it knows every family llama.cpp runs. What stays here is what
+no converter does for FuseDeploy:
+
+- a model whose float checkpoint came from a GGUF file (the built-in
+  SmolLM2, and every folder derived from it) keeps that file's `tokenizer.*`
+  keys, because the tokenizer.json transformers rebuilds from a GGUF is not
+  one llama.cpp's converter reads correctly;
+- per-block facts the converter does not write, taken from the config of the
+  model as it is after block removal (Gemma 3's per-block sliding-window
+  pattern: without it llama.cpp assumes "every 6th block is global"), and a
+  check that every per-block fact in the file matches the block count;
+- provenance keys (`fusedeploy.*`);
+- a tokenization check after conversion: llama.cpp must tokenize a probe
+  text exactly as the Hugging Face tokenizer does, or the export fails;
+- the importance matrix, collected with PyTorch hooks (llama-cpp-python has
+  the quantizer's imatrix input but not the collecting tool), and the
+  quantizer itself, `llama_model_quantize`, for the types the converter does
+  not write.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,191 +40,185 @@ import torch
 
 from fusedeploy import formats
 from fusedeploy.errors import UserError
-from fusedeploy.models import adapter_for
 
 from .common import atomic_path, check_overwrite, provenance, resolve_local
 
 log = logging.getLogger(__name__)
 
-# llama.cpp names for BPE pre-tokenizers, tried in this order until one
-# tokenizes the probe text exactly as the Hugging Face tokenizer does.
-PRE_TOKENIZER_CANDIDATES = ("smollm", "gpt-2", "llama-bpe", "qwen2", "gpt-4o", "starcoder", "falcon",
-                            "deepseek-llm", "stablelm2", "olmo", "command-r", "default")
 
 _PROBE = ("Hello world! It's 2024-05-17, and 12.5 million people's lives cost $3,141.59.\n\n"
           "  Indented   spaces\tand\ttabs; naïve café — “quotes” ... 東京 😀 don't WON'T we'll\n"
           "def f(x):\n    return x**2 + 1_000_000  # comment\n")
 
-
-def _arch_enum(name: str):
-    import gguf
-
-    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
-        if arch_name == name:
-            return arch
-    raise UserError(f"this gguf-py has no architecture {name!r}; upgrade the gguf package")
+# `<arch>.*` keys that llama.cpp reads either as one value or as one value per block.
+PER_BLOCK_KEYS = ("attention.sliding_window_pattern", "attention.head_count", "attention.head_count_kv",
+                   "feed_forward_length")
 
 
-def _load_hf(folder: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_config(folder: Path):
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input folder
         raise UserError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
-    adapter = adapter_for(config)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt weights raise many types
-        raise UserError(f"cannot read the weights in {folder} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'corrupt file'}); is the file complete?") from None
-    return model.eval(), config, adapter
 
 
-def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half row order -> llama.cpp interleaved-pair order, per head."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _check_weights(folder: Path) -> None:
+    """Every safetensors file opens (its header covers the file), before the converter reads it lazily."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise several types
+            why = str(exc).splitlines()[0] if str(exc) else "corrupt file"
+            raise UserError(f"cannot read the weights in {path} ({type(exc).__name__}: {why}); "
+                            "is the file complete?") from None
 
 
-def _head_dim(config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+def _tokenizer_origin(source, folder: Path) -> Path | None:
+    """The GGUF file this model's tokenizer was read from, if it was read from one.
 
-
-def gguf_tensors(model, config, adapter):
-    """Yield (gguf_name, float32 array) for every tensor llama.cpp reads."""
-    import gguf
-
-    n_blocks = len(adapter.blocks(model))
-    tmap = gguf.get_tensor_name_map(_arch_enum(adapter.gguf_arch), n_blocks)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = model.state_dict()
-    if adapter.gguf_requires_tied_output and not tied:
-        if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
-            raise UserError(f"llama.cpp's {adapter.gguf_arch} graph ties the output layer to the embeddings, "
-                            "but this model has a separate lm_head")
-        tied = True
-    for name, tensor in state.items():
-        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-            continue
-        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise UserError(f"no GGUF name for tensor {name!r} of {adapter.family}; unsupported layout")
-        data = tensor.detach().float().cpu().numpy()
-        if adapter.gguf_permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _permute_qk(data, config.num_attention_heads)
-        elif adapter.gguf_permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _permute_qk(data, config.num_key_value_heads)
-        if adapter.gguf_norm_offset and name.endswith("norm.weight"):
-            data = data + adapter.gguf_norm_offset
-        yield gname, np.ascontiguousarray(data, dtype=np.float32)
-
-
-def _add_hparams(writer, config, adapter, n_blocks: int) -> None:
-    head_dim = _head_dim(config)
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(n_blocks)
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(config.num_attention_heads))
-    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
-    writer.add_vocab_size(int(config.vocab_size))
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        import gguf
-
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-        elif kind != "default":
-            raise UserError(f"RoPE scaling {kind!r} is not supported by this exporter yet")
-    arch = adapter.gguf_arch
-    for key, value in adapter.gguf_extra_metadata(config).items():
-        full = f"{arch}.{key}"
-        if isinstance(value, bool):
-            writer.add_bool(full, value)
-        elif isinstance(value, int):
-            writer.add_uint32(full, value)
-        elif isinstance(value, float):
-            writer.add_float32(full, value)
-        else:
-            writer.add_array(full, list(value))
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def _copy_tokenizer_from_gguf(writer, origin: Path, vocab_size: int) -> None:
-    """Carry `tokenizer.*` over verbatim from the GGUF the model was converted from."""
-    import gguf
-
-    reader = gguf.GGUFReader(origin)
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != vocab_size:
-        raise UserError(f"{origin} has no tokenizer for a {vocab_size}-token vocabulary")
-    for name, field in reader.fields.items():
-        if not name.startswith("tokenizer."):
-            continue
-        main = field.types[0]
-        sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), main, sub_type=sub)
-
-
-def _bpe_tokens(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and types from tokenizer.json, ids in order.
-
-    gguf-py's `BpeVocab` reads the same file but refuses tokenizer.json files
-    with `byte_fallback` set (transformers writes those when it rebuilds a
-    tokenizer from a GGUF file, as for the built-in SmolLM2), so the
-    vocabulary list is read directly here; merges and special ids still come
-    from gguf-py's `SpecialVocab`.
+    transformers saves a tokenizer it built from a GGUF file with that file
+    copied as `tokenizer.model`, so a folder derived from the built-in model
+    (compressed, or a tiny test model borrowing its tokenizer) still names it.
     """
+    if source.origin_gguf:
+        return Path(source.origin_gguf)
+    spm = folder / "tokenizer.model"
+    if spm.is_file():
+        with spm.open("rb") as f:
+            if f.read(4) == b"GGUF":
+                return spm
+    return None
+
+
+def tokenizer_keys(origin: Path, n_vocab: int) -> Path:
+    """The `tokenizer.*` keys of a GGUF file as JSON [key, type, sub-type, value], cached by content hash.
+
+    Reading them takes gguf-py's reader seconds per 50k-token vocabulary (a
+    numpy view per string), on every export of a GGUF-sourced model; the
+    JSON copy reads in milliseconds.
+    """
+    import hashlib
+
     import gguf
 
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{folder} has no tokenizer.json; the GGUF exporter needs a fast (tokenizers) tokenizer")
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    model = tj.get("model", {})
-    pre = json.dumps(tj.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise UserError("only byte-level BPE tokenizers (GPT-2 style) are exported to GGUF so far; "
-                        f"{folder} has a {model.get('type')} tokenizer")
-    by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
-    for added in tj.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        by_id[int(added["id"])] = (added["content"], kind)
-    size = max(vocab_size, max(by_id) + 1)
-    tokens, types = [], []
-    for i in range(size):
-        text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
-        tokens.append(text)
-        types.append(int(kind))
-    return tokens, types
+    from fusedeploy.models.loading import cache_dir
+
+    with origin.open("rb") as f:  # every folder derived from the built-in model has its own copy
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+    cached = cache_dir() / "gguf-tokenizers" / f"{key}.json"
+    if not cached.is_file():
+        reader = gguf.GGUFReader(origin)
+        fields = [[name, int(f.types[0]), int(f.types[1]) if f.types[0] == gguf.GGUFValueType.ARRAY else None,
+                   f.contents()] for name, f in reader.fields.items() if name.startswith("tokenizer.")]
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cached.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            json.dump(fields, f)
+        os.replace(f.name, cached)
+    tokens = next((v for k, _, _, v in json.loads(cached.read_text(encoding="utf-8"))
+                   if k == "tokenizer.ggml.tokens"), None)
+    if tokens is None or len(tokens) != n_vocab:
+        raise UserError(f"{origin} has no tokenizer for a {n_vocab}-token vocabulary "
+                        f"({len(tokens) if tokens else 'no'} tokens)")
+    return cached
 
 
-def _write_bpe_tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:
+def _extra_kv(config, meta: dict) -> list[tuple[str, str, object]]:
+    """(key, kind, value) written after the converter's own keys; `{arch}` is the file's architecture."""
+    from fusedeploy.models import ADAPTERS
+
+    kv: list[tuple[str, str, object]] = [("general.source.url", "str", meta["source_model"])]
+    for key, value in meta["provenance"].items():
+        kv.append((f"fusedeploy.{key}", "array" if isinstance(value, list) else "str",
+                   value if isinstance(value, list) else str(value)))
+    kv.append(("fusedeploy.export_type", "str", meta["export_type"]))
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    if adapter is not None:  # per-block facts the converter leaves out, from the config after removal
+        for key, value in adapter.gguf_extra_metadata(config).items():
+            kind = ("bool" if isinstance(value, bool) else "u32" if isinstance(value, int)
+                    else "f32" if isinstance(value, float) else "array")
+            kv.append((f"{{arch}}.{key}", kind, value))
+    return kv
+
+
+def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv, tokenizer_kv: Path | None) -> dict:
+    """Run llama.cpp's converter on `folder` into `out` (f32/f16/bf16/q8_0).
+
+    Returns the written file's per-block facts (as `per_block_facts`), which
+    the child reports from its writer, so the file need not be read again.
+    """
+    from .llama_converter import converter_dir, runtime_version
+
+    conv = converter_dir()
+    with tempfile.TemporaryDirectory(prefix="fusedeploy-convert-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({
+            "converter": str(conv), "model_dir": str(folder), "outfile": str(out), "outtype": outtype,
+            "model_name": model_name, "kv": extra_kv, "result": str(result_path), "scratch": str(Path(tmp) / "view"),
+            "per_block_keys": PER_BLOCK_KEYS,
+            "tokenizer_kv": str(tokenizer_kv) if tokenizer_kv else None,
+            "verbose": log.isEnabledFor(logging.DEBUG)}), encoding="utf-8")
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_convert_hf.py")), str(spec_path)],
+                              capture_output=True, text=True)
+        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
+    log.debug("llama.cpp converter output:\n%s", proc.stderr)
+    if result.get("ok"):
+        return result["facts"]
+    who = f"llama.cpp's converter (llama-cpp-python {runtime_version()})"
+    if result.get("error") == "unknown-architecture":
+        raise UserError(f"{who} does not know the architecture {result['architecture']!r} of {folder}; "
+                        "it cannot be exported to GGUF")
+    if result.get("error") == "exception":
+        message = (result["message"].splitlines() or [""])[0]
+        raise UserError(f"{who} failed on {folder}: {result['type']}: {message}")
+    tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(f"{who} exited with status {proc.returncode}: {tail[0]}")
+
+
+# ---------------------------------------------------------------- checks after conversion
+
+
+def per_block_facts(path: Path) -> dict:
+    """What a GGUF file says per block: {"arch", "block_count", "blocks" (indices with tensors), "arrays"}."""
     import gguf
 
-    tokens, types = _bpe_tokens(folder, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    special.add_to_gguf(writer, quiet=True)
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field("general.architecture").contents()
+    arrays = {}
+    for key in PER_BLOCK_KEYS:
+        field = reader.get_field(f"{arch}.{key}")
+        if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
+            arrays[key] = field.contents()
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    return {"arch": arch, "block_count": int(reader.get_field(f"{arch}.block_count").contents()),
+            "blocks": sorted(blocks), "arrays": arrays}
 
 
-def _hf_ids(folder: Path, text: str) -> list[int]:
-    from transformers import AutoTokenizer
+def check_per_block(facts: dict, config) -> None:
+    """Every per-block fact of a converted file (`per_block_facts`) describes the model's blocks as they are now."""
+    n_blocks, expected, arch = facts["block_count"], int(config.num_hidden_layers), facts["arch"]
+    if n_blocks != expected or facts["blocks"] != list(range(n_blocks)):
+        raise UserError(f"GGUF block_count {n_blocks} and tensors of blocks {facts['blocks']} "
+                        f"do not match the model's {expected} blocks")
+    for key, values in facts["arrays"].items():
+        if len(values) != n_blocks:
+            raise UserError(f"GGUF {arch}.{key} has {len(values)} entries for {n_blocks} blocks; "
+                            "the model's config.json lists per-block values for another block count")
+    layer_types = getattr(config, "layer_types", None)
+    pattern = facts["arrays"].get("attention.sliding_window_pattern")
+    if layer_types and pattern is not None:
+        if [bool(v) for v in pattern] != [t == "sliding_attention" for t in layer_types]:
+            raise UserError("the GGUF's sliding-window pattern does not match config.layer_types")
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    return tok(text, add_special_tokens=False)["input_ids"]
+
+def probe_text() -> str:
+    from fusedeploy.data import load_text
+
+    return _PROBE + load_text("builtin")[:20000]
 
 
 def _llama_cpp_ids(gguf_path: Path, text: str) -> list[int]:
@@ -224,93 +231,24 @@ def _llama_cpp_ids(gguf_path: Path, text: str) -> list[int]:
         llm.close()
 
 
-def probe_text() -> str:
-    from fusedeploy.data import load_text
+def check_tokenization(gguf_path: Path, folder: Path, text: str | None = None) -> None:
+    """llama.cpp tokenizes `text` (default: the probe) exactly as the folder's Hugging Face tokenizer."""
+    from transformers import AutoTokenizer
 
-    return _PROBE + load_text("builtin")[:20000]
-
-
-def detect_pre_tokenizer(folder: Path, config, adapter) -> str:
-    """The llama.cpp pre-tokenizer name that reproduces the HF tokenizer on a probe text.
-
-    llama.cpp's converter picks it from a hash table of known tokenizers;
-    here each candidate is written into a vocab-only GGUF and tokenizes the
-    probe in llama.cpp itself, which also proves the result.
-    """
-    import gguf
-
-    text = probe_text()
-    want = _hf_ids(folder, text)
-    with tempfile.TemporaryDirectory(prefix="fusedeploy-pre-") as tmp:
-        for pre in PRE_TOKENIZER_CANDIDATES:
-            path = Path(tmp) / f"{pre}.gguf"
-            writer = gguf.GGUFWriter(path, adapter.gguf_arch)
-            _add_hparams(writer, config, adapter, int(config.num_hidden_layers))
-            _write_bpe_tokenizer(writer, folder, int(config.vocab_size), pre)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            try:
-                got = _llama_cpp_ids(path, text)
-            except Exception as exc:  # noqa: BLE001 - a candidate llama.cpp rejects is just skipped
-                log.debug("pre-tokenizer %s rejected by llama.cpp: %s", pre, exc)
-                continue
-            if got == want:
-                log.info("pre-tokenizer %s matches the Hugging Face tokenizer", pre)
-                return pre
-    raise UserError(f"no llama.cpp pre-tokenizer reproduces the tokenizer in {folder}; "
-                    f"tried {', '.join(PRE_TOKENIZER_CANDIDATES)}")
+    text = probe_text() if text is None else text
+    want = AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+    got = _llama_cpp_ids(gguf_path, text)
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise UserError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer in {folder} "
+                        f"(first difference at token {at}: llama.cpp {got[at:at + 4]}, Hugging Face "
+                        f"{want[at:at + 4]}); the GGUF would not be faithful")
 
 
-# ---------------------------------------------------------------- writing
+# ---------------------------------------------------------------- importance matrix and quantization
 
 
-def _write_direct(path: Path, model, config, adapter, qtype: str, meta: dict, source, folder: Path,
-                  pre: str | None) -> None:
-    import gguf
-
-    n_blocks = len(adapter.blocks(model))
-    if int(config.num_hidden_layers) != n_blocks:
-        raise UserError(f"config says {config.num_hidden_layers} blocks but the model has {n_blocks}")
-    writer = gguf.GGUFWriter(path, adapter.gguf_arch)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(meta["name"])
-    writer.add_file_type(formats.spec(formats.LLAMA_CPP.name, qtype).llama_file_type())
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string("general.source.url", meta["source_model"])
-    for key, value in meta["provenance"].items():
-        if isinstance(value, list):
-            writer.add_array(f"fusedeploy.{key}", value)
-        else:
-            writer.add_string(f"fusedeploy.{key}", str(value))
-    writer.add_string("fusedeploy.export_type", meta["export_type"])
-    _add_hparams(writer, config, adapter, n_blocks)
-    if source.origin_gguf:
-        _copy_tokenizer_from_gguf(writer, Path(source.origin_gguf), int(config.vocab_size))
-    else:
-        _write_bpe_tokenizer(writer, folder, int(config.vocab_size), pre)
-
-    for gname, data in gguf_tensors(model, config, adapter):
-        if data.ndim < 2 or qtype == "f32":
-            writer.add_tensor(gname, data)
-        elif qtype == "f16":
-            writer.add_tensor(gname, data.astype(np.float16))
-        elif qtype == "bf16":
-            writer.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                              raw_dtype=gguf.GGMLQuantizationType.BF16)
-        elif qtype == "q8_0" and data.shape[-1] % 32 == 0:
-            writer.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:  # q8_0 needs rows in blocks of 32; keep the odd tensor in f16
-            writer.add_tensor(gname, data.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def compute_imatrix(model, config, adapter, text: str, tokenizer, ctx: int = 512,
+def compute_imatrix(model, gguf_arch: str, text: str, tokenizer, ctx: int = 512,
                     max_windows: int = 16) -> dict[str, np.ndarray]:
     """Per-input-column mean of squared activations for every linear layer, keyed by GGUF name.
 
@@ -322,8 +260,9 @@ def compute_imatrix(model, config, adapter, text: str, tokenizer, ctx: int = 512
 
     from fusedeploy.data import eval_windows, tokenize
 
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == gguf_arch)
     windows = eval_windows(tokenize(tokenizer, text), ctx, max_windows)
-    tmap = gguf.get_tensor_name_map(_arch_enum(adapter.gguf_arch), len(adapter.blocks(model)))
+    tmap = gguf.get_tensor_name_map(arch, int(model.config.num_hidden_layers))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -377,14 +316,27 @@ def llama_cpp_quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, np.n
         raise UserError(f"llama.cpp could not quantize to {qtype} (status {rc})")
 
 
+# ---------------------------------------------------------------- the export
+
+
+def _imatrix_for(source, gguf_arch: str, text: str) -> dict[str, np.ndarray]:
+    from transformers import AutoModelForCausalLM
+
+    from fusedeploy.models.loading import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32).eval()
+    return compute_imatrix(model, gguf_arch, text, load_tokenizer(source))
+
+
 def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype: str = "f16",
                 imatrix_text: str | None = None, force: bool = False) -> Path:
     """Export a Hugging Face model folder (or built-in name) to a GGUF file of type `qtype`.
 
-    f32/f16/bf16/q8_0 are written directly by gguf-py; q4_0/q4_k_m/q5_k_m/q6_k
-    are quantized by llama.cpp from an f32 intermediate, weighted by an
-    importance matrix when `imatrix_text` (calibration text) is given.
-    Returns the output path; the file appears only when complete.
+    f32/f16/bf16/q8_0 are written by llama.cpp's converter; q4_0/q4_k_m/
+    q5_k_m/q6_k are quantized by llama.cpp's quantizer from the converter's
+    f32 output, weighted by an importance matrix when `imatrix_text`
+    (calibration text) is given. Returns the output path; the file appears
+    only when complete and checked (per-block facts, tokenization).
     """
     qtype = qtype.lower()
     types = formats.precision_names(formats.LLAMA_CPP.name)
@@ -398,25 +350,26 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     source = resolve_local(model_dir)
     folder = Path(source.location)
     t0 = time.perf_counter()
-    model, config, adapter = _load_hf(folder)
-    pre = None if source.origin_gguf else detect_pre_tokenizer(folder, config, adapter)
-    meta = {"name": re.sub(r"[^\w.-]+", "-", folder.name), "source_model": str(model_dir),
-            "provenance": provenance(folder, str(model_dir)), "export_type": qtype}
+    config = _load_config(folder)
+    _check_weights(folder)
+    meta = {"source_model": str(model_dir), "provenance": provenance(folder, str(model_dir)), "export_type": qtype}
+    if imatrix_text is not None:
+        meta["provenance"]["imatrix"] = "pytorch-hooks"
+    name = re.sub(r"[^\w.-]+", "-", folder.name)
+    origin = _tokenizer_origin(source, folder)
+    tokenizer_kv = tokenizer_keys(origin, int(config.vocab_size)) if origin else None
+    convert = dict(model_name=name, extra_kv=_extra_kv(config, meta), tokenizer_kv=tokenizer_kv)
     with atomic_path(out) as tmp:
         if direct:
-            _write_direct(tmp, model, config, adapter, qtype, meta, source, folder, pre)
+            check_per_block(convert_hf(folder, tmp, qtype, **convert), config)
+            check_tokenization(tmp, folder)
         else:
-            imatrix = None
-            if imatrix_text is not None:
-                from fusedeploy.models.loading import load_tokenizer
-
-                imatrix = compute_imatrix(model, config, adapter, imatrix_text, load_tokenizer(source))
-                meta["provenance"]["imatrix"] = "pytorch-hooks"
             with tempfile.TemporaryDirectory(prefix=".fusedeploy-f32-", dir=out.parent) as scratch:
                 inter = Path(scratch) / "f32.gguf"
-                _write_direct(inter, model, config, adapter, "f32", {**meta, "export_type": qtype}, source,
-                              folder, pre)
-                del model
+                facts = convert_hf(folder, inter, "f32", **convert)
+                check_per_block(facts, config)
+                check_tokenization(inter, folder)
+                imatrix = _imatrix_for(source, facts["arch"], imatrix_text) if imatrix_text is not None else None
                 llama_cpp_quantize(inter, tmp, qtype, imatrix)
     log.info("exported %s (%s) in %.1f s", out, qtype, time.perf_counter() - t0)
     return out

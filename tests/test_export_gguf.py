@@ -1,8 +1,10 @@
-"""GGUF export in the real llama.cpp runtime (llama-cpp-python), no mocks.
+"""GGUF export through llama.cpp's own converter, checked in the real llama.cpp runtime (no mocks).
 
-Tiny random models of every adapter check structure and f32 parity fast;
-the built-in SmolLM2-135M checks tokenization, generation and the external
-perplexity cross-check against the package's original Q4_1 file.
+Tiny random models of every family, with blocks removed, check f32 logit
+parity with PyTorch, the per-block facts and tokenization for each kind of
+tokenizer and RoPE scaling; the built-in SmolLM2-135M checks tokenization,
+generation and the external perplexity cross-check against the package's
+original Q4_1 file.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters.gguf import export_gguf
+from exporters.gguf import check_per_block, check_tokenization, export_gguf, per_block_facts
 from exporters.verify import verify_artifact
 from fusedeploy import formats
 from fusedeploy.builtin import DEFAULT_MODEL
@@ -26,7 +28,9 @@ from fusedeploy.models.loading import resolve_model
 from .tiny import tiny_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
+WIKITEXT_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+REMOVED = (1, 3)  # of the tiny models' 6 blocks
 
 
 def wikitext(chars: int) -> str:
@@ -53,8 +57,15 @@ def sample_ids(tokenizer):
     return tokenizer(wikitext(3000), add_special_tokens=False)["input_ids"][:100]
 
 
-def save_tiny(mt, tokenizer, folder: Path, remove=()):
-    model = tiny_model(mt, len(tokenizer))
+def save_tiny(mt, tokenizer, folder: Path, remove=(), qk_scale: float = 1.0, **overrides):
+    """A tiny model; `qk_scale` sharpens attention so that positions (RoPE, windows) move the logits."""
+    import torch
+
+    model = tiny_model(mt, len(tokenizer), **overrides)
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.self_attn.q_proj.weight.mul_(qk_scale)
+            block.self_attn.k_proj.weight.mul_(qk_scale)
     if remove:
         ADAPTERS[mt].remove_blocks(model, list(remove))
     model.save_pretrained(folder)
@@ -62,28 +73,203 @@ def save_tiny(mt, tokenizer, folder: Path, remove=()):
     return model
 
 
-@pytest.fixture(scope="module", params=[(mt, rm) for mt in FAMILIES for rm in ((), (1, 3))],
-                ids=lambda p: f"{p[0]}{'-removed' if p[1] else ''}")
+def llama_cpp_logits(path: Path, ids: list[int], n_ctx: int = 128) -> np.ndarray:
+    backend = LlamaCppBackend(path, n_ctx=n_ctx)
+    try:
+        return backend.logits(ids)
+    finally:
+        backend.close()
+
+
+def assert_logits_match(got: np.ndarray, want: np.ndarray, rel: float = 2e-3) -> None:
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < rel * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.98
+
+
+def assert_differs(a: np.ndarray, b: np.ndarray) -> None:
+    """The feature under test changes the output, so matching PyTorch with it means something."""
+    assert np.abs(a - b).max() > 0.05 * np.abs(a).max()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def tiny_f32(request, tokenizer, tmp_path_factory):
-    mt, remove = request.param
+    """A tiny model of each family with blocks 1 and 3 of 6 removed, exported to f32."""
+    mt = request.param
     folder = tmp_path_factory.mktemp(f"tiny-{mt}")
-    model = save_tiny(mt, tokenizer, folder / "hf", remove)
+    model = save_tiny(mt, tokenizer, folder / "hf", REMOVED)
     path = export_gguf(folder / "hf", folder / "model-f32.gguf", "f32")
-    return model, path, 6 - len(remove)
+    return mt, model, path
 
 
 def test_tiny_f32_matches_pytorch(tiny_f32, sample_ids):
-    model, path, blocks = tiny_f32
+    _, model, path = tiny_f32
     backend = LlamaCppBackend(path, n_ctx=128)
     try:
-        assert backend.block_count == blocks
+        assert backend.block_count == 6 - len(REMOVED)
         got = backend.logits(sample_ids)
     finally:
         backend.close()
-    want = TorchBackend(model).logits(sample_ids)
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() < 2e-3 * np.abs(want).max()
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.98
+    assert_logits_match(got, TorchBackend(model).logits(sample_ids))
+
+
+def test_tiny_byte_level_bpe_tokenizer_matches_hf(tiny_f32, tokenizer):
+    """Byte-level BPE (SmolLM2's, carried over from its original GGUF) tokenizes WikiText-2 as HF does."""
+    _, _, path = tiny_f32
+    text = wikitext(50_000)
+    backend = LlamaCppBackend(path, n_ctx=64)
+    try:
+        assert backend.tokenize(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        backend.close()
+
+
+# ---------------------------------------------------------------- per-block facts after removal
+
+
+@pytest.mark.parametrize("tiny_f32", ["gemma3_text"], indirect=True)
+def test_gemma3_sliding_pattern_after_removal(tiny_f32, sample_ids):
+    """Each kept block keeps its own attention kind; llama.cpp's default ("every 6th is global") would not."""
+    import gguf
+
+    mt, model, path = tiny_f32
+    kinds = model.config.layer_types
+    assert kinds == ["sliding_attention"] * 3 + ["full_attention"]  # blocks 0, 2, 4, 5 of 6
+    reader = gguf.GGUFReader(path)
+    assert [bool(v) for v in reader.get_field("gemma3.attention.sliding_window_pattern").contents()] == \
+        [True, True, True, False]
+    assert reader.get_field("gemma3.attention.sliding_window").contents() == 32
+    assert len(sample_ids) > 32
+    # the pattern llama.cpp would assume for 4 blocks (all sliding) gives other logits
+    import copy
+
+    all_sliding = copy.deepcopy(model)
+    all_sliding.config.layer_types = ["sliding_attention"] * 4
+    for block in all_sliding.model.layers:
+        block.attention_type = "sliding_attention"
+        block.self_attn.is_sliding = True
+        block.self_attn.sliding_window = 32
+    assert_differs(TorchBackend(all_sliding).logits(sample_ids), TorchBackend(model).logits(sample_ids))
+
+
+@pytest.mark.parametrize("tiny_f32", ["gemma3_text"], indirect=True)
+def test_stale_per_block_fact_is_refused(tiny_f32):
+    mt, model, path = tiny_f32
+    import copy
+
+    facts = per_block_facts(path)
+    check_per_block(facts, model.config)
+    stale = copy.deepcopy(model.config)
+    stale.layer_types = ["sliding_attention"] * 4
+    with pytest.raises(UserError, match="sliding-window pattern"):
+        check_per_block(facts, stale)
+    stale.num_hidden_layers = 6
+    with pytest.raises(UserError, match="block_count 4"):
+        check_per_block(facts, stale)
+    facts["arrays"]["attention.sliding_window_pattern"] = [True] * 6  # as llama.cpp's --prune-layers leaves it
+    with pytest.raises(UserError, match="6 entries for 4 blocks"):
+        check_per_block(facts, model.config)
+
+
+# ---------------------------------------------------------------- SentencePiece
+
+
+def train_sentencepiece(folder: Path, name: str, **settings) -> Path:
+    """A SentencePiece BPE model trained here on WikiText-2 valid with Llama 2's trainer settings."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        input=str(WIKITEXT_VALID), model_prefix=str(folder / name), model_type="bpe", vocab_size=2000,
+        character_coverage=0.99995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        num_threads=1, minloglevel=2, **settings)
+    return folder / f"{name}.model"
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizers(tmp_path_factory):
+    """{"llama2": Llama 2's settings and tokenizer.json layout, "gemma": the same without a dummy prefix}."""
+    from transformers import GemmaTokenizerFast, LlamaTokenizerFast
+
+    if not WIKITEXT_VALID.is_file():
+        pytest.skip("needs ../shared/data/wikitext-2/valid.txt")
+    folder = tmp_path_factory.mktemp("spm")
+    llama2 = train_sentencepiece(folder, "llama2", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    gemma = train_sentencepiece(folder, "gemma", add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    return {
+        # as Llama 2's tokenizer.json: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE
+        "llama2": LlamaTokenizerFast(vocab_file=str(llama2), legacy=True, add_prefix_space=True),
+        "gemma": GemmaTokenizerFast(vocab_file=str(gemma)),
+    }
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(spm_tokenizers):
+    return spm_tokenizers["llama2"]
+
+
+@pytest.mark.parametrize("mt,style", [("llama", "llama2"), ("mistral", "llama2"), ("gemma3_text", "gemma")])
+def test_sentencepiece_tokenizer(mt, style, spm_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = save_tiny(mt, spm_tokenizers[style], tmp_path / "hf", REMOVED)
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes()[:4] != b"GGUF"  # a real SentencePiece model
+    path = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    import gguf
+
+    assert gguf.GGUFReader(path).get_field("tokenizer.ggml.model").contents() == "llama"
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = wikitext(50_000)
+    backend = LlamaCppBackend(path, n_ctx=128)
+    try:
+        # WikiText's "<unk>" is the unknown token: HF matches it in text, as llama.cpp does with special=True
+        assert "<unk>" in text
+        assert backend.llm.tokenize(text.encode(), add_bos=False, special=True) == \
+            hf(text, add_special_tokens=False)["input_ids"]
+        assert backend.tokenize(text) == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = hf(wikitext(3000), add_special_tokens=False)["input_ids"][:100]
+        got = backend.logits(ids)
+    finally:
+        backend.close()
+    assert_logits_match(got, TorchBackend(model).logits(ids))
+
+
+@pytest.mark.parametrize("tiny_f32", ["llama"], indirect=True)
+def test_tokenization_check_fails_on_a_mismatch(tiny_f32, spm_tokenizer, tmp_path):
+    """The post-conversion probe refuses a GGUF whose tokenizer is not the folder's."""
+    _, _, path = tiny_f32
+    spm_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="tokenizes differently"):
+        check_tokenization(path, tmp_path)
+
+
+# ---------------------------------------------------------------- RoPE scaling
+
+
+def long_ids(tokenizer, n: int) -> list[int]:
+    return tokenizer(wikitext(20_000), add_special_tokens=False)["input_ids"][:n]
+
+
+@pytest.mark.parametrize("mt,scaling", [
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+], ids=["llama3", "yarn-qwen2", "yarn-qwen3"])
+def test_rope_scaling_beyond_original_context(mt, scaling, tokenizer, tmp_path):
+    """Sequences 4x the original context: llama.cpp applies the same scaled RoPE as PyTorch."""
+    model = save_tiny(mt, tokenizer, tmp_path / "hf", REMOVED, qk_scale=4.0, rope_scaling=scaling,
+                      max_position_embeddings=256, rope_theta=10000.0)
+    path = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    ids = long_ids(tokenizer, 256)
+    want = TorchBackend(model).logits(ids)
+    assert_logits_match(llama_cpp_logits(path, ids, n_ctx=256), want)
+    plain = save_tiny(mt, tokenizer, tmp_path / "plain", REMOVED, qk_scale=4.0, max_position_embeddings=256,
+                      rope_theta=10000.0)  # the same weights without the scaling
+    assert_differs(TorchBackend(plain).logits(ids), want)
+
+
+# ---------------------------------------------------------------- every type, provenance
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +294,7 @@ def test_tiny_every_catalogue_type_exports_loads_tracks_pytorch_and_verifies(qty
     from transformers import AutoModelForCausalLM
 
     want = TorchBackend(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()).logits(sample_ids)
-    backend = LlamaCppBackend(path, n_ctx=128)
-    try:
-        got = backend.logits(sample_ids)
-    finally:
-        backend.close()
+    got = llama_cpp_logits(path, sample_ids)
     # a random tiny model has near-tied logits, so check closeness, not argmax
     corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
     assert corr > (0.999 if spec.made_by == formats.GGUF_PY else 0.9)
@@ -141,22 +323,18 @@ def test_provenance_and_imatrix(tiny_llama_dir, tmp_path):
     assert len(reader.get_field("fusedeploy.settings_hash").contents()) == 16
     assert reader.get_field("fusedeploy.imatrix").contents() == "pytorch-hooks"
     assert reader.get_field("general.file_type").contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    backend = LlamaCppBackend(path, n_ctx=64)
-    try:
-        assert np.isfinite(backend.logits([1, 2, 3, 4])).all()
-    finally:
-        backend.close()
+    assert np.isfinite(llama_cpp_logits(path, [1, 2, 3, 4], n_ctx=64)).all()
 
 
-def test_tiny_tokenizer_detected_pre_matches_hf(tiny_f32, tokenizer):
-    """A folder with only tokenizer.json (no origin GGUF) still tokenizes exactly as HF."""
-    _, path, _ = tiny_f32
-    text = wikitext(50_000)
-    backend = LlamaCppBackend(path, n_ctx=64)
-    try:
-        assert backend.tokenize(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
-    finally:
-        backend.close()
+def test_imatrix_covers_every_linear_layer(tiny_llama_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from exporters.gguf import compute_imatrix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    imatrix = compute_imatrix(model, "llama", load_text("builtin")[:5000], tokenizer, ctx=64, max_windows=2)
+    assert len(imatrix) == 6 * 7 + 1  # q k v o gate up down per block, and output
+    assert imatrix["blk.0.ffn_down.weight"].shape == (128,) and (imatrix["blk.0.attn_q.weight"] > 0).all()
 
 
 # ---------------------------------------------------------------- errors
@@ -188,22 +366,38 @@ def test_corrupt_weights(tiny_llama_dir, tmp_path):
     with pytest.raises(UserError, match="cannot read the weights"):
         export_gguf(bad, tmp_path / "x.gguf", "f32")
     assert not (tmp_path / "x.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UserError, match="unsupported architecture"):
-        export_gguf(tmp_path, tmp_path / "x.gguf", "f32")
+def _opt_folder(folder: Path) -> Path:
+    """A config of an architecture transformers knows and llama.cpp's converter does not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "opt", "architectures": ["OPTForCausalLM"]}))
+    return folder
+
+
+def test_architecture_unknown_to_the_converter(tmp_path):
+    with pytest.raises(UserError, match="does not know the architecture 'OPTForCausalLM'"):
+        export_gguf(_opt_folder(tmp_path / "opt"), tmp_path / "x.gguf", "f32")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_cli_error_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "fusedeploy.cli", "export", "gguf", "--model", str(tmp_path),
-                           "--out", str(tmp_path / "x.gguf"), "--type", "q9"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "unknown GGUF type" in proc.stderr
+    for args, expect in (((str(tmp_path), "q9"), "unknown GGUF type"),
+                         ((str(_opt_folder(tmp_path / "opt")), "f32"), "'OPTForCausalLM'")):
+        proc = subprocess.run([sys.executable, "-m", "fusedeploy.cli", "export", "gguf", "--model", args[0],
+                               "--out", str(tmp_path / "x.gguf"), "--type", args[1]], capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:") and expect in proc.stderr
+
+
+def test_missing_converter_says_how_to_install(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDEPLOY_LLAMA_CPP_CONVERTER", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="make setup"):
+        export_gguf(tiny_llama_dir, tmp_path / "x.gguf", "f32")
 
 
 # ---------------------------------------------------------------- SmolLM2-135M
