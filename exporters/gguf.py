@@ -342,7 +342,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     types = formats.precision_names(formats.LLAMA_CPP.name)
     if qtype not in types:
         raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
-    direct = formats.spec(formats.LLAMA_CPP.name, qtype).made_by == formats.GGUF_PY
+    direct = formats.spec(formats.LLAMA_CPP.name, qtype).made_by == formats.LLAMA_CONVERTER
     if imatrix_text is not None and direct:
         raise UserError(f"an importance matrix only applies to llama.cpp-quantized types, not {qtype}")
     out = Path(out_file)

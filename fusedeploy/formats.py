@@ -36,7 +36,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
 
 # ---------------------------------------------------------------- how a precision is made
 
-GGUF_PY = "gguf-py"  # written directly by gguf-py's packers (f32/f16/bf16/q8_0)
+LLAMA_CONVERTER = "llama.cpp converter"  # written by llama.cpp's convert_hf_to_gguf through its gguf-py (f32/f16/bf16/q8_0)
 LLAMA_QUANTIZE = "llama.cpp quantizer"  # llama.cpp's llama_model_quantize from an f32 GGUF (imatrix optional)
 GENAI_BUILDER = "onnxruntime-genai builder"  # ONNX Runtime GenAI's model builder (exporters/onnx_genai.py)
 
@@ -131,7 +131,7 @@ class Precision:
     runtime: str
     name: str  # as the runtime's tools spell it (llama.cpp's quantize names, ONNX variant names)
     bits: float  # bits per weight of the transformer blocks (planner)
-    made_by: str  # GGUF_PY, LLAMA_QUANTIZE or GENAI_BUILDER
+    made_by: str  # LLAMA_CONVERTER, LLAMA_QUANTIZE or GENAI_BUILDER
     tolerance: str  # a TOLERANCES class for verify
     peer: str  # the same precision in the other runtime, for builds that export both
     gguf_file_type: str = ""  # gguf.LlamaFileType member recorded in general.file_type
@@ -152,10 +152,10 @@ class Precision:
 # count their scales: q4_1 stores 20 bytes per 32 weights = 5.0 bits.
 # ONNX int4: MatMulNBits 4-bit with one fp32 scale per 32 weights.
 _PRECISIONS = (
-    Precision("llama.cpp", "f32", 32.0, GGUF_PY, "fp32", "fp32", "ALL_F32"),
-    Precision("llama.cpp", "f16", 16.0, GGUF_PY, "half", "fp32", "MOSTLY_F16"),
-    Precision("llama.cpp", "bf16", 16.0, GGUF_PY, "half", "fp32", "MOSTLY_BF16"),
-    Precision("llama.cpp", "q8_0", 8.5, GGUF_PY, "8bit", "int8", "MOSTLY_Q8_0"),
+    Precision("llama.cpp", "f32", 32.0, LLAMA_CONVERTER, "fp32", "fp32", "ALL_F32"),
+    Precision("llama.cpp", "f16", 16.0, LLAMA_CONVERTER, "half", "fp32", "MOSTLY_F16"),
+    Precision("llama.cpp", "bf16", 16.0, LLAMA_CONVERTER, "half", "fp32", "MOSTLY_BF16"),
+    Precision("llama.cpp", "q8_0", 8.5, LLAMA_CONVERTER, "8bit", "int8", "MOSTLY_Q8_0"),
     Precision("llama.cpp", "q6_k", 6.56, LLAMA_QUANTIZE, "8bit", "int8", "MOSTLY_Q6_K"),
     Precision("llama.cpp", "q5_k_m", 5.69, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q5_K_M"),
     Precision("llama.cpp", "q5_0", 5.5, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q5_0"),  # 22 bytes / 32 weights

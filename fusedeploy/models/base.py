@@ -22,17 +22,7 @@ class ArchitectureAdapter:
 
     model_type: ClassVar[str]
     family: ClassVar[str]
-    # gguf-py's architecture name (`gguf.MODEL_ARCH_NAMES` value) for the exporter.
-    gguf_arch: ClassVar[str]
-    # -- GGUF facts (read by exporters/gguf.py; one place per fact) --------
-    # llama.cpp's "llama" graph applies RoPE to interleaved pairs, HF's Llama to
-    # rotated halves, so llama.cpp's converter permutes q/k rows for it.
-    gguf_permute_qk: ClassVar[bool] = False
-    # Added to every RMSNorm weight on export (Gemma keeps `1 + w` in HF, `w` in GGUF).
-    gguf_norm_offset: ClassVar[float] = 0.0
-    # llama.cpp's graph for the family reads no separate output.weight.
-    gguf_requires_tied_output: ClassVar[bool] = False
-
+    # -- GGUF facts llama.cpp's converter does not write itself (read by exporters/gguf.py) --
     def gguf_extra_metadata(self, config) -> dict:
         """Family-specific `<arch>.*` keys beyond the common ones: {key suffix: value}."""
         return {}

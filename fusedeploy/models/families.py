@@ -18,16 +18,12 @@ class LlamaAdapter(ArchitectureAdapter):
 
     model_type = "llama"
     family = "Llama"
-    gguf_arch = "llama"
-    gguf_permute_qk = True
 
 
 @dataclass(frozen=True)
 class MistralAdapter(ArchitectureAdapter):
     model_type = "mistral"
     family = "Mistral"
-    gguf_arch = "llama"  # llama.cpp runs Mistral-7B-style checkpoints as "llama"
-    gguf_permute_qk = True
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,6 @@ class Qwen2Adapter(_QwenWindowedAdapter):
 
     model_type = "qwen2"
     family = "Qwen2"
-    gguf_arch = "qwen2"
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,6 @@ class Qwen3Adapter(_QwenWindowedAdapter):
 
     model_type = "qwen3"
     family = "Qwen3"
-    gguf_arch = "qwen3"
 
 
 @dataclass(frozen=True)
@@ -65,8 +59,6 @@ class Gemma3TextAdapter(ArchitectureAdapter):
 
     model_type = "gemma3_text"
     family = "Gemma 3"
-    gguf_arch = "gemma3"
-    gguf_norm_offset = 1.0
 
     def logit_softcap(self, config) -> float | None:
         return getattr(config, "final_logit_softcapping", None) or None
