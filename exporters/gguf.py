@@ -426,7 +426,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
 
                 imatrix = compute_imatrix(model, config, adapter, imatrix_text, load_tokenizer(source))
                 meta["provenance"]["imatrix"] = "pytorch-hooks"
-            with tempfile.TemporaryDirectory(prefix=".fusedeploy-f32-", dir=out.parent) as scratch:
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-f32-", dir=out.parent) as scratch:
                 inter = Path(scratch) / "f32.gguf"
                 _write_direct(inter, model, config, adapter, "f32", {**meta, "export_type": qtype}, source,
                               folder, pre)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .. import outputs, preflight
 from ..errors import UserError
-from .stages import Stage, run_stage
+from .stages import Stage, relative_to_build as _relative, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class BuildOptions:
     profile_runs: int = 3
     prompt_tokens: int | None = None  # default: the profile's
     new_tokens: int = 32
+    force: bool = False  # start over: empty the build folder (ours only) first
 
     @classmethod
     def quick(cls, **kw) -> BuildOptions:
@@ -64,14 +66,46 @@ def _versions() -> dict:
     return out
 
 
+STAGES = ("plan", "compress", "export", "verify", "profile", "report")
+
+
 def _export(model_dir: str, runtime: str, quant: str, dest: Path) -> Path:
-    if runtime == "gguf":
-        from exporters.gguf import export_gguf
+    """Export one artifact into the export stage's work folder; one finished there earlier is reused.
 
-        return export_gguf(model_dir, dest.with_suffix(".gguf"), qtype=quant)
-    from exporters.onnx import export_onnx
+    Exports are atomic, so a file at its final name is complete: a build
+    killed mid-export resumes with the artifacts it had already written.
+    """
+    target = dest.with_suffix(".gguf") if runtime == "gguf" else dest
+    with outputs.claim(target):  # clears half-written temporaries of a killed export
+        if outputs.is_ours(target):
+            log.info("export %s already finished; reused", target.name)
+            return target
+        if runtime == "gguf":
+            from exporters.gguf import export_gguf
 
-    return export_onnx(model_dir, dest, quantize=None if quant == "fp32" else quant)
+            path = export_gguf(model_dir, target, qtype=quant)
+        else:
+            from exporters.onnx import export_onnx
+
+            path = export_onnx(model_dir, target, quantize=None if quant == "fp32" else quant)
+        outputs.mark(path, f"{runtime}-export")
+        return path
+
+
+def _in_build(root: Path, recorded: str) -> Path:
+    """A path recorded by `_relative`; older builds recorded cwd-relative paths, used as they are."""
+    p = Path(recorded)
+    if p.is_absolute() or (root / p).exists() or not p.exists():
+        return p if p.is_absolute() else root / p
+    return p
+
+
+def _preflight(opts: BuildOptions, model_dir: Path, n_targets: int = 2) -> None:
+    """Inputs readable, the build folder writable with room for a model and its exports, before any compute."""
+    for path in (opts.model, opts.calib, opts.eval_data, model_dir):
+        preflight.check_readable(path)
+    outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data])
+    preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + n_targets), folder=True)
 
 
 def _size(path: Path) -> int:
@@ -90,6 +124,12 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
     say = progress or (lambda msg: log.info(msg))
     out = Path(opts.out)
+    preflight.check_path_length(out)
+    if opts.recipe is not None:
+        from ..compress import RECIPES
+
+        if opts.recipe not in RECIPES:
+            raise UserError(f"unknown --recipe {opts.recipe!r}; choose from {', '.join(RECIPES)}")
     profile = load_profile(opts.profile)
     source = resolve_model(opts.model)
     if not source.is_local:
@@ -102,6 +142,16 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         if r not in ("gguf", "onnx"):
             raise UserError(f"unknown runtime {r!r}; choose gguf or onnx")
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
+    plan(shape, profile, sparsity=opts.sparsity, quant=opts.quant)  # an impossible plan fails before any write
+    _preflight(opts, model_dir, 2 * len(runtimes))
+    with outputs.claim(out):
+        outputs.claim_build_folder(out, STAGES, force=opts.force)
+        return _run(opts, out, say, compress_progress, profile, source, model_dir, shape, runtimes, input_model)
+
+
+def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, runtimes, input_model) -> dict:
+    """The stages, in order, inside a claimed build folder."""
+    from ..profiling.planner import plan
 
     # 1. plan: before any compute is spent
     def do_plan(work: Path) -> dict:
@@ -121,9 +171,14 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         from ..compress import compress_model, has_resumable_state, load_recipe
 
         target = work / "model"
-        summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method, calib=opts.calib,
-                                 settings=load_recipe(opts.recipe), resume=has_resumable_state(target),
-                                 progress=compress_progress)
+        with outputs.claim(target):  # clears a half-written checkpoint of a killed run
+            if outputs.is_ours(target):  # killed after the checkpoint was written: reuse it
+                summary = json.loads((target / "compression.json").read_text())
+            else:
+                summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method,
+                                         calib=opts.calib, settings=load_recipe(opts.recipe),
+                                         resume=has_resumable_state(target), progress=compress_progress)
+            outputs.mark(target, "compressed-model")
         return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
 
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
@@ -147,7 +202,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
             say(f"export {name}")
             path = _export(str(folder), runtime, quant, work / name)
             made[name] = {"path": path.name, "variant": variant, "runtime": runtime, "quant": quant,
-                          "reference": str(folder), "size_bytes": _size(path)}
+                          "reference": _relative(folder, out), "size_bytes": _size(path)}
         return made
 
     exported = run_stage(out, Stage("export", do_export, {"targets": [t[:4] for t in targets]},
@@ -161,8 +216,8 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         results = {}
         for name, a in artifacts.items():
             say(f"verify {name}")
-            r = verify_artifact(out / "export" / a["path"], a["reference"], opts.eval_data, ctx=opts.verify_ctx,
-                                max_windows=opts.verify_windows)
+            r = verify_artifact(out / "export" / a["path"], str(_in_build(out, a["reference"])), opts.eval_data,
+                                ctx=opts.verify_ctx, max_windows=opts.verify_windows)
             results[name] = {**r.to_dict(), "passed": r.passed}
         (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))
         return results

@@ -35,6 +35,8 @@ def eval_windows(ids: torch.Tensor, ctx: int, max_windows: int | None = None) ->
     """Consecutive non-overlapping windows of `ctx` tokens from the start: [W, ctx]."""
     if ctx < 2:
         raise UserError(f"context length must be at least 2 (got {ctx})")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1 (got {max_windows})")
     count = ids.numel() // ctx
     if max_windows is not None:
         count = min(count, max_windows)

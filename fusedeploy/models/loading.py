@@ -159,9 +159,35 @@ def _hub_offline_error(source: ModelSource, exc: Exception) -> UserError:
                      "pass a local folder or .gguf file instead")
 
 
+def _check_config_file(source: ModelSource) -> None:
+    """A local config.json must be a JSON object naming its model_type.
+
+    Without model_type, transformers guesses the architecture from the folder
+    name, and the user is then told about an architecture they never had.
+    """
+    import json
+
+    if not source.is_local or source.gguf_file:
+        return
+    path = Path(source.location) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; restore the model's config.json") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; restore the model's config.json")
+    if not data.get("model_type"):
+        raise UserError(f"{path} has no model_type; add the model's family, e.g. \"model_type\": \"llama\"")
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    _check_config_file(source)
     try:
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
                                           **source.pretrained_kwargs())
@@ -182,7 +208,12 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     except OSError as exc:
         if not source.is_local:
             raise _hub_offline_error(source, exc) from None
-        raise UserError(f"cannot load a tokenizer from {source.spec}: {exc}") from None
+        raise UserError(f"cannot load a tokenizer from {source.spec}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a folder without tokenizer files fails with many types
+        if source.is_local:
+            raise UserError(f"cannot load a tokenizer from {source.spec} ({type(exc).__name__}); the model folder "
+                            "needs its tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json)") from None
+        raise
 
 
 def load_model(
