@@ -89,7 +89,11 @@ def eval_cmd(
     from .data import eval_windows, load_text, tokenize
     from .evaluate import perplexity
 
+    from .preflight import check_readable
+
     _check_windows(ctx, max_windows)
+    check_readable(model)
+    check_readable(data)
     text = load_text(data, purpose="eval", text_field=text_field)
     backend, tokenizer = _eval_backend(model, runtime, ctx, device, dtype)
     try:

@@ -100,10 +100,17 @@ def _in_build(root: Path, recorded: str) -> Path:
     return p
 
 
-def _preflight(opts: BuildOptions, model_dir: Path, n_targets: int = 2) -> None:
-    """Inputs readable, the build folder writable with room for a model and its exports, before any compute."""
+def _preflight(opts: BuildOptions, source, model_dir: Path, n_targets: int = 2) -> None:
+    """Inputs readable (texts parse, the tokenizer loads), the build folder writable with room, before any compute."""
+    from ..data import HF_DATASETS, load_text
+    from ..models.loading import load_tokenizer
+
     for path in (opts.model, opts.calib, opts.eval_data, model_dir):
         preflight.check_readable(path)
+    for spec, purpose in ((opts.calib, "calib"), (opts.eval_data, "eval")):
+        if spec not in HF_DATASETS:  # a dataset name would need the network here
+            load_text(spec, purpose=purpose)
+    load_tokenizer(source)
     outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data])
     preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + n_targets), folder=True)
 
@@ -143,7 +150,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
             raise UserError(f"unknown runtime {r!r}; choose gguf or onnx")
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
     plan(shape, profile, sparsity=opts.sparsity, quant=opts.quant)  # an impossible plan fails before any write
-    _preflight(opts, model_dir, 2 * len(runtimes))
+    _preflight(opts, source, model_dir, 2 * len(runtimes))
     with outputs.claim(out):
         outputs.claim_build_folder(out, STAGES, force=opts.force)
         return _run(opts, out, say, compress_progress, profile, source, model_dir, shape, runtimes, input_model)

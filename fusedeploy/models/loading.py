@@ -117,7 +117,9 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} is a folder but has no config.json; expected a Hugging Face model folder")
-        return ModelSource(spec, str(path.resolve()))
+        source = ModelSource(spec, str(path.resolve()))
+        _check_config_file(source)
+        return source
     if path.exists():
         raise UserError(f"{spec} is neither a Hugging Face folder nor a .gguf file")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
