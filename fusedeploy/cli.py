@@ -397,6 +397,7 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame):
+    _state["terminated"] = True  # typer turns the interrupt into Exit(130); this tells main it was SIGTERM
     raise _Terminated()
 
 
@@ -416,6 +417,9 @@ def main() -> None:
     try:
         # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`.
         code = app(standalone_mode=False)
+        if _state.get("terminated"):
+            console.print("terminated")
+            sys.exit(143)
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as exc:
@@ -430,8 +434,8 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
+        console.print("terminated" if _state.get("terminated") else "aborted")
+        sys.exit(143 if _state.get("terminated") else 130)
     except KeyboardInterrupt as exc:
         console.print("terminated" if isinstance(exc, _Terminated) else "interrupted")
         sys.exit(143 if isinstance(exc, _Terminated) else 130)
