@@ -244,6 +244,7 @@ def test_bad_input_is_one_clean_error(run_cli, world, case_id, line, expected):
     assert code == 2, (code, err)
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert err.splitlines()[0] == lines[0], "something (an empty progress line?) was printed before error:"
     assert expected in lines[0], lines[0]
     advised = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", lines[0])) - set(argv)  # echoing the user's own is fine
     assert advised <= _command_flags(argv), f"advises flags the command lacks: {advised - _command_flags(argv)}"
