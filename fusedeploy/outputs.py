@@ -181,6 +181,9 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
+_HELD: set[str] = set()  # lock files this process holds
+
+
 @contextlib.contextmanager
 def claim(out: str | os.PathLike):
     """Hold `out` for one writer (a lock beside it) and clear our stale temporaries first.
@@ -191,6 +194,10 @@ def claim(out: str | os.PathLike):
     o = Path(out)
     o.parent.mkdir(parents=True, exist_ok=True)
     lock_path = o.parent / f".{o.name}.lock"
+    held = str(lock_path.resolve())
+    if held in _HELD:  # reentrant: the CLI and the library may both claim the same output
+        yield o
+        return
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -199,12 +206,15 @@ def claim(out: str | os.PathLike):
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise UserError(f"another FuseDeploy run is writing {o}; wait for it to finish") from None
             raise
+        _HELD.add(held)
         for entry in stale_temporaries(o):
             _remove(entry)
         yield o
     finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
+        if held in _HELD:
+            _HELD.discard(held)
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
         os.close(fd)
 
 

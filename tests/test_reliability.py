@@ -284,3 +284,74 @@ def test_sigterm_removes_temporaries(tiny_model_dir, tmp_path):
         pytest.skip("the export finished before it could be interrupted")
     assert proc.returncode == 143 and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temp file, no lock, no half output
+
+
+# ---------------------------------------------------------------- build folder and stage runner
+
+
+def test_build_folder_claim_force_and_legacy(tmp_path):
+    from fusedeploy.errors import UserError
+
+    stages = ("plan", "export")
+    out = tmp_path / "b"
+    outputs.claim_build_folder(out, stages)  # new: created and marked
+    assert (out / outputs.MARKER).is_file()
+    (out / "plan").mkdir()
+    (out / "plan" / "manifest.json").write_text(json.dumps({"stage": "plan"}))
+    (out / "export.partial").mkdir()
+    (out / "export.partial" / "half.gguf").write_bytes(b"x")
+    outputs.claim_build_folder(out, stages)  # ours: resumed, nothing removed
+    assert (out / "export.partial" / "half.gguf").exists()
+    outputs.claim_build_folder(out, stages, force=True)  # --force: start over, ours only
+    assert sorted(p.name for p in out.iterdir()) == [outputs.MARKER]
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not make"):
+        outputs.claim_build_folder(out, stages, force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+    legacy = tmp_path / "old-build"  # made before markers existed: recognised by its manifests
+    (legacy / "plan").mkdir(parents=True)
+    (legacy / "plan" / "manifest.json").write_text(json.dumps({"stage": "plan"}))
+    outputs.claim_build_folder(legacy, stages)
+    assert (legacy / outputs.MARKER).is_file()
+
+
+def test_one_writer_per_output(tmp_path):
+    from fusedeploy.errors import UserError
+
+    import fcntl
+
+    with outputs.claim(tmp_path / "o.gguf"):
+        with outputs.claim(tmp_path / "o.gguf"):  # the same process again (CLI and library): fine
+            pass
+        assert (tmp_path / ".o.gguf.lock").exists()
+    assert list(tmp_path.iterdir()) == []
+    fd = os.open(tmp_path / ".o.gguf.lock", os.O_RDWR | os.O_CREAT)  # another process's lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code = subprocess.run([PY, "-c", "from fusedeploy import outputs\nwith outputs.claim(%r): pass"
+                               % str(tmp_path / "o.gguf")], cwd=REPO, capture_output=True, text=True)
+        assert code.returncode != 0 and "another FuseDeploy run is writing" in code.stderr
+    finally:
+        os.close(fd)
+
+
+def test_a_stage_killed_before_its_rename_is_not_redone(tmp_path, monkeypatch):
+    from fusedeploy.build import stages
+
+    calls = []
+
+    def run(work):
+        calls.append(1)
+        (work / "out.txt").write_text("done")
+        return {"file": "out.txt"}
+
+    real = stages._promote
+    monkeypatch.setattr(stages, "_promote", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(tmp_path, stages.Stage("s", run, {"v": 1}))
+    monkeypatch.setattr(stages, "_promote", real)
+    result = stages.run_stage(tmp_path, stages.Stage("s", run, {"v": 1}))
+    assert calls == [1] and (tmp_path / "s" / "out.txt").read_text() == "done" and not result["skipped"]
+    assert not (tmp_path / "s.partial").exists()
