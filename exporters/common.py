@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fusedeploy import __version__
 from fusedeploy.errors import UserError
-from fusedeploy.outputs import apply_umask
+from fusedeploy.outputs import apply_umask, check_replaceable
 from fusedeploy.models.loading import ModelSource, resolve_model
 
 
@@ -49,8 +49,8 @@ def provenance(model_dir: str | os.PathLike, spec: str | None = None) -> dict[st
 
 
 def check_overwrite(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    """An existing output is replaced only with `force`, and only if FuseDeploy made it."""
+    check_replaceable(out, force)
 
 
 @contextlib.contextmanager

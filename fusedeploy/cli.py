@@ -135,10 +135,15 @@ def compress(
     from .compress import compress_model, load_recipe, parse_overrides
     from .console import compression_progress
 
+    for pair in set_ or []:
+        key, _, value = pair.partition("=")
+        if len(value) > 200:  # Python refuses to parse an integer of thousands of digits
+            raise UserError(f"--set {key}=...: a value of {len(value)} characters is too long for a setting; "
+                            f"give a plain value such as {key}=3")
     try:
         overrides = parse_overrides(set_)
-    except ValueError as exc:  # e.g. an integer of thousands of digits
-        raise UserError(f"--set: {str(exc).splitlines()[0]}; give a plain setting value") from None
+    except ValueError as exc:
+        raise UserError(f"--set: a value could not be read ({str(exc).split(';')[0]}); give a plain value") from None
     if seed is not None:
         overrides["seed"] = seed
     if epochs is not None:

@@ -65,6 +65,8 @@ def mark(path: str | os.PathLike, kind: str) -> None:
     `fusedeploy.*` metadata, so only its mode is fixed.
     """
     p = Path(path)
+    if _secondary_rank():
+        return
     if p.is_dir():
         _write_marker(p, kind)
     apply_umask(p)
@@ -125,9 +127,12 @@ def check_replaceable(path: str | os.PathLike, force: bool, force_flag: str | No
     it offers none, so the message advises only another output path).
     """
     p = Path(path)
-    if not (p.exists() or p.is_symlink()) or _is_empty_dir(p):
+    if not (p.exists() or p.is_symlink()):
         return
-    if not is_ours(p):
+    if _is_empty_dir(p):  # nothing to lose, but an existing path is still replaced only on request
+        if force:
+            return
+    elif not is_ours(p):
         what = "folder" if p.is_dir() else "file"
         raise UserError(f"{p} is a {what} FuseDeploy did not make; it is never replaced -- "
                         "choose another output path or move it away")
@@ -184,6 +189,11 @@ def _remove(entry: Path) -> None:
 _HELD: set[str] = set()  # lock files this process holds
 
 
+def _secondary_rank() -> bool:
+    """A torch.distributed worker other than rank 0: it shares rank 0's claim and leaves marking to it."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 @contextlib.contextmanager
 def claim(out: str | os.PathLike):
     """Hold `out` for one writer (a lock beside it) and clear our stale temporaries first.
@@ -195,7 +205,7 @@ def claim(out: str | os.PathLike):
     o.parent.mkdir(parents=True, exist_ok=True)
     lock_path = o.parent / f".{o.name}.lock"
     held = str(lock_path.resolve())
-    if held in _HELD:  # reentrant: the CLI and the library may both claim the same output
+    if held in _HELD or _secondary_rank():  # reentrant: the CLI and the library may both claim the same output
         yield o
         return
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -24,7 +24,7 @@ def sample_sequences(ids: torch.Tensor, count: int, length: int, seed: int) -> t
     if ids.numel() < length + 1:
         raise UserError(
             f"too few calibration tokens: the text has {ids.numel()}, but one sample needs {length}; "
-            "use more text or a shorter --seq-len"
+            "use more text or a shorter seq_len setting"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length, (count,), generator=gen)

@@ -198,7 +198,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
             raise _hub_offline_error(source, exc) from None
         raise UserError(f"cannot read model config from {source.spec}: {exc}") from None
     except ValueError as exc:
-        raise UserError(f"cannot read model config from {source.spec}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read model config from {source.spec}: {str(exc).splitlines()[0]}; "
+                        "check that it is a complete Hugging Face folder or GGUF file") from None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
