@@ -86,6 +86,24 @@ def test_force_never_replaces_a_foreign_tree_but_replaces_ours(run_cli, tiny_mod
     assert not list(tmp_path.glob(".m.gguf.lock"))
 
 
+def test_compress_clears_a_killed_final_write_and_uses_the_umask(run_cli, tiny_model_dir, tmp_path):
+    out = tmp_path / "c"
+    leftovers = [tmp_path / ".c.k2j4x9ab.tmp", tmp_path / ".c.q8w7e6rt.old"]  # a kill during the final write
+    for p in leftovers:
+        (p / "inner").mkdir(parents=True)
+        (p / "inner" / "model.safetensors").write_bytes(b"0" * 1000)
+    old_mask = os.umask(0o022)
+    try:
+        code, _, err = run_cli("compress", "--model", tiny_model_dir("llama"), "--sparsity", "0.2", "--method",
+                               "shortgpt", "--recipe", "quick", "--out", out)
+    finally:
+        os.umask(old_mask)
+    assert code == 0, err
+    assert not any(p.exists() for p in leftovers) and outputs.is_ours(out) and (out / outputs.MARKER).is_file()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)  # not tempfile's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_output_equal_to_input_is_refused_before_any_work(run_cli, tiny_model_dir, tmp_path, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), model)
