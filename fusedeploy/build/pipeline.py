@@ -95,9 +95,11 @@ def _export(model_dir: str, runtime: str, quant: str, dest: Path) -> Path:
 def _in_build(root: Path, recorded: str) -> Path:
     """A path recorded by `_relative`; older builds recorded cwd-relative paths, used as they are."""
     p = Path(recorded)
-    if p.is_absolute() or (root / p).exists() or not p.exists():
-        return p if p.is_absolute() else root / p
-    return p
+    if p.is_absolute():
+        return p
+    if (root / p).exists() or not p.exists():
+        return root / p
+    return p  # an older build's cwd-relative record
 
 
 def _preflight(opts: BuildOptions, source, model_dir: Path, n_targets: int = 2) -> None:
