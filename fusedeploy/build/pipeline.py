@@ -104,13 +104,14 @@ def _in_build(root: Path, recorded: str) -> Path:
 
 def _preflight(opts: BuildOptions, source, model_dir: Path, n_targets: int = 2) -> None:
     """Inputs readable (texts parse, the tokenizer loads), the build folder writable with room, before any compute."""
+    from ..compress.calibration import SELF
     from ..data import HF_DATASETS, load_text
     from ..models.loading import load_tokenizer
 
     for path in (opts.model, opts.calib, opts.eval_data, model_dir):
         preflight.check_readable(path)
     for spec, purpose in ((opts.calib, "calib"), (opts.eval_data, "eval")):
-        if spec not in HF_DATASETS:  # a dataset name would need the network here
+        if spec not in HF_DATASETS and spec != SELF:  # a dataset name would need the network; self is generated
             load_text(spec, purpose=purpose)
     load_tokenizer(source)
     outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data])
