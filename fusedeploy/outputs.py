@@ -200,8 +200,10 @@ def claim(out: str | os.PathLike):
 
     The lock makes it safe to delete `.name.tmp-*` leftovers: no live writer
     of this output can own them. A second concurrent writer gets a one-line error.
+    Folders created here for the output are removed again if no output appears.
     """
     o = Path(out)
+    created = [p for p in (o.parent, *o.parent.parents) if not p.exists()]  # deepest first
     o.parent.mkdir(parents=True, exist_ok=True)
     lock_path = o.parent / f".{o.name}.lock"
     held = str(lock_path.resolve())
@@ -226,6 +228,12 @@ def claim(out: str | os.PathLike):
             with contextlib.suppress(OSError):
                 lock_path.unlink()
         os.close(fd)
+        if not o.exists():
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _build_entries(stages: tuple[str, ...]) -> set[str]:

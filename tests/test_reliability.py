@@ -143,6 +143,10 @@ def test_unwritable_or_full_output_fails_before_compute(run_cli, tiny_model_dir,
     code, _, err = run_cli("compress", "--model", model, "--recipe", "quick", "--out", tmp_path / "c")
     assert code == 2 and "free" in err and "needs about" in err
     assert not (tmp_path / "c").exists()
+    monkeypatch.undo()
+    code, _, err = run_cli("compress", "--model", model, "--recipe", "quick", "--calib", tmp_path / "none.txt",
+                           "--out", tmp_path / "new" / "deeper" / "c")
+    assert code == 2 and list(tmp_path.iterdir()) == []  # no folder left behind for an output never written
 
 
 # ---------------------------------------------------------------- NaN
