@@ -20,17 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporters.gguf import GGUF_TYPES, export_gguf  # noqa: E402
+from exporters.gguf import export_gguf  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
+from fusedeploy import formats  # noqa: E402
 from fusedeploy.data import eval_windows, load_text, tokenize  # noqa: E402
 from fusedeploy.evaluate import LlamaCppBackend, OnnxRuntimeBackend, TorchBackend, perplexity  # noqa: E402
 from fusedeploy.models.loading import load_model  # noqa: E402
-
-
-def size_of(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.glob("model.onnx*"))
-    return path.stat().st_size
 
 
 def render(paths: list[str]) -> str:
@@ -62,7 +57,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--work", default="runs/export-table", help="scratch folder for the artifacts")
-    ap.add_argument("--gguf-types", default=",".join(GGUF_TYPES))
+    ap.add_argument("--gguf-types", default=",".join(formats.precision_names("llama.cpp")))
     ap.add_argument("--onnx", default="fp32,int8,int4")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--pytorch-ppl", type=float, default=None,
@@ -122,7 +117,7 @@ def main() -> None:
         backend = OnnxRuntimeBackend(out)
         ppl = perplexity(backend, windows).ppl
         del backend
-        report({"artifact": f"ONNX {variant}", "runtime": "onnxruntime", "bytes": size_of(out),
+        report({"artifact": f"ONNX {variant}", "runtime": "onnxruntime", "bytes": formats.size_bytes(out),
                 "export_s": export_s, "ppl": ppl, "eval_s": time.perf_counter() - t0})
         if not args.keep:
             shutil.rmtree(out)

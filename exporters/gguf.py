@@ -25,18 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusedeploy import formats
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 
 from .common import atomic_path, check_overwrite, provenance, resolve_local
 
 log = logging.getLogger(__name__)
-
-# type name -> (how it is made, llama.cpp file type)
-GGUF_TYPES: dict[str, str] = {
-    "f32": "direct", "f16": "direct", "bf16": "direct", "q8_0": "direct",
-    "q4_0": "llama.cpp", "q4_k_m": "llama.cpp", "q5_k_m": "llama.cpp", "q6_k": "llama.cpp",
-}
 
 # llama.cpp names for BPE pre-tokenizers, tried in this order until one
 # tokenizes the probe text exactly as the Hugging Face tokenizer does.
@@ -46,17 +41,6 @@ PRE_TOKENIZER_CANDIDATES = ("smollm", "gpt-2", "llama-bpe", "qwen2", "gpt-4o", "
 _PROBE = ("Hello world! It's 2024-05-17, and 12.5 million people's lives cost $3,141.59.\n\n"
           "  Indented   spaces\tand\ttabs; naïve café — “quotes” ... 東京 😀 don't WON'T we'll\n"
           "def f(x):\n    return x**2 + 1_000_000  # comment\n")
-
-
-def _file_type(qtype: str) -> int:
-    import gguf
-
-    return {
-        "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-        "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
-    }[qtype]
 
 
 def _arch_enum(name: str):
@@ -292,7 +276,7 @@ def _write_direct(path: Path, model, config, adapter, qtype: str, meta: dict, so
     writer = gguf.GGUFWriter(path, adapter.gguf_arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(meta["name"])
-    writer.add_file_type(_file_type(qtype))
+    writer.add_file_type(formats.spec(formats.LLAMA_CPP.name, qtype).llama_file_type())
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("general.source.url", meta["source_model"])
     for key, value in meta["provenance"].items():
@@ -374,7 +358,7 @@ def llama_cpp_quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, np.n
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG)
                                                    else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(_file_type(qtype))
+    params.ftype = formats.spec(formats.LLAMA_CPP.name, qtype).llama_file_type()
     params.nthread = max(1, min(4, os.cpu_count() or 1))
     keep = []
     if imatrix:
@@ -403,9 +387,11 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     Returns the output path; the file appears only when complete.
     """
     qtype = qtype.lower()
-    if qtype not in GGUF_TYPES:
-        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
-    if imatrix_text is not None and GGUF_TYPES[qtype] == "direct":
+    types = formats.precision_names(formats.LLAMA_CPP.name)
+    if qtype not in types:
+        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
+    direct = formats.spec(formats.LLAMA_CPP.name, qtype).made_by == formats.GGUF_PY
+    if imatrix_text is not None and direct:
         raise UserError(f"an importance matrix only applies to llama.cpp-quantized types, not {qtype}")
     out = Path(out_file)
     check_overwrite(out, force)
@@ -417,7 +403,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     meta = {"name": re.sub(r"[^\w.-]+", "-", folder.name), "source_model": str(model_dir),
             "provenance": provenance(folder, str(model_dir)), "export_type": qtype}
     with atomic_path(out) as tmp:
-        if GGUF_TYPES[qtype] == "direct":
+        if direct:
             _write_direct(tmp, model, config, adapter, qtype, meta, source, folder, pre)
         else:
             imatrix = None

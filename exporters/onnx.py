@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 
+from fusedeploy import formats
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 
@@ -28,7 +29,6 @@ from .common import atomic_path, check_overwrite, provenance, resolve_local
 
 log = logging.getLogger(__name__)
 
-ONNX_QUANTIZE = (None, "int8", "int4")
 INT4_BLOCK_SIZE = 32
 MODEL_FILE = "model.onnx"
 
@@ -93,13 +93,15 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
     """Export a Hugging Face model folder (or built-in name) to an ONNX Runtime folder.
 
     The folder holds `model.onnx` (decoder with KV cache), config and tokenizer
-    files, loadable by `optimum.onnxruntime.ORTModelForCausalLM`. `quantize`:
-    None (fp32), "int8" or "int4". The folder appears only when complete.
+    files, loadable by `optimum.onnxruntime.ORTModelForCausalLM`. `quantize`: an
+    onnxruntime precision of fusedeploy.formats ("fp32" or None: no quantization,
+    "int8", "int4"). The folder appears only when complete.
     """
-    if quantize is not None:
-        quantize = quantize.lower()
-    if quantize not in ONNX_QUANTIZE:
-        raise UserError(f"unknown ONNX quantization {quantize!r}; choose from int8, int4 (or none)")
+    precision = (quantize or "fp32").lower()
+    names = formats.precision_names(formats.ONNXRUNTIME.name)
+    if precision not in names:
+        raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
+    quantize = None if formats.spec(formats.ONNXRUNTIME.name, precision).made_by == formats.OPTIMUM else precision
     out = Path(out_dir)
     check_overwrite(out, force)
     source = resolve_local(model_dir)

@@ -2,14 +2,13 @@
 
 Both sides score the same token windows (the reference's HF tokenizer, no
 special tokens); the artifact runs in llama.cpp (GGUF) or ONNX Runtime
-(ONNX folder). Tolerances depend on the artifact's precision: fp32 must
-match tightly, 16/8-bit loosely, 4-bit is judged mainly on top-1 agreement
-and the perplexity ratio.
+(ONNX folder). Tolerances depend on the artifact's precision and live with
+it in `fusedeploy.formats`; a precision the catalogue does not know is an
+error, never judged by the loosest limits.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,21 +17,9 @@ import numpy as np
 
 from fusedeploy.data import eval_windows, load_text, tokenize
 from fusedeploy.errors import UserError
-from fusedeploy.evaluate import TorchBackend, backend_for_artifact, window_nll
+from fusedeploy.evaluate import TorchBackend, window_nll
+from fusedeploy.formats import Artifact
 from fusedeploy.judge import at_least, at_most, finite
-
-# precision class -> limits. max/mean logit diff are relative to the reference's
-# largest |logit| in the window; ppl_ratio is artifact PPL / reference PPL.
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"max_rel_diff": 5e-3, "mean_abs_diff": 1e-2, "top1_min": 0.99, "ppl_ratio_max": 1.001},
-    "half": {"max_rel_diff": 5e-2, "mean_abs_diff": 0.1, "top1_min": 0.95, "ppl_ratio_max": 1.01},
-    "8bit": {"max_rel_diff": 0.1, "mean_abs_diff": 0.2, "top1_min": 0.90, "ppl_ratio_max": 1.03},
-    "4bit": {"max_rel_diff": float("inf"), "mean_abs_diff": float("inf"), "top1_min": 0.70,
-             "ppl_ratio_max": 1.30},
-}
-_PRECISION = {"f32": "fp32", "fp32": "fp32", "f16": "half", "bf16": "half", "q8_0": "8bit", "int8": "8bit",
-              "q6_k": "8bit", "q5_k_m": "4bit", "q4_k_m": "4bit", "q4_0": "4bit", "q4_1": "4bit",
-              "int4": "4bit"}
 
 
 @dataclass
@@ -61,32 +48,6 @@ class VerifyResult:
         return {**asdict(self), "passed": self.passed}
 
 
-def artifact_type(artifact: Path) -> str:
-    """The export type recorded in the artifact (fusedeploy.export_type), else inferred."""
-    if artifact.suffix == ".gguf":
-        import gguf
-
-        try:
-            reader = gguf.GGUFReader(artifact)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{artifact} is not a readable GGUF file ({exc})") from None
-        f = reader.get_field("fusedeploy.export_type")
-        if f is not None:
-            return str(f.contents())
-        ftype = reader.get_field("general.file_type")
-        names = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 2: "q4_0", 3: "q4_1", 15: "q4_k_m",
-                 17: "q5_k_m", 18: "q6_k"}
-        return names.get(int(ftype.contents()) if ftype else -1, "q4_0")
-    import onnx
-
-    model_file = artifact / "model.onnx" if artifact.is_dir() else artifact
-    try:
-        meta = {p.key: p.value for p in onnx.load(str(model_file), load_external_data=False).metadata_props}
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{model_file} is not a readable ONNX model ({exc})") from None
-    return meta.get("fusedeploy.export_type", "fp32")
-
-
 def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str = "builtin", ctx: int = 512,
                     max_windows: int | None = 4, progress=None) -> VerifyResult:
     """Run `artifact` and the PyTorch `reference` on the same windows of `text_spec` and compare."""
@@ -95,12 +56,11 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
     path = Path(artifact)
     if not path.exists():
         raise UserError(f"artifact not found: {artifact}")
-    qtype = artifact_type(path)
-    precision = _PRECISION.get(qtype, "4bit")
-    limits = TOLERANCES[precision]
+    art = Artifact.at(path, reference=reference)
+    limits = art.spec.limits
     model, tokenizer, _ = load_model(reference, device="cpu", dtype="float32")
     windows = eval_windows(tokenize(tokenizer, load_text(text_spec, purpose="eval")), ctx, max_windows)
-    backend = backend_for_artifact(path, n_ctx=ctx)
+    backend = art.open(n_ctx=ctx)
     ref = TorchBackend(model)
     max_abs = max_rel = 0.0
     abs_sum, count, agree = 0.0, 0, 0
@@ -138,7 +98,7 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
             backend.close()
     ppl_a, ppl_r = float(np.exp(nll_a / scored)), float(np.exp(nll_r / scored))
     result = VerifyResult(
-        artifact=str(path), runtime=backend.name, export_type=qtype, precision=precision,
+        artifact=str(path), runtime=art.runtime, export_type=art.precision, precision=art.spec.tolerance,
         windows=len(windows), ctx=int(windows.shape[1]), max_abs_diff=max_abs, max_rel_diff=max_rel,
         mean_abs_diff=abs_sum / count, top1_agreement=agree / (len(windows) * windows.shape[1]),
         ppl_artifact=ppl_a, ppl_reference=ppl_r, ppl_ratio=ppl_a / ppl_r, tolerances=limits)
@@ -156,7 +116,3 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
         why = "not a finite number" if not finite(result.ppl_ratio) else f"> {limits['ppl_ratio_max']}"
         result.failures.append(f"perplexity ratio {result.ppl_ratio:.4f} {why}")
     return result
-
-
-def result_json(result: VerifyResult) -> str:
-    return json.dumps(result.to_dict(), indent=2)

@@ -13,13 +13,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from . import __version__, formats
 from .console import console, progress_task
 from .errors import UserError
+from .builtin import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a decoder-only LM with FuseGPT, export it, verify it, and sign it off for a device.")
 _state = {"debug": False}
+
+# Choices shown in --help, read from the format catalogue.
+PYTORCH = "pytorch"  # `eval` can also run the model itself; not an export target, so not a runtime of formats
+EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
+GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
+ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
 
 
 def _human_bytes(n: float) -> str:
@@ -54,7 +61,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, float16, bfloat1
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, Hub id, or built-in name.")] = "smollm2-135m",
+    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, Hub id, or built-in name.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Architecture, block count, sizes and parameter count of a model."""
@@ -73,7 +80,7 @@ def info(
 
 @app.command("eval")
 def eval_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     data: Annotated[str, typer.Option("--data", "-d", help=".txt/.jsonl file, folder, builtin, wikitext2, ptb, c4")] = "builtin",
     ctx: Annotated[int, typer.Option(help="Context length of each window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Score at most this many windows.")] = None,
@@ -81,7 +88,7 @@ def eval_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     runtime: Annotated[str, typer.Option(
-        help="pytorch, llama.cpp (a .gguf file) or onnxruntime (an exported ONNX folder); "
+        help=f"{', '.join(EVAL_RUNTIMES[1:])} (llama.cpp: a .gguf file; onnxruntime: an exported ONNX folder); "
              "auto: onnxruntime for an ONNX folder, else pytorch (a .gguf is then dequantized by transformers)")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -113,7 +120,7 @@ def eval_cmd(
 
 @app.command()
 def compress(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
     method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = "fusegpt",
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ..., or self (text the model samples itself).")] = "builtin",
@@ -167,9 +174,6 @@ def compress(
               f"wrote {out}")
 
 
-RUNTIMES = ("auto", "pytorch", "llama.cpp", "onnxruntime")
-
-
 def _check_windows(ctx: int, max_windows: int | None) -> None:
     """Window settings checked before a model is loaded."""
     if ctx < 2:
@@ -182,31 +186,32 @@ def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
     """(logits backend, tokenizer) for `eval --runtime`; the tokenizer feeds `fusedeploy.data.tokenize`."""
     from pathlib import Path
 
-    from .evaluate import LlamaCppBackend, OnnxRuntimeBackend, TorchBackend
+    from .evaluate import TorchBackend
     from .models.loading import load_model
 
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown --runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     path = Path(model).expanduser()
-    if runtime == "auto":
-        runtime = "onnxruntime" if (path / "model.onnx").is_file() else "pytorch"
-    if runtime == "llama.cpp":
-        if path.suffix != ".gguf":
-            raise UserError(f"--runtime llama.cpp needs a .gguf file, not {model}")
-        backend = LlamaCppBackend(path, n_ctx=ctx)
-
-        class _LlamaTokenizer:  # llama.cpp's own tokenizer, called like an HF one by data.tokenize
-            def __call__(self, text, **_):
-                return {"input_ids": backend.tokenize(text)}
-
-        return backend, _LlamaTokenizer()
-    if runtime == "onnxruntime":
+    if runtime == "auto":  # an artifact only its runtime can open runs there; the rest in PyTorch
+        opener = formats.runtime_opening(path)
+        runtime = opener.name if opener and not opener.transformers_loads else PYTORCH
+    if runtime == PYTORCH:
+        lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+        return TorchBackend(lm), tokenizer
+    if formats.RUNTIME_ALIASES.get(runtime, runtime) not in formats.RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}; choose from {', '.join(EVAL_RUNTIMES)}")
+    rt = formats.runtime(runtime)
+    if not rt.reads(path):
+        raise UserError(f"--runtime {rt.name} needs a {rt.artifact_kind}, not {model}")
+    backend = rt.open(path, n_ctx=ctx)
+    if not hasattr(backend, "tokenize"):  # the folder carries the Hugging Face tokenizer
         from transformers import AutoTokenizer
 
-        backend = OnnxRuntimeBackend(path)
-        return backend, AutoTokenizer.from_pretrained(path)
-    lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
-    return TorchBackend(lm), tokenizer
+        return backend, AutoTokenizer.from_pretrained(rt.root(path))
+
+    class _RuntimeTokenizer:  # the runtime's own tokenizer, called like an HF one by data.tokenize
+        def __call__(self, text, **_):
+            return {"input_ids": backend.tokenize(text)}
+
+    return backend, _RuntimeTokenizer()
 
 
 # ---------------------------------------------------------------- export / verify
@@ -217,9 +222,9 @@ app.add_typer(export_app, name="export")
 
 @export_app.command("gguf")
 def export_gguf_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output .gguf file.")] = ...,
-    qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")] = "f16",
+    qtype: Annotated[str, typer.Option("--type", "-t", help=GGUF_TYPES)] = "f16",
     imatrix_data: Annotated[Optional[str], typer.Option(
         help="Calibration text (.txt/.jsonl, folder, builtin, ...) for an importance matrix (llama.cpp-quantized types).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -241,19 +246,18 @@ def export_gguf_cmd(
     with outputs.claim(out), console.status(f"exporting {model} to GGUF {qtype}"):
         path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)
         outputs.mark(path, "gguf-export")
-    print(f"wrote {path} ({_human_bytes(path.stat().st_size)}, {qtype}, {time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {qtype}, {time.perf_counter() - t0:.1f} s)")
 
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    quantize: Annotated[Optional[str], typer.Option(help="int8 (dynamic) or int4 (MatMulNBits RTN); default fp32.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help=f"{ONNX_TYPES} (default fp32: none).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
     import time
-    from pathlib import Path
 
     from exporters.onnx import ONNX_QUANTIZE, export_onnx
 
@@ -267,14 +271,14 @@ def export_onnx_cmd(
     with outputs.claim(out), console.status(f"exporting {model} to ONNX {quantize or 'fp32'}"):
         path = export_onnx(model, out, quantize=quantize, force=force)
         outputs.mark(path, "onnx-export")
-    size = sum(f.stat().st_size for f in Path(path).glob("model.onnx*"))
-    print(f"wrote {path} ({_human_bytes(size)}, {quantize or 'fp32'}, {time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, "
+          f"{time.perf_counter() - t0:.1f} s)")
 
 
 @app.command()
 def verify(
     artifact: Annotated[str, typer.Argument(help="A .gguf file or an exported ONNX folder.")],
-    reference: Annotated[str, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")] = "smollm2-135m",
+    reference: Annotated[str, typer.Option("--reference", "-r", help="The PyTorch model it was exported from.")] = DEFAULT_MODEL,
     data: Annotated[str, typer.Option("--data", "-d", help="Text to score (.txt/.jsonl, folder, builtin, ...).")] = "builtin",
     ctx: Annotated[int, typer.Option(help="Context length of each window.")] = 512,
     max_windows: Annotated[int, typer.Option(help="Compare this many windows.")] = 4,
@@ -335,7 +339,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="A shipped profile na
 @profiles_app.command("plan")
 def profiles_plan(
     profile: Annotated[str, typer.Argument(help="A shipped profile name or a path to a YAML file.")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of searching.")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of searching.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -364,7 +368,7 @@ def profiles_plan(
 @app.command()
 def build(
     profile: Annotated[str, typer.Option("--profile", "-p", help="A shipped profile name or a path to a YAML file.")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Build folder (one subfolder per stage).")] = "build",
     recipe: Annotated[Optional[str], typer.Option(help="quick (smoke test), cpu or paper (default: paper on a GPU, cpu otherwise)")] = None,
     method: Annotated[str, typer.Option(help="Compression method (see `fusedeploy compress --help`).")] = "fusegpt",
@@ -372,13 +376,14 @@ def build(
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of letting the planner choose.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text for compression.")] = "builtin",
     eval_data: Annotated[str, typer.Option("--eval-data", help="Text for verify perplexity.")] = "builtin",
-    runtime: Annotated[Optional[list[str]], typer.Option(help="gguf and/or onnx (default: the profile's runtime).")] = None,
+    runtime: Annotated[Optional[list[str]], typer.Option(
+        help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
-    from .build import BuildOptions
-    from .build import build as run_build
+    from .pipeline import BuildOptions
+    from .pipeline import build as run_build
 
     if resume and force:
         raise UserError("--resume continues the build and --force starts it over; pass one of them")

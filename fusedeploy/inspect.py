@@ -43,7 +43,7 @@ def model_info(spec: str) -> ModelInfo:
         model=spec, architecture=adapter.family, model_type=config.model_type,
         blocks=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, attention_heads=config.num_attention_heads,
-        kv_heads=getattr(config, "num_key_value_heads", config.num_attention_heads),
+        kv_heads=adapter.kv_heads(config),
         vocab_size=config.vocab_size, parameters=params,
         bytes_fp32=params * 4, bytes_fp16=params * 2, bytes_bf16=params * 2,
     )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fusedeploy.builtin import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
@@ -19,7 +21,7 @@ TINY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 def smollm2_source():
     from fusedeploy.models.loading import resolve_model
 
-    return resolve_model("smollm2-135m")
+    return resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +34,7 @@ def smol_tokenizer(smollm2_source):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     """Factory: a saved tiny random model of a family (made once per family)."""
-    from fusedeploy.models.tiny import save_tiny_model
+    from .tiny import save_tiny_model
 
     made: dict[str, Path] = {}
 

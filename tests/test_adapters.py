@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for, supported_architectures
-from fusedeploy.models.tiny import tiny_config, tiny_model
+from .tiny import tiny_config, tiny_model
 
 from .conftest import TINY_TYPES
 
@@ -74,3 +74,30 @@ def test_linear_names_resolve_in_every_family():
         linears = adapter.block_linears(adapter.blocks(model)[0])
         assert len(linears) == 7 and all(isinstance(m, torch.nn.Linear) for m in linears.values())
         assert tiny_config(model_type, 64).model_type == model_type
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_adapter_logits_are_the_models_own(model_type):
+    """`adapter.logits` (final norm, LM head, Gemma's soft-cap) reproduces the model's forward exactly."""
+    overrides = {"final_logit_softcapping": 2.0} if model_type == "gemma3_text" else {}
+    model = tiny_model(model_type, vocab_size=128, **overrides)
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = adapter.final_norm(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = adapter.logits(model, seen[0])
+    hook.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if overrides:  # the cap is applied: no logit beyond it, and without it the logits differ
+        assert adapter.logit_softcap(model.config) == 2.0 and want.abs().max() <= 2.0
+        assert not torch.equal(model.get_output_embeddings()(adapter.final_norm(model)(seen[0])), want)
+    else:
+        assert adapter.logit_softcap(model.config) is None
+
+
+def test_head_dim_and_kv_heads_come_from_the_adapter():
+    assert adapter_for(tiny_config("qwen3", 64, head_dim=32)).head_dim(tiny_config("qwen3", 64, head_dim=32)) == 32
+    llama = tiny_config("llama", 64)
+    assert adapter_for(llama).head_dim(llama) == 64 // 4 and adapter_for(llama).kv_heads(llama) == 2

@@ -152,7 +152,7 @@ def world(tmp_path_factory, smol_tokenizer):
     import gguf
     from transformers import GPT2Config
 
-    from fusedeploy.models.tiny import save_tiny_model
+    from .tiny import save_tiny_model
 
     w = tmp_path_factory.mktemp("world")
     m = save_tiny_model("llama", smol_tokenizer, w / "model")

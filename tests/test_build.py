@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fusedeploy.build import BuildOptions, build
-from fusedeploy.build import pipeline
+from fusedeploy.pipeline import BuildOptions, build
+from fusedeploy.pipeline import flow
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
 def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, monkeypatch):
     opts, _, out = quick_build
     calls = []
-    real_export = pipeline._export
-    monkeypatch.setattr(pipeline, "_export", lambda *a: calls.append(a) or real_export(*a))
+    real_export = flow._export
+    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
     build(opts)
     assert calls == []  # nothing changed: every stage skipped
 
@@ -58,7 +58,7 @@ def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, 
         build(changed)
     assert (out / "profile" / "manifest.json").is_file()  # the finished older stage is intact
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "_export", lambda *a: calls.append(a) or real_export(*a))
+    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
     report = build(changed)
     assert calls == []  # export was not redone
     assert report["stages"]["export"]["skipped"] and not report["stages"]["profile"]["skipped"]
@@ -74,3 +74,49 @@ def test_cli_build_reports_and_exits_by_signoff(run_cli, quick_build):
     assert code == (0 if written == "PASS" else 1)
     code, _, err = run_cli("build", "--profile", "edge-99gb")
     assert code == 2 and "unknown profile 'edge-99gb'" in err
+
+
+def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stages(run_cli, quick_build, tmp_path,
+                                                                                  monkeypatch):
+    """Issue 9: the profile and report stages keyed on the profile's name, so new budgets gave the old PASS."""
+    import shutil
+    from dataclasses import replace
+
+    import yaml
+
+    from fusedeploy.profiling import measure
+    from fusedeploy.profiling.schema import profiles_dir
+
+    opts, _, finished = quick_build
+    out = tmp_path / "b"
+    shutil.copytree(finished, out)
+    assert json.loads((out / "report" / "report.json").read_text())["signoff"]["result"] == "PASS"
+    old_report_key = json.loads((out / "report" / "manifest.json").read_text())["key"]
+    data = yaml.safe_load((profiles_dir() / "edge-8gb.yaml").read_text())
+    data["budgets"]["min_decode_tokens_per_s"] = 150
+    data["memory_bandwidth_gbps"] = 5.12
+    edited = tmp_path / "edge-8gb.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    assert yaml.safe_load(edited.read_text())["name"] == "edge-8gb"
+    # A tiny model decodes so fast that 5.12 GB/s could still pass on a slow host (whose low calibrated
+    # bandwidth scales the projection up); pinning the host's figure makes the verdict the profile's.
+    real_calibrate = measure.calibrate_host
+    monkeypatch.setattr(measure, "calibrate_host",
+                        lambda *a, **k: replace(real_calibrate(*a, **k), memory_bandwidth_gbps=200.0))
+
+    code, stdout, err = run_cli("build", "--profile", edited, "--model", opts.model, "--out", out,
+                                "--recipe", "quick", "--sparsity", "0.34")
+    report = json.loads((out / "report" / "report.json").read_text())
+    stages = report["stages"]
+    assert not stages["plan"]["skipped"] and not stages["profile"]["skipped"]
+    assert stages["compress"]["skipped"] and stages["export"]["skipped"] and stages["verify"]["skipped"]
+    assert json.loads((out / "report" / "manifest.json").read_text())["key"] != old_report_key
+    assert report["profile"]["memory_bandwidth_gbps"] == 5.12
+    decode = report["signoff"]["budgets"]["min_decode_tokens_per_s"]
+    assert decode["budget"] == 150 and decode["result"] == "FAIL"
+    deployed = next(a for a in report["artifacts"] if a["name"] == report["signoff"]["artifact"])
+    measured = deployed["measured"]["metrics"]["decode_tokens_per_s"]["median"]
+    assert deployed["projected"]["bandwidth_ratio"] == pytest.approx(5.12 / 200.0)
+    assert decode["figure"] == pytest.approx(measured * 5.12 / 200.0)
+    assert report["signoff"]["result"] == "FAIL" and code == 1
+    assert "sign-off FAIL" in stdout and ">= 150 (projected)  [FAIL]" in err

@@ -13,11 +13,11 @@ from fusedeploy.compress.distill import REPAIRS, attach_fusion, distill_group, g
 from fusedeploy.compress.fused import wrap_block
 from fusedeploy.compress.runner import BlockRunner
 from fusedeploy.compress.scores import ActivationCache, mi_scores
-from tests.reference import mi_scores_bruteforce
+from .reference import mi_scores_bruteforce
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 from fusedeploy.models.loading import load_tokenizer, resolve_model
-from fusedeploy.models.tiny import save_tiny_model, tiny_model
+from .tiny import save_tiny_model, tiny_model
 
 VOCAB = 300
 TYPES = ["llama", "gemma3_text", "qwen2"]

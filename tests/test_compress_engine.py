@@ -22,7 +22,7 @@ from fusedeploy.compress.scores import ActivationCache, mi_scores
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 from fusedeploy.models.loading import load_tokenizer, resolve_model
-from fusedeploy.models.tiny import save_tiny_model, tiny_model
+from .tiny import save_tiny_model, tiny_model
 
 VOCAB = 300
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 
 from exporters.gguf import export_gguf
+from exporters.verify import verify_artifact
+from fusedeploy import formats
+from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.data import eval_windows, load_text, tokenize
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import LlamaCppBackend, TorchBackend, perplexity
 from fusedeploy.models import ADAPTERS
 from fusedeploy.models.loading import resolve_model
-from fusedeploy.models.tiny import tiny_model
+
+from .tiny import tiny_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
@@ -33,7 +37,7 @@ def wikitext(chars: int) -> str:
 
 @pytest.fixture(scope="module")
 def smol_source():
-    return resolve_model("smollm2-135m")
+    return resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +93,17 @@ def tiny_llama_dir(tokenizer, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"])
-def test_tiny_every_type_loads_and_tracks_pytorch(qtype, tiny_llama_dir, sample_ids, tmp_path):
+@pytest.mark.parametrize("qtype", formats.precision_names("llama.cpp"))
+def test_tiny_every_catalogue_type_exports_loads_tracks_pytorch_and_verifies(qtype, tiny_llama_dir, sample_ids,
+                                                                             tmp_path):
+    """Every GGUF row of fusedeploy.formats, so a new type is tested by adding its row."""
     import gguf
 
+    spec = formats.spec("llama.cpp", qtype)
     path = export_gguf(tiny_llama_dir, tmp_path / f"m-{qtype}.gguf", qtype)
     reader = gguf.GGUFReader(path)
     assert reader.get_field("fusedeploy.export_type").contents() == qtype
+    assert reader.get_field("general.file_type").contents() == spec.llama_file_type()
     assert reader.get_field("llama.block_count").contents() == 6
     from transformers import AutoModelForCausalLM
 
@@ -107,7 +115,15 @@ def test_tiny_every_type_loads_and_tracks_pytorch(qtype, tiny_llama_dir, sample_
         backend.close()
     # a random tiny model has near-tied logits, so check closeness, not argmax
     corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
-    assert corr > (0.999 if qtype in ("f16", "bf16", "q8_0") else 0.9)
+    assert corr > (0.999 if spec.made_by == formats.GGUF_PY else 0.9)
+
+    result = verify_artifact(path, str(tiny_llama_dir), "builtin", ctx=64, max_windows=2)
+    assert result.export_type == qtype and result.tolerances == spec.limits
+    assert result.ppl_ratio < spec.limits["ppl_ratio_max"]
+    if spec.tolerance == "4bit":  # near-tied logits may flip the argmax under 4-bit rounding; nothing else may fail
+        assert all(f.startswith("top-1 agreement") for f in result.failures), result.failures
+    else:
+        assert result.passed, result.failures
 
 
 def test_provenance_and_imatrix(tiny_llama_dir, tmp_path):
@@ -201,7 +217,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol_f16(smol_source, tmp_path_factory):
-    return export_gguf("smollm2-135m", tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "f16")
+    return export_gguf(DEFAULT_MODEL, tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "f16")
 
 
 @pytest.mark.slow
@@ -252,7 +268,7 @@ def test_smollm2_with_blocks_removed_f32(tokenizer, tmp_path):
 
     from fusedeploy.models.loading import load_model
 
-    model, _, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    model, _, _ = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     ADAPTERS["llama"].remove_blocks(model, [3, 7, 11, 15, 19, 23, 26, 28])
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")

@@ -14,8 +14,10 @@ from exporters.onnx import export_onnx
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import OnnxRuntimeBackend, TorchBackend
 from fusedeploy.models import ADAPTERS
+from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.models.loading import resolve_model
-from fusedeploy.models.tiny import tiny_model
+
+from .tiny import tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
@@ -24,7 +26,7 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").location)
+    return AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).location)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +120,8 @@ def test_corrupt_weights(tiny_llama_dir, tmp_path):
 def test_smollm2_onnx_greedy_generation_matches_pytorch(tokenizer, tmp_path):
     from fusedeploy.models.loading import load_model
 
-    out = export_onnx("smollm2-135m", tmp_path / "smol-onnx")
-    model, _, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    out = export_onnx(DEFAULT_MODEL, tmp_path / "smol-onnx")
+    model, _, _ = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     ids = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     backend = OnnxRuntimeBackend(out)
     want = torch_greedy(model, ids, 16)

@@ -57,7 +57,7 @@ def test_malformed_profiles_name_the_bad_field(tmp_path):
         load_profile(str(_profile(tmp_path, memory_bandwidth_gbps="fast")))
     with pytest.raises(UserError, match=r"field 'colour'.*not permitted"):
         load_profile(str(_profile(tmp_path, colour="red")))
-    with pytest.raises(UserError, match=r"not gguf types"):
+    with pytest.raises(UserError, match=r"not llama.cpp types"):
         load_profile(str(_profile(tmp_path, quant_types=["int4"])))
     with pytest.raises(UserError, match="unknown profile 'edge-9gb'; shipped: .*edge-8gb"):
         load_profile("edge-9gb")
@@ -65,6 +65,16 @@ def test_malformed_profiles_name_the_bad_field(tmp_path):
     bad_yaml.write_text("name: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_profile(str(bad_yaml))
+
+
+def test_a_runtime_has_one_name_and_the_old_spelling_still_loads(tmp_path):
+    assert load_profile("edge-8gb").runtime == "llama.cpp"
+    assert load_profile("edge-16gb").runtime == "onnxruntime"
+    old = load_profile(str(_profile(tmp_path, runtime="gguf")))
+    assert old.runtime == "llama.cpp" and old.model_dump()["runtime"] == "llama.cpp"
+    assert load_profile(str(_profile(tmp_path, runtime="onnx", quant_types=["int8"]))).runtime == "onnxruntime"
+    with pytest.raises(UserError, match=r"field 'runtime'.*unknown runtime 'tflite'; choose from llama.cpp, onnxruntime"):
+        load_profile(str(_profile(tmp_path, runtime="tflite")))
 
 
 def test_memory_estimate_scales_with_kept_blocks_and_bits(tmp_path):

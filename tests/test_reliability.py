@@ -159,7 +159,9 @@ def test_verify_fails_nan_logits_with_its_reason(tiny_model_dir, tmp_path, monke
     model = tiny_model_dir("llama")
     artifact = export_gguf(model, tmp_path / "m.gguf", "f32")
     assert verify.verify_artifact(artifact, str(model), "builtin", ctx=64, max_windows=2).passed
-    real = verify.backend_for_artifact
+    from fusedeploy.formats import Artifact
+
+    real_open = Artifact.open
 
     class NaNBackend:  # a runtime that returns NaN at 2 % of positions
         def __init__(self, inner):
@@ -173,7 +175,7 @@ def test_verify_fails_nan_logits_with_its_reason(tiny_model_dir, tmp_path, monke
         def close(self):
             self.inner.close()
 
-    monkeypatch.setattr(verify, "backend_for_artifact", lambda *a, **k: NaNBackend(real(*a, **k)))
+    monkeypatch.setattr(Artifact, "open", lambda self, *a, **k: NaNBackend(real_open(self, *a, **k)))
     result = verify.verify_artifact(artifact, str(model), "builtin", ctx=64, max_windows=2)
     assert not result.passed
     assert any("NaN or infinite" in f for f in result.failures), result.failures
@@ -273,7 +275,7 @@ def test_killed_build_resumes_with_the_same_command(killed_build):
 
 
 def test_moved_build_verifies_against_its_own_model(killed_build, tmp_path):
-    from fusedeploy.build import BuildOptions, build
+    from fusedeploy.pipeline import BuildOptions, build
 
     out, _ = killed_build
     moved = tmp_path / "elsewhere" / "b"
@@ -360,7 +362,7 @@ def test_one_writer_per_output(tmp_path):
 
 
 def test_a_stage_killed_before_its_rename_is_not_redone(tmp_path, monkeypatch):
-    from fusedeploy.build import stages
+    from fusedeploy.pipeline import stages
 
     calls = []
 

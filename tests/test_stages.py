@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fusedeploy.build.stages import MANIFEST, Stage, run_stage
+from fusedeploy.pipeline.stages import MANIFEST, Stage, run_stage
 
 
 class Recorder:

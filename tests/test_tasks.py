@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate.tasks import task_accuracy
 from fusedeploy.models.loading import load_tokenizer, resolve_model
-from fusedeploy.models.tiny import tiny_model
+from .tiny import tiny_model
 
 DOCS = [
     {"query": "The sky is", "choices": [" blue", " a table", " seven", " running"], "label": 0},

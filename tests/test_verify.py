@@ -10,17 +10,19 @@ from typer.testing import CliRunner
 from exporters.gguf import export_gguf
 from exporters.onnx import export_onnx
 from exporters.verify import verify_artifact
+from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.cli import app
 from fusedeploy.errors import UserError
 from fusedeploy.models.loading import resolve_model
-from fusedeploy.models.tiny import tiny_model
+
+from .tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").location)
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).location)
     root = tmp_path_factory.mktemp("verify")
     for name, seed in (("ref", 0), ("other", 1)):
         tiny_model("qwen2", len(tok), seed=seed).save_pretrained(root / name)
@@ -70,3 +72,14 @@ def test_cli_verify_and_eval_runtimes(artifacts):
         ppl[runtime] = out["ppl"]
     assert ppl["llama.cpp"] == pytest.approx(ppl["pytorch"], rel=1e-3)
     assert ppl["onnxruntime"] == pytest.approx(ppl["pytorch"], rel=1e-4)
+
+
+def test_eval_runtime_names_aliases_and_mismatches(artifacts, run_cli):
+    code, out, err = run_cli("eval", "--model", artifacts["f32"], "--runtime", "gguf", "--ctx", 64,
+                             "--max-windows", 1, "--json")
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "llama.cpp"  # the old spelling runs the one runtime, reported by its name
+    code, _, err = run_cli("eval", "--model", artifacts["onnx"], "--runtime", "llama.cpp")
+    assert code == 2 and "--runtime llama.cpp needs a .gguf file" in err
+    code, _, err = run_cli("eval", "--model", artifacts["f32"], "--runtime", "tflite")
+    assert code == 2 and "unknown --runtime 'tflite'; choose from auto, pytorch, llama.cpp, onnxruntime" in err

@@ -132,9 +132,7 @@ def lm_loss_sum(model, adapter, runner: BlockRunner, hidden: torch.Tensor, ids: 
     head = model.get_output_embeddings()
     with runner.autocast():
         logits = head(norm(hidden.to(head.weight.device)))
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = adapter.cap_logits(model.config, logits)
         tgt = ids[:, 1:].to(logits.device)
         total = float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tgt.flatten(), reduction="sum"))
     return total, tgt.numel()

@@ -1,4 +1,9 @@
-"""Text sources and token sampling."""
+"""Text for calibration and evaluation: sources and token sampling.
+
+Modules: `sources` (files, folders, JSON Lines, Hugging Face datasets, the
+offline `builtin` corpus) and `sampling` (seeded calibration samples, fixed
+evaluation windows; the two never share windows).
+"""
 
 from .sampling import eval_windows, sample_sequences, tokenize
 from .sources import BUILTIN, HF_DATASETS, load_text

@@ -2,7 +2,9 @@
 
 Both score a window the same way the PyTorch backend does (one forward pass
 over the whole window, logits for every position), so `perplexity` compares
-like with like.
+like with like. Which backend opens a path is `fusedeploy.formats`' answer
+(`runtime_for_path`, `Artifact.open`); every backend takes the same
+constructor arguments so the catalogue can open any of them one way.
 """
 
 from __future__ import annotations
@@ -44,10 +46,6 @@ class LlamaCppBackend:
         import llama_cpp
 
         return int(llama_cpp.llama_model_n_layer(self.llm.model))
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self.llm.metadata)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
@@ -101,7 +99,9 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_dir: str | os.PathLike, n_threads: int | None = None):
+    def __init__(self, onnx_dir: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
+                 logits_all: bool = True):
+        """`n_ctx` and `logits_all` are accepted for the common signature: the cache grows per call."""
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -157,14 +157,3 @@ class OnnxRuntimeBackend:
         self._past = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
-
-def backend_for_artifact(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True):
-    """LlamaCppBackend for a .gguf file, OnnxRuntimeBackend for an ONNX folder."""
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return LlamaCppBackend(p, n_ctx=n_ctx, logits_all=logits_all)
-    if p.is_dir() and (p / "model.onnx").is_file():
-        return OnnxRuntimeBackend(p)
-    if p.suffix == ".onnx" and p.is_file():
-        return OnnxRuntimeBackend(p.parent)
-    raise UserError(f"{path} is neither a .gguf file nor an ONNX model folder")

@@ -1,4 +1,11 @@
-"""Architecture adapters and model loading."""
+"""Architecture adapters and model loading.
+
+Modules: `base` (what every adapter knows: where the blocks and linears are,
+renumbering after block removal, head_dim, logits and soft-cap), `families`
+(one small adapter per supported family, with its quirks) and `loading`
+(resolving --model to weights and loading them). Code elsewhere asks
+`adapter_for(config)` instead of reading module paths or config quirks.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -35,6 +36,27 @@ class ArchitectureAdapter:
     def gguf_extra_metadata(self, config) -> dict:
         """Family-specific `<arch>.*` keys beyond the common ones: {key suffix: value}."""
         return {}
+
+    # -- attention shape and logits -----------------------------------------
+    def head_dim(self, config) -> int:
+        """Per-head width: an explicit `head_dim` (Qwen3, Gemma 3 set one) else hidden / heads."""
+        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+    def kv_heads(self, config) -> int:
+        """Key/value heads (grouped-query attention); all heads when the config names none."""
+        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+    def logit_softcap(self, config) -> float | None:
+        """The cap of `cap * tanh(logits / cap)` applied after the LM head, if the family has one."""
+        return None
+
+    def cap_logits(self, config, logits):
+        cap = self.logit_softcap(config)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def logits(self, model: nn.Module, hidden):
+        """Next-token logits from the last block's output, exactly as the model's forward computes them."""
+        return self.cap_logits(model.config, model.get_output_embeddings()(self.final_norm(model)(hidden)))
 
     # Config attributes that hold one entry per block and must shrink with them.
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)

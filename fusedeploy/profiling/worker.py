@@ -46,17 +46,14 @@ def _percentile(values: list[float], q: float) -> float:
 def measure(artifact: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int | None) -> dict:
     import psutil
 
-    from fusedeploy.evaluate.runtimes import LlamaCppBackend, OnnxRuntimeBackend, backend_for_artifact
+    from fusedeploy.formats import runtime_for_path
 
+    runtime = runtime_for_path(artifact)  # by name only: reading the file here would count in its memory
+    runtime.backend_class()  # imported before the baseline, as FuseDeploy's own code is not the artifact's
     proc = psutil.Process()
     rss_before = proc.memory_info().rss
     t0 = time.perf_counter()
-    if artifact.endswith(".gguf"):
-        backend = LlamaCppBackend(artifact, n_ctx=prompt_tokens + new_tokens, n_threads=threads, logits_all=False)
-    else:
-        backend = backend_for_artifact(artifact)
-        if threads and isinstance(backend, OnnxRuntimeBackend):
-            backend = OnnxRuntimeBackend(artifact, n_threads=threads)
+    backend = runtime.open(artifact, n_ctx=prompt_tokens + new_tokens, n_threads=threads, logits_all=False)
     load_s = time.perf_counter() - t0
     prompt = _prompt_ids(backend.vocab_size, prompt_tokens)
 

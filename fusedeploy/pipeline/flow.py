@@ -1,7 +1,10 @@
 """`fusedeploy build`: plan -> compress -> export -> verify -> profile -> report, one build folder.
 
 Each step is a stage (see stages.py): re-running with the same inputs and
-settings skips finished stages; an interrupted one resumes.
+settings skips finished stages; an interrupted one resumes. A stage's key is
+everything it reads -- settings, the profile's content, the folders of the
+stages before it, the content of text files it is given -- so no stage can
+return a result computed from other inputs (Olive caches passes the same way).
 """
 
 from __future__ import annotations
@@ -13,24 +16,19 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .. import outputs, preflight
+from .. import formats, outputs, preflight
+from ..builtin import DEFAULT_MODEL
 from ..errors import UserError
+from ..formats import Artifact
 from .stages import Stage, relative_to_build as _relative, run_stage
 
 log = logging.getLogger(__name__)
-
-# The same precision in the other runtime, for builds that export both.
-CROSS_RUNTIME_QUANT = {
-    "gguf": {"fp32": "f32", "int8": "q8_0", "int4": "q4_k_m"},
-    "onnx": {"f32": "fp32", "f16": "fp32", "bf16": "fp32", "q8_0": "int8", "q6_k": "int8",
-             "q5_k_m": "int4", "q4_k_m": "int4", "q4_0": "int4"},
-}
 
 
 @dataclass
 class BuildOptions:
     profile: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     out: str = "build"
     recipe: str | None = None  # compression recipe: quick, cpu, paper
     method: str = "fusegpt"
@@ -69,26 +67,20 @@ def _versions() -> dict:
 STAGES = ("plan", "compress", "export", "verify", "profile", "report")
 
 
-def _export(model_dir: str, runtime: str, quant: str, dest: Path) -> Path:
+def _export(model_dir: str, runtime: str, precision: str, dest: Path) -> Path:
     """Export one artifact into the export stage's work folder; one finished there earlier is reused.
 
     Exports are atomic, so a file at its final name is complete: a build
     killed mid-export resumes with the artifacts it had already written.
     """
-    target = dest.with_suffix(".gguf") if runtime == "gguf" else dest
+    rt = formats.runtime(runtime)
+    target = dest if not rt.suffix or dest.suffix == rt.suffix else dest.with_name(dest.name + rt.suffix)
     with outputs.claim(target):  # clears half-written temporaries of a killed export
         if outputs.is_ours(target):
             log.info("export %s already finished; reused", target.name)
             return target
-        if runtime == "gguf":
-            from exporters.gguf import export_gguf
-
-            path = export_gguf(model_dir, target, qtype=quant)
-        else:
-            from exporters.onnx import export_onnx
-
-            path = export_onnx(model_dir, target, quantize=None if quant == "fp32" else quant)
-        outputs.mark(path, f"{runtime}-export")
+        path = rt.export(model_dir, target, precision)
+        outputs.mark(path, f"{rt.name}-export")
         return path
 
 
@@ -118,8 +110,9 @@ def _preflight(opts: BuildOptions, source, model_dir: Path, n_targets: int = 2) 
     preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + n_targets), folder=True)
 
 
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*.onnx*"))
+def _text_inputs(**specs: str) -> dict[str, Path]:
+    """The text sources that are local files or folders, so their content is part of a stage's key."""
+    return {name: Path(spec) for name, spec in specs.items() if Path(spec).exists()}
 
 
 def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
@@ -147,10 +140,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     model_dir = Path(source.location)
     config = load_config(source)
     shape = ModelShape.from_config(config)
-    runtimes = tuple(opts.runtimes) or (profile.runtime,)
-    for r in runtimes:
-        if r not in ("gguf", "onnx"):
-            raise UserError(f"unknown runtime {r!r}; choose gguf or onnx")
+    runtimes = tuple(dict.fromkeys(formats.runtime(r).name for r in opts.runtimes)) or (profile.runtime,)
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
     plan(shape, profile, sparsity=opts.sparsity, quant=opts.quant)  # an impossible plan fails before any write
     _preflight(opts, source, model_dir, 2 * len(runtimes))
@@ -194,7 +184,7 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
     compressed = run_stage(out, Stage("compress", do_compress, {"sparsity": chosen["sparsity"], "method": opts.method,
                                                                 "recipe": opts.recipe, "calib": opts.calib},
-                                      input_model))
+                                      {**input_model, **_text_inputs(calib=opts.calib)}))
     c_out = compressed["outputs"]
     compressed_dir = out / "compress" / c_out["model_dir"] if c_out["compressed"] else model_dir
 
@@ -202,22 +192,22 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
     variants = [("compressed", compressed_dir)] + ([("dense", model_dir)] if c_out["compressed"] else [])
     targets = []
     for runtime in runtimes:
-        quant = chosen["quant"] if runtime == profile.runtime else CROSS_RUNTIME_QUANT[runtime][chosen["quant"]]
+        precision = formats.peer(profile.runtime, chosen["quant"], runtime)
         for variant, folder in variants:
-            targets.append((f"{variant}-{runtime}-{quant}", variant, runtime, quant, folder))
+            name = f"{variant}-{formats.runtime(runtime).file_format}-{precision}"
+            targets.append((name, variant, runtime, precision, folder))
 
     def do_export(work: Path) -> dict:
         made = {}
-        for name, variant, runtime, quant, folder in targets:
+        for name, variant, runtime, precision, folder in targets:
             say(f"export {name}")
-            path = _export(str(folder), runtime, quant, work / name)
-            made[name] = {"path": path.name, "variant": variant, "runtime": runtime, "quant": quant,
-                          "reference": _relative(folder, out), "size_bytes": _size(path)}
+            path = _export(str(folder), runtime, precision, work / name)
+            made[name] = Artifact(path, runtime, precision, variant, _relative(folder, out)).to_dict(root=work)
         return made
 
     exported = run_stage(out, Stage("export", do_export, {"targets": [t[:4] for t in targets]},
                                     {"compressed": out / "compress", **input_model}))
-    artifacts = exported["outputs"]
+    artifacts = {name: Artifact.from_dict(a, root=out / "export") for name, a in exported["outputs"].items()}
 
     # 4. verify each artifact against its own PyTorch model
     def do_verify(work: Path) -> dict:
@@ -226,15 +216,15 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
         results = {}
         for name, a in artifacts.items():
             say(f"verify {name}")
-            r = verify_artifact(out / "export" / a["path"], str(_in_build(out, a["reference"])), opts.eval_data,
-                                ctx=opts.verify_ctx, max_windows=opts.verify_windows)
+            r = verify_artifact(a.path, str(_in_build(out, a.reference)), opts.eval_data, ctx=opts.verify_ctx,
+                                max_windows=opts.verify_windows)
             results[name] = {**r.to_dict(), "passed": r.passed}
         (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))
         return results
 
     verified = run_stage(out, Stage("verify", do_verify, {"data": opts.eval_data, "ctx": opts.verify_ctx,
                                                           "windows": opts.verify_windows},
-                                    {"export": out / "export"}))
+                                    {"export": out / "export", **_text_inputs(eval_data=opts.eval_data)}))
 
     # 5. profile: every artifact in its runtime, in its own process; dense beside compressed
     prompt = opts.prompt_tokens or profile.prompt_tokens
@@ -246,18 +236,22 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
         results = {"host": host.to_dict(), "artifacts": {}}
         for name, a in artifacts.items():
             say(f"profile {name}")
-            measured = measure_artifact(out / "export" / a["path"], prompt_tokens=prompt,
-                                        new_tokens=opts.new_tokens, runs=opts.profile_runs)
-            kept = shape.blocks - (chosen["removed_blocks"] if a["variant"] == "compressed" else 0)
-            kv_bytes = 2 * kept * shape.kv_heads * shape.head_dim * (2 if a["runtime"] == "gguf" else 4)
+            measured = measure_artifact(a.path, prompt_tokens=prompt, new_tokens=opts.new_tokens,
+                                        runs=opts.profile_runs)
+            kept = shape.blocks - (chosen["removed_blocks"] if a.variant == "compressed" else 0)
+            kv_bytes = shape.kv_bytes_per_token(kept, a.runtime)
             results["artifacts"][name] = {"measured": measured,
                                           "projected": project(measured, host, profile, kv_bytes)}
         (work / "profile.json").write_text(json.dumps(results, indent=2))
         return results
 
-    profiled = run_stage(out, Stage("profile", do_profile, {"prompt_tokens": prompt, "new_tokens": opts.new_tokens,
-                                                            "runs": opts.profile_runs, "profile": profile.name},
-                                    {"export": out / "export"}))
+    # The projection reads the whole profile (hardware figures, context, batch), the plan's
+    # removed blocks and each runtime's KV-cache width, so all of them are in the key.
+    profiled = run_stage(out, Stage("profile", do_profile, {
+        "prompt_tokens": prompt, "new_tokens": opts.new_tokens, "runs": opts.profile_runs,
+        "profile": profile.model_dump(), "shape": shape.__dict__,
+        "kv_bytes": {r: formats.runtime(r).kv_bytes for r in runtimes}},
+        {"export": out / "export", "plan": out / "plan"}))
 
     # 6. report
     stage_manifests = [planned, compressed, exported, verified, profiled]
@@ -268,7 +262,7 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
         rows = []
         for name, a in artifacts.items():
             p = profiled["outputs"]["artifacts"][name]
-            rows.append({"name": name, **a, "verify": verified["outputs"][name], **p})
+            rows.append({"name": name, **a.to_dict(root=out / "export"), "verify": verified["outputs"][name], **p})
         deployed = next(r for r in rows if r["variant"] == "compressed" and r["runtime"] == profile.runtime)
         report = {
             "model": opts.model, "profile": profile.model_dump(), "plan": planned["outputs"],
@@ -281,5 +275,9 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
         write_report(report, work)
         return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
 
-    run_stage(out, Stage("report", do_report, {"v": 1}, {"verify": out / "verify", "profile": out / "profile"}))
+    # The report prints the profile and every option, and judges by the profile's budgets. Where the
+    # build lives and how the profile was named are not content: moving a build re-runs nothing.
+    settings = {k: v for k, v in opts.__dict__.items() if k not in ("out", "profile")}
+    run_stage(out, Stage("report", do_report, {"profile": profile.model_dump(), "settings": settings},
+                         {name: out / name for name in ("plan", "compress", "export", "verify", "profile")}))
     return json.loads((out / "report" / "report.json").read_text())
