@@ -232,13 +232,14 @@ def export_gguf_cmd(
     """Write a GGUF file for llama.cpp, quantized by llama.cpp's own quantizer where needed."""
     import time
 
-    from exporters.gguf import GGUF_TYPES, export_gguf
+    from exporters.gguf import export_gguf
 
     from . import outputs, preflight
     from .data import load_text
 
-    if qtype.lower() not in GGUF_TYPES:  # option values first, before the model is even looked at
-        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
+    types = formats.precision_names(formats.LLAMA_CPP.name)
+    if qtype.lower() not in types:  # option values first, before the model is even looked at
+        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source) if source else 0)
     text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
@@ -259,12 +260,13 @@ def export_onnx_cmd(
     """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
     import time
 
-    from exporters.onnx import ONNX_QUANTIZE, export_onnx
+    from exporters.onnx import export_onnx
 
     from . import outputs, preflight
 
-    if quantize is not None and quantize.lower() not in ONNX_QUANTIZE:
-        raise UserError(f"unknown ONNX quantization {quantize!r}; choose from int8, int4 (or none)")
+    names = formats.precision_names(formats.ONNXRUNTIME.name)
+    if quantize is not None and quantize.lower() not in names:
+        raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source) if source else 0, folder=True)
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ CASES = [
     ("eval-too-long-model-path", "eval --model {w}/" + LONG + " --data {w}/text.txt", "longer than the file system allows"),
     ("eval-too-long-data-path", "eval --model {m} --data {w}/" + LONG + ".txt", "longer than the file system allows"),
     ("eval-empty-data-folder", "eval --model {m} --data {w}/empty", "holds no .txt files"),
-    ("eval-random-onnx", "eval --model {w}/random.onnx --data {w}/text.txt --runtime onnxruntime", "ONNX"),
+    ("eval-random-onnx", "eval --model {w}/random.onnx --data {w}/text.txt --runtime onnxruntime", "model.onnx"),
     ("eval-unknown-dtype", "eval --model {m} --data {w}/text.txt --dtype fp8", "unknown --dtype"),
     ("eval-no-cuda", "eval --model {m} --data {w}/text.txt --device cuda:7", "CUDA"),
     ("eval-text-shorter-than-window", "eval --model {m} --data {w}/short.txt --ctx 1000", "fewer than one window"),
@@ -103,10 +103,10 @@ CASES = [
     ("onnx-no-model-type", "export onnx --model {w}/llama-nomt --out {w}/onnx", "has no model_type"),
     # verify
     ("verify-missing-artifact", "verify {w}/missing.gguf --reference {m}", "not found"),
-    ("verify-random-onnx", "verify {w}/random.onnx --reference {m}", "not a readable ONNX model"),
+    ("verify-random-onnx", "verify {w}/random.onnx --reference {m}", "not an artifact FuseDeploy can run"),
     ("verify-random-gguf", "verify {w}/random.gguf --reference {m}", "not a readable GGUF"),
     ("verify-max-windows-zero", "verify {w}/ours.gguf --reference {m} --max-windows 0", "--max-windows must be at least 1"),
-    ("verify-folder-not-artifact", "verify {w}/empty --reference {m}", "ONNX"),
+    ("verify-folder-not-artifact", "verify {w}/empty --reference {m}", "not an artifact FuseDeploy can run"),
     ("verify-jsonl-no-field", "verify {w}/ours.gguf --reference {m} --data {w}/nofield.jsonl --ctx 8", "no field 'text'"),
     # profiles
     ("profiles-show-unknown", "profiles show nope", "unknown profile"),
