@@ -1,6 +1,15 @@
-"""Hugging Face checkpoint -> ONNX decoder with KV cache, optionally int8/int4 weight-quantized.
+"""Hugging Face checkpoint -> ONNX: ONNX Runtime GenAI's builder (the default), or Optimum's exporter.
 
-Everything is library code: Optimum's exporter writes the decoder
+`export_onnx` builds through ONNX Runtime GenAI's model builder
+(`exporters/onnx_genai.py`): the folder `og.Model` loads, with fused
+attention and a C++ decode loop. The Optimum path below stays for one case
+the builder does not cover: a decoder made of **standard ONNX operators
+only** (no `com.microsoft` contrib ops such as GroupQueryAttention,
+MatMulNBits or SkipSimplifiedLayerNormalization), for ONNX consumers other
+than ONNX Runtime; `engine="optimum"` (CLI `--engine optimum`) selects it.
+It is also the baseline the benchmarks compare the GenAI path against.
+
+Optimum path, all library code: Optimum's exporter writes the decoder
 (`text-generation-with-past`: input_ids, attention_mask, position_ids and
 past_key_values.* in, logits and present.* out) with its config and
 tokenizer files; onnxruntime.quantization makes the int8 (dynamic, per-channel
@@ -88,9 +97,27 @@ def _quantize(path: Path, mode: str) -> None:
         _save(quantizer.model.model, path)
 
 
+ENGINES = ("genai", "optimum")
+
+
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quantize: str | None = None,
-                force: bool = False, opset: int | None = None) -> Path:
-    """Export a Hugging Face model folder (or built-in name) to an ONNX Runtime folder.
+                force: bool = False, engine: str = "genai", **genai_options) -> Path:
+    """Export to ONNX: `engine="genai"` (default; `quantize` None/fp32, int8, int4, fp16, bf16, and the
+    builder's options, see `export_onnx_genai`) or `engine="optimum"` (standard operators; None, int8, int4)."""
+    if engine == "genai":
+        from .onnx_genai import export_onnx_genai
+
+        return export_onnx_genai(model_dir, out_dir, precision=quantize or "fp32", force=force, **genai_options)
+    if engine != "optimum":
+        raise UserError(f"unknown ONNX engine {engine!r}; choose genai or optimum")
+    if genai_options:
+        raise UserError(f"{', '.join(genai_options)} apply to the genai engine only")
+    return export_onnx_optimum(model_dir, out_dir, quantize=quantize, force=force)
+
+
+def export_onnx_optimum(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quantize: str | None = None,
+                        force: bool = False, opset: int | None = None) -> Path:
+    """Export a Hugging Face model folder (or built-in name) to an Optimum ONNX folder.
 
     The folder holds `model.onnx` (decoder with KV cache), config and tokenizer
     files, loadable by `optimum.onnxruntime.ORTModelForCausalLM`. `quantize`: an
@@ -101,7 +128,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
     names = formats.precision_names(formats.ONNXRUNTIME.name)
     if precision not in names:
         raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
-    quantize = None if formats.spec(formats.ONNXRUNTIME.name, precision).made_by == formats.OPTIMUM else precision
+    quantize = None if precision == "fp32" else precision  # Optimum's export is fp32; the rest is ORT's quantizer
     out = Path(out_dir)
     check_overwrite(out, force)
     source = resolve_local(model_dir)
@@ -128,6 +155,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
         meta = {f"fusedeploy.{k}": (",".join(map(str, v)) if isinstance(v, list) else str(v))
                 for k, v in provenance(folder, str(model_dir)).items()}
         meta["fusedeploy.export_type"] = quantize or "fp32"
+        meta["fusedeploy.exporter"] = "optimum"
         if quantize == "int4":
             meta["fusedeploy.int4"] = f"MatMulNBits RTN symmetric block {INT4_BLOCK_SIZE}"
         _stamp(path, meta)

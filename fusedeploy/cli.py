@@ -254,10 +254,21 @@ def export_gguf_cmd(
 def export_onnx_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
-    quantize: Annotated[Optional[str], typer.Option(help=f"{ONNX_TYPES} (default fp32: none).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", "--precision", help="fp32 (default), int8 or int4 (weight-only MatMulNBits); "
+                                          "fp16/bf16 (CUDA; genai engine only).")] = None,
+    engine: Annotated[str, typer.Option(
+        help="genai: ONNX Runtime GenAI's builder (og.Model/og.Generator); "
+             "optimum: standard ONNX operators only, for runtimes other than ONNX Runtime.")] = "genai",
+    provider: Annotated[Optional[str], typer.Option(help="cpu or cuda (genai; default cuda for fp16/bf16).")] = None,
+    algo: Annotated[Optional[str], typer.Option(
+        help="int4/int8 method (genai): default, rtn, k_quant, rtn_last, k_quant_last, k_quant_mixed.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="int4/int8 block size (genai): 16..256, default 32.")] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option(
+        help="int4/int8 MatMul compute (genai): 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
-    """Write an ONNX decoder with KV cache for ONNX Runtime, optionally int8/int4."""
+    """Write an ONNX model folder for ONNX Runtime (GenAI by default), optionally int8/int4."""
     import time
 
     from exporters.onnx import export_onnx
@@ -269,11 +280,13 @@ def export_onnx_cmd(
         raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source) if source else 0, folder=True)
+    genai = {k: v for k, v in dict(provider=provider, algo=algo, block_size=block_size,
+                                   accuracy_level=accuracy_level).items() if v is not None}
     t0 = time.perf_counter()
-    with outputs.claim(out), console.status(f"exporting {model} to ONNX {quantize or 'fp32'}"):
-        path = export_onnx(model, out, quantize=quantize, force=force)
+    with outputs.claim(out), console.status(f"exporting {model} to ONNX {quantize or 'fp32'} ({engine})"):
+        path = export_onnx(model, out, quantize=quantize, force=force, engine=engine, **genai)
         outputs.mark(path, "onnx-export")
-    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, "
+    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, {engine}, "
           f"{time.perf_counter() - t0:.1f} s)")
 
 
@@ -406,6 +419,64 @@ def build(
     print(f"sign-off {s['result']}: {s['artifact']} on {report['profile']['name']}; report: {out}/report/report.html")
     if s["result"] != "PASS":
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- serving
+
+@app.command()
+def serve(
+    artifact: Annotated[str, typer.Argument(help="A .gguf file or an ONNX Runtime GenAI folder (export onnx).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default (no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8000,
+    ctx: Annotated[int, typer.Option(help="Context length (GGUF; an ONNX folder uses its own).")] = 2048,
+    threads: Annotated[Optional[int], typer.Option(help="Compute threads (default: up to 4).")] = None,
+    parallel: Annotated[int, typer.Option(help="Requests generated at once (ONNX; the rest queue).")] = 1,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /v1/models, /health."""
+    from .serve import serve as run_server
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port (0-65535)")
+    if parallel < 1:
+        raise UserError("--parallel must be at least 1")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/yellow] listening on {host}: the server has no authentication", highlight=False)
+    run_server(artifact, host=host, port=port, n_ctx=ctx, threads=threads, parallel=parallel,
+               announce=lambda line: print(line, flush=True))
+
+
+@app.command("bench-serve")
+def bench_serve_cmd(
+    url: Annotated[str, typer.Argument(help="The server, e.g. http://127.0.0.1:8000")],
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts, one level each.")] = "1,4,16",
+    duration: Annotated[float, typer.Option(help="Seconds per level; each level stops by itself.")] = 30.0,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request (min_tokens too).")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Load-test an OpenAI-compatible server: requests/s, output tokens/s, TTFT and per-token latency p50/p95/p99."""
+    from .serve.bench import bench_serve
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,4,16") from None
+    result = bench_serve(url, levels, duration, max_tokens=max_tokens,
+                         progress=None if as_json else lambda n: console.print(f"{n} clients for {duration:g} s ..."))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{result['model']} at {result['url']} ({max_tokens} tokens per request)")
+    for col in ("clients", "req/s", "out tok/s", "TTFT p50/p95/p99 (s)", "per-token p50/p95/p99 (ms)", "done/errors"):
+        table.add_column(col, justify="right")
+
+    def trio(d, scale=1.0, fmt="{:.2f}"):
+        return " / ".join("-" if d[k] is None else fmt.format(d[k] * scale) for k in ("p50", "p95", "p99"))
+
+    for lv in result["levels"]:
+        table.add_row(str(lv["concurrency"]), f"{lv['requests_per_s']:.2f}", f"{lv['output_tokens_per_s']:.1f}",
+                      trio(lv["ttft_s"]), trio(lv["token_latency_s"], 1000, "{:.1f}"),
+                      f"{lv['requests_completed']}/{lv['errors']}")
+    console.print(table)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -38,8 +38,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
 
 GGUF_PY = "gguf-py"  # written directly by gguf-py's packers (f32/f16/bf16/q8_0)
 LLAMA_QUANTIZE = "llama.cpp quantizer"  # llama.cpp's llama_model_quantize from an f32 GGUF (imatrix optional)
-OPTIMUM = "optimum"  # Optimum's ONNX export, no quantization step
-ORT_QUANTIZER = "onnxruntime quantizer"  # onnxruntime.quantization on the exported fp32 model
+GENAI_BUILDER = "onnxruntime-genai builder"  # ONNX Runtime GenAI's model builder (exporters/onnx_genai.py)
 
 
 # ---------------------------------------------------------------- runtimes
@@ -110,9 +109,11 @@ LLAMA_CPP = Runtime(
 ONNXRUNTIME = Runtime(
     name="onnxruntime", file_format="onnx", suffix="", marker="model.onnx", weight_files="*.onnx*",
     backend="fusedeploy.evaluate.runtimes:OnnxRuntimeBackend", exporter="exporters.onnx:export_onnx",
-    kv_bytes=4,  # the Optimum decoder keeps its KV cache in fp32
+    kv_bytes=4,  # a CPU model from the GenAI builder keeps its KV cache in fp32 (the graph's io dtype)
     overhead_gb=0.30,
-    embedding_bits=32.0,  # ONNX Runtime's weight quantizers leave the embedding Gather in fp32
+    # The builder's int4 packs a tied embedding with the head: SmolLM2-135M int4 is 82.5 MB, about 4.9 bits
+    # per weight over all of it (BENCHMARKS.md, issue 15). An untied table may stay unquantized: not measured.
+    embedding_bits=None,
     transformers_loads=False,
 )
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (LLAMA_CPP, ONNXRUNTIME)}
@@ -130,7 +131,7 @@ class Precision:
     runtime: str
     name: str  # as the runtime's tools spell it (llama.cpp's quantize names, ONNX variant names)
     bits: float  # bits per weight of the transformer blocks (planner)
-    made_by: str  # GGUF_PY, LLAMA_QUANTIZE, OPTIMUM or ORT_QUANTIZER
+    made_by: str  # GGUF_PY, LLAMA_QUANTIZE or GENAI_BUILDER
     tolerance: str  # a TOLERANCES class for verify
     peer: str  # the same precision in the other runtime, for builds that export both
     gguf_file_type: str = ""  # gguf.LlamaFileType member recorded in general.file_type
@@ -163,9 +164,9 @@ _PRECISIONS = (
     Precision("llama.cpp", "q4_0", 4.55, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_Q4_0"),
     # Non-linear 4-bit grid, 18 bytes / 32 weights; llama.cpp quantizes it without an importance matrix.
     Precision("llama.cpp", "iq4_nl", 4.5, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_IQ4_NL"),
-    Precision("onnxruntime", "fp32", 32.0, OPTIMUM, "fp32", "f32"),
-    Precision("onnxruntime", "int8", 8.0, ORT_QUANTIZER, "8bit", "q8_0"),  # dynamic, per-channel MatMul
-    Precision("onnxruntime", "int4", 5.0, ORT_QUANTIZER, "4bit", "q4_k_m"),  # MatMulNBits RTN, block 32
+    Precision("onnxruntime", "fp32", 32.0, GENAI_BUILDER, "fp32", "f32"),
+    Precision("onnxruntime", "int8", 8.0, GENAI_BUILDER, "8bit", "q8_0"),  # MatMulNBits 8-bit
+    Precision("onnxruntime", "int4", 5.0, GENAI_BUILDER, "4bit", "q4_k_m"),  # MatMulNBits, block 32, fp32 scales
 )
 PRECISIONS: dict[str, dict[str, Precision]] = {
     r: {p.name: p for p in _PRECISIONS if p.runtime == r} for r in RUNTIMES

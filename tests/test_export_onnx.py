@@ -1,4 +1,9 @@
-"""ONNX export in the real ONNX Runtime, no mocks: KV cache, fp32 parity, greedy generation."""
+"""ONNX export in the real ONNX Runtime, no mocks: fp32 parity, greedy generation.
+
+The default export is ONNX Runtime GenAI's builder (run by `og.Generator`);
+the Optimum engine (standard operators) keeps one parity test and its
+quantized variants.
+"""
 
 from __future__ import annotations
 
@@ -42,27 +47,80 @@ def torch_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
-@pytest.fixture(scope="module", params=[(mt, rm) for mt in FAMILIES for rm in ((),)] + [("llama", (1, 3))],
-                ids=lambda p: f"{p[0]}{'-removed' if p[1] else ''}")
-def tiny_onnx(request, tokenizer, tmp_path_factory):
-    mt, remove = request.param
-    folder = tmp_path_factory.mktemp(f"onnx-{mt}")
+def _tiny(mt, tokenizer, remove=()):
+    # the tiny qwen2 config sets no eos/pad ids: the exporter must take the tokenizer's
     model = tiny_model(mt, len(tokenizer))
     if remove:
         ADAPTERS[mt].remove_blocks(model, list(remove))
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_genai(request, tokenizer, tmp_path_factory):
+    """Every family with blocks 1 and 3 of 6 removed; for Gemma 3 that breaks the 5:1 sliding pattern."""
+    mt = request.param
+    folder = tmp_path_factory.mktemp(f"genai-{mt}")
+    model = _tiny(mt, tokenizer, remove=(1, 3))
     model.save_pretrained(folder / "hf")
     tokenizer.save_pretrained(folder / "hf")
     out = export_onnx(folder / "hf", folder / "onnx")
-    return model, out, 6 - len(remove)
+    return model, out
 
 
-def test_tiny_fp32_logits_and_cached_generation(tiny_onnx, sample_ids):
-    model, out, blocks = tiny_onnx
+def test_genai_fp32_logits_and_greedy_generation(tiny_genai, sample_ids):
+    model, out = tiny_genai
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_hidden_layers"] == 4
+    assert isinstance(config["model"]["eos_token_id"], (int, list))
+    assert isinstance(config["model"]["pad_token_id"], int)
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops
+    backend = OnnxRuntimeBackend(out)
+    assert backend.genai
+    got = backend.logits(sample_ids)  # 60 tokens: past Gemma 3's 32-token sliding window
+    want = TorchBackend(model).logits(sample_ids)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-4
+    assert backend.generate(sample_ids[:20], 12) == torch_greedy(model, sample_ids[:20], 12)
+    seq = [backend.start(sample_ids[:20])]  # the profiler's prefill/step protocol
+    while len(seq) < 6:
+        seq.append(backend.step(seq[-1]))
+    assert seq == torch_greedy(model, sample_ids[:20], 6)
+
+
+def test_gemma3_sliding_layers_follow_layer_types(tokenizer, tmp_path):
+    """After removal Gemma 3's local/global pattern is the renumbered layer_types, not the builder's (i+1) % 6."""
+    model = _tiny("gemma3_text", tokenizer, remove=(1, 3))
+    assert model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    out = export_onnx(tmp_path / "hf", tmp_path / "onnx")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    windows = []
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            windows.append(attrs.get("local_window_size", -1))
+    assert windows == [32, 32, 32, -1]
+
+
+@pytest.fixture(scope="module")
+def tiny_optimum(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("optimum-llama")
+    model = _tiny("llama", tokenizer, remove=(1, 3))
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    return model, export_onnx(folder / "hf", folder / "onnx", engine="optimum")
+
+
+def test_optimum_fp32_logits_and_cached_generation(tiny_optimum, sample_ids):
+    model, out = tiny_optimum
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
-    assert sum(name.startswith("past_key_values.") for name in inputs) == 2 * blocks
-    assert any(o.name.startswith("present.") for o in graph.output)
+    assert sum(name.startswith("past_key_values.") for name in inputs) == 2 * 4
+    assert not {n.domain for n in graph.node} - {"", "ai.onnx"}  # standard operators only: why this engine exists
     backend = OnnxRuntimeBackend(out)
+    assert not backend.genai
     got = backend.logits(sample_ids)
     want = TorchBackend(model).logits(sample_ids)
     assert np.abs(got - want).max() < 1e-4
@@ -79,16 +137,18 @@ def tiny_llama_dir(tokenizer, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("mode,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
-def test_quantized_variants_run_with_provenance(mode, op, tiny_llama_dir, sample_ids, tmp_path):
-    out = export_onnx(tiny_llama_dir, tmp_path / mode, quantize=mode)
+@pytest.mark.parametrize("mode,op,engine", [("int8", "MatMulInteger", "optimum"), ("int4", "MatMulNBits", "optimum"),
+                                            ("int8", "MatMulNBits", "genai"), ("int4", "MatMulNBits", "genai")])
+def test_quantized_variants_run_with_provenance(mode, op, engine, tiny_llama_dir, sample_ids, tmp_path):
+    out = export_onnx(tiny_llama_dir, tmp_path / mode, quantize=mode, engine=engine)
     model = onnx.load(str(out / "model.onnx"))
     assert op in {n.op_type for n in model.graph.node}
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["fusedeploy.export_type"] == mode
     assert meta["fusedeploy.method"] == "plain-removal"
     assert meta["fusedeploy.removed_blocks"] == "4,5"
-    assert (out / "model.onnx").stat().st_size < 0.75 * sum(  # the embedding Gather stays fp32
+    assert meta["fusedeploy.exporter"] == ("optimum" if engine == "optimum" else "onnxruntime-genai builder")
+    assert sum(f.stat().st_size for f in out.glob("model.onnx*")) < 0.75 * sum(  # the embedding Gather stays fp32
         p.stat().st_size for p in tiny_llama_dir.glob("*.safetensors"))
     backend = OnnxRuntimeBackend(out)
     logits = backend.logits(sample_ids)
@@ -96,9 +156,25 @@ def test_quantized_variants_run_with_provenance(mode, op, tiny_llama_dir, sample
     assert len(backend.generate(sample_ids[:10], 5)) == 5
 
 
+def test_genai_int4_options_reach_the_graph(tiny_llama_dir, tmp_path):
+    out = export_onnx(tiny_llama_dir, tmp_path / "q", quantize="int4", block_size=64, algo="rtn_last")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    nbits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert {v["block_size"] for v in nbits.values()} == {64}
+    head = [v["bits"] for k, v in nbits.items() if "lm_head" in k]
+    assert head == [8] and {v["bits"] for k, v in nbits.items() if "lm_head" not in k} == {4}  # *_last: head int8
+
+
 def test_unknown_quantization_and_force(tiny_llama_dir, tmp_path):
     with pytest.raises(UserError, match="unknown ONNX quantization"):
+        export_onnx(tiny_llama_dir, tmp_path / "x", quantize="int3", engine="optimum")
+    with pytest.raises(UserError, match="unknown ONNX precision"):
         export_onnx(tiny_llama_dir, tmp_path / "x", quantize="int3")
+    with pytest.raises(UserError, match="unknown quantization method"):
+        export_onnx(tiny_llama_dir, tmp_path / "x", quantize="int4", algo="gptq")
+    with pytest.raises(UserError, match="apply to int4 and int8"):
+        export_onnx(tiny_llama_dir, tmp_path / "x", block_size=64)
     (tmp_path / "y").mkdir()
     with pytest.raises(UserError, match="--force"):
         export_onnx(tiny_llama_dir, tmp_path / "y")

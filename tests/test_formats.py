@@ -33,7 +33,7 @@ def test_every_precision_row_is_complete_and_its_peer_exists():
         for name, p in rows.items():
             assert p.runtime == rt and p.name == name and 0 < p.bits <= 32
             assert p.tolerance in formats.TOLERANCES
-            assert p.made_by in (formats.GGUF_PY, formats.LLAMA_QUANTIZE, formats.OPTIMUM, formats.ORT_QUANTIZER)
+            assert p.made_by in (formats.GGUF_PY, formats.LLAMA_QUANTIZE, formats.GENAI_BUILDER)
             other = next(r for r in formats.RUNTIMES if r != rt)
             assert formats.peer(rt, name, other) in formats.PRECISIONS[other]
             assert formats.peer(rt, name, rt) == name

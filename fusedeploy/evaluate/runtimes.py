@@ -95,21 +95,69 @@ class LlamaCppBackend:
 
 
 class OnnxRuntimeBackend:
-    """An Optimum-exported decoder (with KV cache) in ONNX Runtime."""
+    """An exported ONNX folder in ONNX Runtime.
+
+    A folder with `genai_config.json` (the default export, ONNX Runtime
+    GenAI's builder) runs in `onnxruntime_genai`: logits from one
+    `og.Generator` pass over the window, decoding in its C++ loop. A folder
+    without one (`export onnx --engine optimum`, standard operators only)
+    runs through Optimum's `ORTModelForCausalLM`.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  logits_all: bool = True):
-        """`n_ctx` and `logits_all` are accepted for the common signature: the cache grows per call."""
-        import onnxruntime as ort
-        from optimum.onnxruntime import ORTModelForCausalLM
-
+        """`n_ctx` and `logits_all` are accepted for the common signature: each call sizes its own KV buffer."""
         folder = Path(onnx_dir)
         if not (folder / "model.onnx").is_file():
             raise UserError(f"{folder} is not an exported ONNX model folder (no model.onnx)")
+        self.folder = folder
+        self.n_ctx = n_ctx
+        self.genai = (folder / "genai_config.json").is_file()
+        if self.genai:
+            self._open_genai(folder, n_threads or _threads())
+        else:
+            self._open_optimum(folder, n_threads or _threads())
+
+    # ---- ONNX Runtime GenAI
+    def _open_genai(self, folder: Path, n_threads: int) -> None:
+        import json
+
+        import onnxruntime_genai as og
+
+        try:
+            config = og.Config(str(folder))
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": n_threads, "inter_op_num_threads": 1}}}}))
+            self.og_model = og.Model(config)
+        except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with the reason
+            raise UserError(f"ONNX Runtime GenAI cannot load {folder}: {str(exc).splitlines()[0]}") from None
+        cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        self._vocab = int(cfg["vocab_size"])
+        self.context_length = int(cfg["context_length"])
+        self._gen = None
+
+    def _generator(self, max_length: int, min_length: int = 0):
+        """A greedy generator whose KV buffer holds `max_length` tokens (not the model's whole context)."""
+        import onnxruntime_genai as og
+
+        if max_length > self.context_length:
+            raise UserError(f"{max_length} tokens exceed the model's context length {self.context_length}")
+        params = og.GeneratorParams(self.og_model)
+        # Every search option explicitly: genai_config.json carries the model's generation_config
+        # (a repetition penalty, say), which would make "greedy" something else.
+        params.set_search_options(max_length=max_length, min_length=min_length, do_sample=False,
+                                  repetition_penalty=1.0, num_beams=1, top_k=1)
+        return og.Generator(self.og_model, params)
+
+    # ---- Optimum
+    def _open_optimum(self, folder: Path, n_threads: int) -> None:
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
         options = ort.SessionOptions()
-        options.intra_op_num_threads = n_threads or _threads()
+        options.intra_op_num_threads = n_threads
         try:
             self.model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, session_options=options,
                                                              provider="CPUExecutionProvider")
@@ -117,6 +165,12 @@ class OnnxRuntimeBackend:
             raise UserError(f"ONNX Runtime cannot load {folder}: {str(exc).splitlines()[0]}") from None
 
     def logits(self, ids: list[int]) -> np.ndarray:
+        if self.genai:
+            gen = self._generator(len(ids))
+            gen.append_tokens(list(map(int, ids)))
+            out = np.array(gen.get_output("logits")[0], dtype=np.float32)
+            del gen
+            return out
         import torch
 
         input_ids = torch.tensor([ids], dtype=torch.long)
@@ -124,7 +178,16 @@ class OnnxRuntimeBackend:
         return np.asarray(out.logits[0], dtype=np.float32)
 
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of `ids` using the KV cache, new tokens only."""
+        """Greedy continuation of `ids` using the KV cache, new tokens only (exactly `max_new_tokens`)."""
+        if self.genai:
+            total = len(ids) + max_new_tokens
+            gen = self._generator(total, min_length=total)  # min_length: no early stop at EOS, like min_new_tokens
+            gen.append_tokens(list(map(int, ids)))
+            out = []
+            while len(out) < max_new_tokens and not gen.is_done():
+                gen.generate_next_token()
+                out.append(int(gen.get_next_tokens()[0]))
+            return out
         import torch
 
         input_ids = torch.tensor([ids], dtype=torch.long)
@@ -135,10 +198,15 @@ class OnnxRuntimeBackend:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)
+        return self._vocab if self.genai else int(self.model.config.vocab_size)
 
-    def start(self, ids: list[int]) -> int:
+    def start(self, ids: list[int], max_new_tokens: int = 256) -> int:
         """Prefill a prompt with an empty KV cache; the greedy next token."""
+        if self.genai:
+            self._gen = None  # free the previous buffer first
+            self._gen = self._generator(min(self.context_length, max(self.n_ctx or 0, len(ids) + max_new_tokens)))
+            self._gen.append_tokens(list(map(int, ids)))
+            return int(np.argmax(self._gen.get_logits()[0]))
         import torch
 
         self._ids = torch.tensor([ids], dtype=torch.long)
@@ -148,6 +216,9 @@ class OnnxRuntimeBackend:
 
     def step(self, token: int) -> int:
         """Feed one token through the KV cache; the greedy next token."""
+        if self.genai:
+            self._gen.append_tokens([int(token)])
+            return int(np.argmax(self._gen.get_logits()[0]))
         import torch
 
         new = torch.tensor([[int(token)]], dtype=torch.long)
@@ -157,3 +228,6 @@ class OnnxRuntimeBackend:
         self._past = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
+    def close(self) -> None:
+        self._gen = None
+        self.og_model = None

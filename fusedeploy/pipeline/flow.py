@@ -53,7 +53,8 @@ class BuildOptions:
 
 
 def _versions() -> dict:
-    names = ["fusedeploy", "torch", "transformers", "optimum", "onnxruntime", "onnx", "gguf", "llama_cpp_python"]
+    names = ["fusedeploy", "torch", "transformers", "optimum", "onnxruntime", "onnxruntime_genai", "onnx", "gguf",
+             "llama_cpp_python"]
     out = {}
     for n in names:
         try:

@@ -1,0 +1,209 @@
+"""Hugging Face checkpoint -> ONNX Runtime GenAI folder, through ONNX Runtime GenAI's own model builder.
+
+The builder (`onnxruntime_genai.models.builder`) is maintained with the
+runtime: it writes one decoder graph with GroupQueryAttention (RoPE fused, a
+KV buffer shared between past and present), int4/int8 weight-only
+MatMulNBits when asked (RTN or k_quant, optionally with int8 layers mixed
+in), and `genai_config.json`, so `onnxruntime_genai.Model(folder)` loads the
+result and `og.Generator` runs the decode loop in C++. It reads the layer
+count from `config.json`, so a FuseGPT-compressed checkpoint (blocks
+removed, renumbered) builds like any other.
+
+What this module adds is only what the builder does not do for our inputs:
+
+- **Sliding-window layers from `layer_types`.** The builder decides which
+  Gemma 3 layers are local from the original 5:1 pattern (`(i + 1) % 6`).
+  Once blocks are removed that pattern is wrong; the checkpoint's
+  `layer_types` list (which our adapters renumber) is the truth, so the
+  builder is told to read it (`_layer_types_from_config`).
+- **Missing special-token ids.** `genai_config.json` needs numeric
+  `eos_token_id`/`pad_token_id`; a checkpoint whose config leaves them unset
+  gets the tokenizer's.
+- Provenance (`fusedeploy.*` in `model.onnx`'s `metadata_props`) and the
+  atomic output folder every exporter uses.
+
+Version note: onnxruntime-genai 0.16+ builders import transformers 5 classes
+at module import and expect transformers 5's `rope_parameters`; this project
+is on transformers 4.57 (optimum-onnx pins < 4.58), so the pin is the last
+builder written for transformers 4 (0.15.2), which runs on onnxruntime 1.32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from fusedeploy.errors import UserError
+from fusedeploy.models import adapter_for
+
+from .common import atomic_path, check_overwrite, provenance, resolve_local
+
+log = logging.getLogger(__name__)
+
+# Precisions the builder writes. fp16/bf16 are GPU precisions (the CPU EP
+# runs them slowly or not at all), so they default to the CUDA provider.
+GENAI_PRECISIONS = ("fp32", "int8", "int4", "fp16", "bf16")
+GENAI_PROVIDERS = ("cpu", "cuda")
+# The builder's weight-only quantization methods (`algo_config`), see its --help:
+#   default/rtn  round-to-nearest per block;  k_quant  llama.cpp-style k-quant scales;
+#   *_last       the LM head in int8;         k_quant_mixed  also llama.cpp's sensitive layers in int8.
+INT_ALGOS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "genai_config.json"
+
+
+def _import_builder():
+    """The builder module; it expects its own folder on sys.path (the package's __init__ adds it)."""
+    try:
+        import onnxruntime_genai.models  # noqa: F401 - puts builders/ on sys.path
+        from onnxruntime_genai.models import builder
+    except ImportError as exc:
+        raise UserError(f"ONNX Runtime GenAI's model builder is not importable ({exc}); "
+                        "install the project with `make setup` (onnxruntime-genai)") from None
+    return builder
+
+
+@contextlib.contextmanager
+def _layer_types_from_config(config):
+    """Make the builder's Gemma 3 `is_local(layer)` read `config.layer_types` while it builds."""
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        yield
+        return
+    from builders import gemma  # noqa: PLC0415 - the builder's own module, on sys.path after import
+
+    saved = gemma.Gemma3Model.is_local
+    gemma.Gemma3Model.is_local = lambda self, layer_id: layer_types[layer_id] == "sliding_attention"
+    try:
+        yield
+    finally:
+        gemma.Gemma3Model.is_local = saved
+
+
+def _fill_token_ids(out: Path, folder: Path) -> None:
+    """genai_config.json needs numeric eos/pad ids; where config.json has none, take the tokenizer's.
+
+    (The builder re-reads config.json from disk when it writes genai_config.json, so this patches its output.)
+    """
+    path = out / CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    model = config["model"]
+    if model.get("eos_token_id") is not None and model.get("pad_token_id") is not None:
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if model.get("eos_token_id") is None:
+        model["eos_token_id"] = tok.eos_token_id
+    if model["eos_token_id"] is None:
+        raise UserError(f"{folder} declares no end-of-sequence token (config.json or tokenizer); "
+                        "set eos_token_id in config.json")
+    if model.get("pad_token_id") is None:
+        eos = model["eos_token_id"]
+        model["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else (
+            eos[0] if isinstance(eos, list) else eos)
+    path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+
+
+def _stamp(path: Path, meta: dict[str, str]) -> None:
+    """Provenance into metadata_props; the weights stay where the builder put them (external data untouched)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in meta.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+    onnx.save_model(model, str(path))
+
+
+def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32",
+                      provider: str | None = None, algo: str | None = None, block_size: int | None = None,
+                      accuracy_level: int | None = None, symmetric: bool = True,
+                      force: bool = False) -> Path:
+    """Build an ONNX Runtime GenAI folder (`model.onnx`, `genai_config.json`, tokenizer) from a local HF folder.
+
+    `precision`: fp32, int8 or int4 (weight-only MatMulNBits; `algo`,
+    `block_size`, `accuracy_level` and `symmetric` go to the builder), or
+    fp16/bf16 (default provider cuda). The folder appears only when complete.
+    """
+    precision = (precision or "fp32").lower()
+    if precision not in GENAI_PRECISIONS:
+        raise UserError(f"unknown ONNX precision {precision!r}; choose from {', '.join(GENAI_PRECISIONS)}")
+    provider = (provider or ("cuda" if precision in ("fp16", "bf16") else "cpu")).lower()
+    if provider not in GENAI_PROVIDERS:
+        raise UserError(f"unknown execution provider {provider!r}; choose from {', '.join(GENAI_PROVIDERS)}")
+    quantized = precision in ("int4", "int8")
+    if not quantized and (algo or block_size or accuracy_level):
+        raise UserError(f"--algo/--block-size/--accuracy-level apply to int4 and int8, not {precision}")
+    if algo is not None and algo not in INT_ALGOS:
+        raise UserError(f"unknown quantization method {algo!r}; choose from {', '.join(INT_ALGOS)}")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise UserError(f"block size {block_size} not supported; choose from {', '.join(map(str, BLOCK_SIZES))}")
+    if accuracy_level is not None and accuracy_level not in (1, 2, 3, 4):
+        raise UserError("--accuracy-level is 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations)")
+    out = Path(out_dir)
+    check_overwrite(out, force)
+    folder = Path(resolve_local(model_dir).location)
+    try:
+        from transformers import AutoConfig
+
+        adapter_for(AutoConfig.from_pretrained(folder))  # our supported families only, one clear error otherwise
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
+
+    options = []
+    if quantized:
+        options += [f"block_size={block_size or 32}", f"is_symmetric={str(symmetric).lower()}"]
+        if algo:
+            options.append(f"algo_config={algo}")
+        if accuracy_level:
+            options.append(f"accuracy_level={accuracy_level}")
+    builder = _import_builder()
+    t0 = time.perf_counter()
+    chatter = io.StringIO()  # the builder prints progress and per-tensor bars; keep them for --debug, off the terminal
+    with atomic_path(out, is_dir=True) as tmp, \
+            tempfile.TemporaryDirectory(prefix=".fusedeploy-genai-cache-", dir=out.parent) as cache:
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                parsed = builder.parse_extra_options(None, str(folder), str(tmp), precision, provider, cache, options)
+                with _layer_types_from_config(parsed["hf_details"]["hf_config"]):
+                    builder.create_model(None, str(folder), str(tmp), precision, provider, cache, **parsed)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt weights and unsupported shapes surface as many types
+            log.debug("builder output:\n%s", chatter.getvalue())
+            raise UserError(f"ONNX Runtime GenAI's builder could not export {model_dir} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        log.debug("builder output:\n%s", chatter.getvalue())
+        _fill_token_ids(tmp, folder)
+        meta = {f"fusedeploy.{k}": (",".join(map(str, v)) if isinstance(v, list) else str(v))
+                for k, v in provenance(folder, str(model_dir)).items()}
+        meta["fusedeploy.export_type"] = precision
+        meta["fusedeploy.exporter"] = "onnxruntime-genai builder"
+        meta["fusedeploy.execution_provider"] = provider
+        if quantized:
+            meta[f"fusedeploy.{precision}"] = " ".join(options)
+        _stamp(tmp / MODEL_FILE, meta)
+    log.info("built %s (%s, %s) in %.1f s", out, precision, provider, time.perf_counter() - t0)
+    return out
+
+
+def is_genai_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_FILE).is_file()
+
+
+def genai_config(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
