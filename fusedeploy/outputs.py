@@ -31,7 +31,7 @@ MARKER = ".fusedeploy"
 # (.name.tmp-*), swapped-out old versions (.name.old-*), the compress driver's
 # (.name.*.tmp / .name.*.old), and the per-output lock.
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile's random part
-_TEMP_NAME = re.compile(rf"(tmp-(f32-|onnx-)?{_RANDOM}|old-\d+|{_RANDOM}\.(tmp|old))")
+_TEMP_NAME = re.compile(rf"(tmp-(f32-|onnx-|genai-)?{_RANDOM}|old-\d+|{_RANDOM}\.(tmp|old))")
 
 
 def umask() -> int:
