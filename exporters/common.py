@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fusedeploy import __version__
 from fusedeploy.errors import UserError
+from fusedeploy.outputs import apply_umask, check_replaceable
 from fusedeploy.models.loading import ModelSource, resolve_model
 
 
@@ -48,8 +49,8 @@ def provenance(model_dir: str | os.PathLike, spec: str | None = None) -> dict[st
 
 
 def check_overwrite(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    """An existing output is replaced only with `force`, and only if FuseDeploy made it."""
+    check_replaceable(out, force)
 
 
 @contextlib.contextmanager
@@ -66,6 +67,7 @@ def atomic_path(out: Path, is_dir: bool = False):
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         os.close(fd)
         tmp = Path(name)
+    apply_umask(tmp)  # tempfile creates 0700/0600; an output gets the user's umask
     try:
         yield tmp
         if out.is_dir():

@@ -364,7 +364,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
             check_per_block(convert_hf(folder, tmp, qtype, **convert), config)
             check_tokenization(tmp, folder)
         else:
-            with tempfile.TemporaryDirectory(prefix=".fusedeploy-f32-", dir=out.parent) as scratch:
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-f32-", dir=out.parent) as scratch:
                 inter = Path(scratch) / "f32.gguf"
                 facts = convert_hf(folder, inter, "f32", **convert)
                 check_per_block(facts, config)

@@ -138,7 +138,7 @@ def export_onnx_optimum(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     from optimum.exporters.onnx import main_export
 
     with atomic_path(out, is_dir=True) as tmp:
-        with tempfile.TemporaryDirectory(prefix=".fusedeploy-onnx-", dir=out.parent) as scratch:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-onnx-", dir=out.parent) as scratch:
             try:
                 main_export(str(folder), output=scratch, task="text-generation-with-past", device="cpu",
                             opset=opset, do_validation=False, local_files_only=True)

@@ -174,7 +174,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     t0 = time.perf_counter()
     chatter = io.StringIO()  # the builder prints progress and per-tensor bars; keep them for --debug, off the terminal
     with atomic_path(out, is_dir=True) as tmp, \
-            tempfile.TemporaryDirectory(prefix=".fusedeploy-genai-cache-", dir=out.parent) as cache:
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-genai-", dir=out.parent) as cache:
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 parsed = builder.parse_extra_options(None, str(folder), str(tmp), precision, provider, cache, options)

@@ -20,6 +20,7 @@ from fusedeploy.data import text_part as data_part
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import TorchBackend, window_nll
 from fusedeploy.formats import Artifact
+from fusedeploy.judge import at_least, at_most, finite
 
 
 @dataclass
@@ -70,6 +71,7 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
     abs_sum, count, agree = 0.0, 0, 0
     nll_a = nll_r = 0.0
     scored = 0
+    nonfinite = {"artifact": 0, "reference": 0}  # logits that are NaN or infinite, per side
     try:
         for i, window in enumerate(windows):
             ids = window.tolist()
@@ -77,9 +79,15 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
             if a.shape != r.shape:
                 raise UserError(f"artifact returns logits of shape {a.shape}, reference {r.shape}: "
                                 "different vocabulary?")
+            nonfinite["artifact"] += int(a.size - np.isfinite(a).sum())
+            nonfinite["reference"] += int(r.size - np.isfinite(r).sum())
             diff = np.abs(a - r)
-            max_abs = max(max_abs, float(diff.max()))
-            max_rel = max(max_rel, float(diff.max() / max(np.abs(r).max(), 1e-6)))
+            # the maxima are of the finite part; NaN/Inf is counted in `nonfinite` and fails on its own
+            finite_diff = diff[np.isfinite(diff)]
+            window_max = float(finite_diff.max()) if finite_diff.size else 0.0
+            finite_ref = np.abs(r[np.isfinite(r)])
+            max_abs = max(max_abs, window_max)
+            max_rel = max(max_rel, window_max / max(float(finite_ref.max()) if finite_ref.size else 0.0, 1e-6))
             abs_sum += float(diff.sum())
             count += diff.size
             agree += int((a.argmax(-1) == r.argmax(-1)).sum())
@@ -99,12 +107,17 @@ def verify_artifact(artifact: str | os.PathLike, reference: str, text_spec: str 
         windows=len(windows), ctx=int(windows.shape[1]), max_abs_diff=max_abs, max_rel_diff=max_rel,
         mean_abs_diff=abs_sum / count, top1_agreement=agree / (len(windows) * windows.shape[1]),
         ppl_artifact=ppl_a, ppl_reference=ppl_r, ppl_ratio=ppl_a / ppl_r, tolerances=limits)
-    if result.max_rel_diff > limits["max_rel_diff"]:
+    total = int(windows.numel()) * int(a.shape[-1])
+    for side, bad in nonfinite.items():
+        if bad:  # NaN/Inf is a failure with its own reason, never hidden by max() or `nan > limit`
+            result.failures.append(f"{bad} of {total} {side} logits are NaN or infinite")
+    if not at_most(result.max_rel_diff, limits["max_rel_diff"]):
         result.failures.append(f"max relative logit diff {result.max_rel_diff:.3g} > {limits['max_rel_diff']}")
-    if result.mean_abs_diff > limits["mean_abs_diff"]:
+    if not at_most(result.mean_abs_diff, limits["mean_abs_diff"]):
         result.failures.append(f"mean |logit diff| {result.mean_abs_diff:.3g} > {limits['mean_abs_diff']}")
-    if result.top1_agreement < limits["top1_min"]:
+    if not at_least(result.top1_agreement, limits["top1_min"]):
         result.failures.append(f"top-1 agreement {result.top1_agreement:.3f} < {limits['top1_min']}")
-    if result.ppl_ratio > limits["ppl_ratio_max"]:
-        result.failures.append(f"perplexity ratio {result.ppl_ratio:.4f} > {limits['ppl_ratio_max']}")
+    if not at_most(result.ppl_ratio, limits["ppl_ratio_max"]):
+        why = "not a finite number" if not finite(result.ppl_ratio) else f"> {limits['ppl_ratio_max']}"
+        result.failures.append(f"perplexity ratio {result.ppl_ratio:.4f} {why}")
     return result

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import signal
 import sys
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, formats
@@ -93,6 +96,11 @@ def eval_cmd(
     from .data import eval_windows, load_text, tokenize
     from .evaluate import perplexity
 
+    from .preflight import check_readable
+
+    _check_windows(ctx, max_windows)
+    check_readable(model)
+    check_readable(data)
     text = load_text(data, purpose="eval", text_field=text_field)
     backend, tokenizer = _eval_backend(model, runtime, ctx, device, dtype)
     try:
@@ -130,25 +138,48 @@ def compress(
     keep_steps: Annotated[bool, typer.Option("--keep-steps", help="Also keep what rebuilds the model after every removed block (the quality-vs-sparsity curve).")] = False,
 ) -> None:
     """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
+    from . import outputs, preflight
     from .compress import compress_model, load_recipe, parse_overrides
     from .console import compression_progress
 
-    overrides = parse_overrides(set_)
+    for pair in set_ or []:
+        key, _, value = pair.partition("=")
+        if len(value) > 200:  # Python refuses to parse an integer of thousands of digits
+            raise UserError(f"--set {key}=...: a value of {len(value)} characters is too long for a setting; "
+                            f"give a plain value such as {key}=3")
+    try:
+        overrides = parse_overrides(set_)
+    except ValueError as exc:
+        raise UserError(f"--set: a value could not be read ({str(exc).split(';')[0]}); give a plain value") from None
     if seed is not None:
         overrides["seed"] = seed
     if epochs is not None:
         overrides["epochs"] = epochs
+    if config is not None:
+        preflight.check_yaml_mapping(config, "config file")
     settings = load_recipe(recipe, overrides, config_file=config)
-    with compression_progress() as progress:
+    source = preflight.model_location(model)
+    preflight.prepare_output(out, force, [source, calib, config], preflight.weights_bytes(source) if source else 0,
+                             folder=True)
+    with outputs.claim(out), compression_progress() as progress:
         report = compress_model(model, out, sparsity, method=method, calib=calib, settings=settings,
                                 resume=resume, device=device, dtype=dtype, progress=progress, force=force,
                                 keep_steps=keep_steps)
+        outputs.mark(out, "compressed-model")
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{method}: removed blocks {report['removed_blocks']} (original numbering), "
               f"{report['blocks_before']} -> {report['blocks_after']} blocks in {report['timings']['total_s']:.0f} s; "
               f"wrote {out}")
+
+
+def _check_windows(ctx: int, max_windows: int | None) -> None:
+    """Window settings checked before a model is loaded."""
+    if ctx < 2:
+        raise UserError(f"--ctx must be at least 2 (got {ctx})")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1 (got {max_windows})")
 
 
 def _eval_backend(model: str, runtime: str, ctx: int, device, dtype):
@@ -203,12 +234,19 @@ def export_gguf_cmd(
 
     from exporters.gguf import export_gguf
 
+    from . import outputs, preflight
     from .data import load_text
 
+    types = formats.precision_names(formats.LLAMA_CPP.name)
+    if qtype.lower() not in types:  # option values first, before the model is even looked at
+        raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
+    source = preflight.model_location(model)
+    preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source) if source else 0)
     text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
     t0 = time.perf_counter()
-    with console.status(f"exporting {model} to GGUF {qtype}"):
+    with outputs.claim(out), console.status(f"exporting {model} to GGUF {qtype}"):
         path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)
+        outputs.mark(path, "gguf-export")
     print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {qtype}, {time.perf_counter() - t0:.1f} s)")
 
 
@@ -235,11 +273,19 @@ def export_onnx_cmd(
 
     from exporters.onnx import export_onnx
 
+    from . import outputs, preflight
+
+    names = formats.precision_names(formats.ONNXRUNTIME.name)
+    if quantize is not None and quantize.lower() not in names:
+        raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
+    source = preflight.model_location(model)
+    preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source) if source else 0, folder=True)
     genai = {k: v for k, v in dict(provider=provider, algo=algo, block_size=block_size,
                                    accuracy_level=accuracy_level).items() if v is not None}
     t0 = time.perf_counter()
-    with console.status(f"exporting {model} to ONNX {quantize or 'fp32'} ({engine})"):
+    with outputs.claim(out), console.status(f"exporting {model} to ONNX {quantize or 'fp32'} ({engine})"):
         path = export_onnx(model, out, quantize=quantize, force=force, engine=engine, **genai)
+        outputs.mark(path, "onnx-export")
     print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, {engine}, "
           f"{time.perf_counter() - t0:.1f} s)")
 
@@ -256,6 +302,10 @@ def verify(
     """Run an artifact in its real runtime beside the PyTorch reference; exit 1 if outside tolerance."""
     from exporters.verify import verify_artifact
 
+    from .preflight import check_readable
+
+    _check_windows(ctx, max_windows)
+    check_readable(artifact)
     with progress_task("verify", max_windows) as update:
         result = verify_artifact(artifact, reference, data, ctx=ctx, max_windows=max_windows, progress=update)
     if as_json:
@@ -344,13 +394,17 @@ def build(
     runtime: Annotated[Optional[list[str]], typer.Option(
         help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,
     max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Quality budget: the compressed artifact's perplexity over the dense one's, at most (overrides the profile's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
     from .pipeline import BuildOptions
     from .pipeline import build as run_build
 
+    if resume and force:
+        raise UserError("--resume continues the build and --force starts it over; pass one of them")
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
-              eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio)
+              eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 
@@ -362,6 +416,8 @@ def build(
         console.print(f"  {name}: {c['figure']:.3f} {c['op']} {c['budget']:g} ({c['basis']})  [{c['result']}]"
                       + (f"  {c['reason']}" if c.get("reason") else ""))
     console.print(f"  verify: [{s['verify']['result']}]")
+    for warning in s.get("measurement", {}).get("warnings", []):
+        console.print(f"  [yellow]warning:[/yellow] {warning}", highlight=False)
     print(f"sign-off {s['result']}: {s['artifact']} on {report['profile']['name']}; report: {out}/report/report.html")
     if s["result"] != "PASS":
         raise typer.Exit(1)
@@ -425,30 +481,59 @@ def bench_serve_cmd(
     console.print(table)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so `finally` blocks remove temporaries and stop worker processes."""
+
+
+def _on_sigterm(signum, frame):
+    _state["terminated"] = True  # typer turns the interrupt into Exit(130); this tells main it was SIGTERM
+    raise _Terminated()
+
+
+# Environment errors that are the user's to fix (a path), not bugs: one line with the path.
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT,
+                errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ELOOP}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`.
         code = app(standalone_mode=False)
+        if _state.get("terminated"):
+            console.print("terminated")
+            sys.exit(143)
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as exc:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(escape(str(exc)))
+    except OSError as exc:
+        if _state["debug"] or exc.errno not in _PATH_ERRNOS:
+            raise
+        where = exc.filename if exc.filename is not None else "a path"
+        _fail(escape(f"{where}: {exc.strerror or exc}; check the path and its permissions"))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
-    except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own message
-        if hasattr(exc, "show"):
-            exc.show()
-        sys.exit(getattr(exc, "exit_code", 2))
+        console.print("terminated" if _state.get("terminated") else "aborted")
+        sys.exit(143 if _state.get("terminated") else 130)
+    except KeyboardInterrupt as exc:
+        console.print("terminated" if isinstance(exc, _Terminated) else "interrupted")
+        sys.exit(143 if isinstance(exc, _Terminated) else 130)
+    except typer.TyperException as exc:  # unknown option, bad value: one line, naming the help to read
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            message += f" (see `{ctx.command_path} --help`)"
+        _fail(escape(message), getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

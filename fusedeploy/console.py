@@ -19,13 +19,33 @@ def make_progress() -> Progress:
 
 
 @contextmanager
+def _lazy_progress():
+    """A Progress started only at its first update: an error before any work prints no empty bar line."""
+    holder: list[Progress] = []
+
+    def get() -> Progress:
+        if not holder:
+            holder.append(make_progress())
+            holder[0].start()
+        return holder[0]
+
+    try:
+        yield get
+    finally:
+        if holder:
+            holder[0].stop()
+
+
+@contextmanager
 def progress_task(description: str, total: int):
     """Yield `advance(done, total, status="")` for a library callback."""
-    with make_progress() as progress:
-        task = progress.add_task(description, total=total, status="")
+    with _lazy_progress() as get:
+        task: list[int] = []
 
         def update(done: int, total_: int | None = None, status: str = "") -> None:
-            progress.update(task, completed=done, total=total_ or total, status=status)
+            if not task:
+                task.append(get().add_task(description, total=total, status=""))
+            get().update(task[0], completed=done, total=total_ or total, status=status)
 
         yield update
 
@@ -34,10 +54,11 @@ def progress_task(description: str, total: int):
 def compression_progress():
     """Yield a `progress(kind, done, total, status)` callback drawing one bar per kind of step."""
     labels = {"iteration": "blocks removed", "score": "scoring candidates", "epoch": "distillation epoch"}
-    with make_progress() as bar:
+    with _lazy_progress() as get:
         tasks: dict[str, int] = {}
 
         def progress(kind: str, done: int, total: int, status: str = "") -> None:
+            bar = get()
             if kind not in tasks:
                 tasks[kind] = bar.add_task(labels.get(kind, kind), total=total, status="")
             bar.update(tasks[kind], completed=done, total=total, status=status)

@@ -348,9 +348,15 @@ def test_unknown_type(tiny_llama_dir, tmp_path):
 def test_existing_output_needs_force(tiny_llama_dir, tmp_path):
     out = tmp_path / "x.gguf"
     out.write_bytes(b"keep me")
+    with pytest.raises(UserError, match="did not make"):
+        export_gguf(tiny_llama_dir, out, "f32")
+    with pytest.raises(UserError, match="did not make"):  # not ours: --force does not replace it either
+        export_gguf(tiny_llama_dir, out, "f32", force=True)
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    export_gguf(tiny_llama_dir, out, "f32")
     with pytest.raises(UserError, match="--force"):
         export_gguf(tiny_llama_dir, out, "f32")
-    assert out.read_bytes() == b"keep me"
     export_gguf(tiny_llama_dir, out, "f32", force=True)
     assert out.read_bytes()[:4] == b"GGUF"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left behind

@@ -24,7 +24,7 @@ def sample_sequences(ids: torch.Tensor, count: int, length: int, seed: int) -> t
     if ids.numel() < length + 1:
         raise UserError(
             f"too few calibration tokens: the text has {ids.numel()}, but one sample needs {length}; "
-            "use more text or a shorter --seq-len"
+            "use more text or a shorter seq_len setting"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length, (count,), generator=gen)
@@ -35,6 +35,8 @@ def eval_windows(ids: torch.Tensor, ctx: int, max_windows: int | None = None) ->
     """Consecutive non-overlapping windows of `ctx` tokens from the start: [W, ctx]."""
     if ctx < 2:
         raise UserError(f"context length must be at least 2 (got {ctx})")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1 (got {max_windows})")
     count = ids.numel() // ctx
     if max_windows is not None:
         count = min(count, max_windows)

@@ -29,18 +29,27 @@ def builtin_text() -> str:
 
 
 def _read_jsonl(path: Path, field: str) -> str:
+    """One JSON object per line, the text under `field`. Messages name no flag: several commands read JSONL."""
     parts = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{lineno}: not valid JSON") from None
-            if field not in record:
-                raise UserError(f"{path}:{lineno}: no field {field!r} (use --text-field to name the text field)")
-            parts.append(str(record[field]))
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path}:{lineno}: not valid JSON; each line must be one JSON object") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{lineno}: a JSON {type(record).__name__}, not an object; "
+                                    f"each line must be an object such as {{\"{field}\": \"...\"}}")
+                if field not in record:
+                    keys = ", ".join(map(repr, list(record)[:5])) or "none"
+                    raise UserError(f"{path}:{lineno}: no field {field!r} (its fields: {keys}); "
+                                    f"put each line's text under {field!r}")
+                parts.append(str(record[field]))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     return "\n\n".join(parts)
 
 

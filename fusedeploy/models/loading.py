@@ -108,7 +108,9 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} is a folder but has no config.json; expected a Hugging Face model folder")
-        return ModelSource(spec, str(path.resolve()))
+        source = ModelSource(spec, str(path.resolve()))
+        _check_config_file(source)
+        return source
     if path.exists():
         raise UserError(f"{spec} is neither a Hugging Face folder nor a .gguf file")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
@@ -150,9 +152,35 @@ def _hub_offline_error(source: ModelSource, exc: Exception) -> UserError:
                      "pass a local folder or .gguf file instead")
 
 
+def _check_config_file(source: ModelSource) -> None:
+    """A local config.json must be a JSON object naming its model_type.
+
+    Without model_type, transformers guesses the architecture from the folder
+    name, and the user is then told about an architecture they never had.
+    """
+    import json
+
+    if not source.is_local or source.gguf_file:
+        return
+    path = Path(source.location) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; restore the model's config.json") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; restore the model's config.json")
+    if not data.get("model_type"):
+        raise UserError(f"{path} has no model_type; add the model's family, e.g. \"model_type\": \"llama\"")
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    _check_config_file(source)
     try:
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
                                           **source.pretrained_kwargs())
@@ -161,7 +189,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
             raise _hub_offline_error(source, exc) from None
         raise UserError(f"cannot read model config from {source.spec}: {exc}") from None
     except ValueError as exc:
-        raise UserError(f"cannot read model config from {source.spec}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read model config from {source.spec}: {str(exc).splitlines()[0]}; "
+                        "check that it is a complete Hugging Face folder or GGUF file") from None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
@@ -173,7 +202,12 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     except OSError as exc:
         if not source.is_local:
             raise _hub_offline_error(source, exc) from None
-        raise UserError(f"cannot load a tokenizer from {source.spec}: {exc}") from None
+        raise UserError(f"cannot load a tokenizer from {source.spec}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a folder without tokenizer files fails with many types
+        if source.is_local:
+            raise UserError(f"cannot load a tokenizer from {source.spec} ({type(exc).__name__}); the model folder "
+                            "needs its tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json)") from None
+        raise
 
 
 def load_model(

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .. import formats
+from .. import formats, outputs, preflight
 from ..builtin import DEFAULT_MODEL
 from ..errors import UserError
 from ..formats import Artifact
-from .stages import Stage, run_stage
+from .stages import Stage, relative_to_build as _relative, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class BuildOptions:
     profile_runs: int = 3
     prompt_tokens: int | None = None  # default: the profile's
     new_tokens: int = 32
+    force: bool = False  # start over: empty the build folder (ours only) first
 
     @classmethod
     def quick(cls, **kw) -> BuildOptions:
@@ -75,8 +76,50 @@ def _versions() -> dict:
     return out
 
 
+STAGES = ("plan", "compress", "export", "verify", "profile", "report")
+
+
 def _export(model_dir: str, runtime: str, precision: str, dest: Path) -> Path:
-    return formats.runtime(runtime).export(model_dir, dest, precision)
+    """Export one artifact into the export stage's work folder; one finished there earlier is reused.
+
+    Exports are atomic, so a file at its final name is complete: a build
+    killed mid-export resumes with the artifacts it had already written.
+    """
+    rt = formats.runtime(runtime)
+    target = dest if not rt.suffix or dest.suffix == rt.suffix else dest.with_name(dest.name + rt.suffix)
+    with outputs.claim(target):  # clears half-written temporaries of a killed export
+        if outputs.is_ours(target):
+            log.info("export %s already finished; reused", target.name)
+            return target
+        path = rt.export(model_dir, target, precision)
+        outputs.mark(path, f"{rt.name}-export")
+        return path
+
+
+def _in_build(root: Path, recorded: str) -> Path:
+    """A path recorded by `_relative`; older builds recorded cwd-relative paths, used as they are."""
+    p = Path(recorded)
+    if p.is_absolute():
+        return p
+    if (root / p).exists() or not p.exists():
+        return root / p
+    return p  # an older build's cwd-relative record
+
+
+def _preflight(opts: BuildOptions, source, model_dir: Path, n_targets: int = 2) -> None:
+    """Inputs readable (texts parse, the tokenizer loads), the build folder writable with room, before any compute."""
+    from ..compress.calibration import SELF
+    from ..data import HF_DATASETS, load_text
+    from ..models.loading import load_tokenizer
+
+    for path in (opts.model, opts.calib, opts.eval_data, model_dir):
+        preflight.check_readable(path)
+    for spec, purpose in ((opts.calib, "calib"), (opts.eval_data, "eval")):
+        if spec not in HF_DATASETS and spec != SELF:  # a dataset name would need the network; self is generated
+            load_text(spec, purpose=purpose)
+    load_tokenizer(source)
+    outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data])
+    preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + n_targets), folder=True)
 
 
 def _text_inputs(**specs: str) -> dict[str, Path]:
@@ -96,6 +139,12 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
     say = progress or (lambda msg: log.info(msg))
     out = Path(opts.out)
+    preflight.check_path_length(out)
+    if opts.recipe is not None:
+        from ..compress import RECIPES
+
+        if opts.recipe not in RECIPES:
+            raise UserError(f"unknown --recipe {opts.recipe!r}; choose from {', '.join(RECIPES)}")
     profile = _with_quality_budget(load_profile(opts.profile), opts.max_ppl_ratio)
     source = resolve_model(opts.model)
     if not source.is_local:
@@ -105,8 +154,17 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     shape = ModelShape.from_config(config)
     runtimes = tuple(dict.fromkeys(formats.runtime(r).name for r in opts.runtimes)) or (profile.runtime,)
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
+    plan(shape, profile, sparsity=opts.sparsity, quant=opts.quant)  # an impossible plan fails before any write
+    _preflight(opts, source, model_dir, 2 * len(runtimes))
+    with outputs.claim(out):
+        outputs.claim_build_folder(out, STAGES, force=opts.force)
+        return _run(opts, out, say, compress_progress, profile, source, model_dir, shape, runtimes, input_model)
 
+
+def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, runtimes, input_model) -> dict:
+    """The stages, in order, inside a claimed build folder."""
     from ..data.split import BuildTexts
+    from ..profiling.planner import plan
 
     split = BuildTexts(opts.calib, opts.eval_data)  # one source for both: calibration and evaluation halves
 
@@ -128,10 +186,14 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         from ..compress import compress_model, has_resumable_state, load_recipe
 
         target = work / "model"
-        summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method, calib=opts.calib,
-                                 calib_part=split.calib,
-                                 settings=load_recipe(opts.recipe), resume=has_resumable_state(target),
-                                 progress=compress_progress)
+        with outputs.claim(target):  # clears a half-written checkpoint of a killed run
+            if outputs.is_ours(target):  # killed after the checkpoint was written: reuse it
+                summary = json.loads((target / "compression.json").read_text())
+            else:
+                summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method,
+                                         calib=opts.calib, calib_part=split.calib, settings=load_recipe(opts.recipe),
+                                         resume=has_resumable_state(target), progress=compress_progress)
+            outputs.mark(target, "compressed-model")
         return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
 
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
@@ -156,7 +218,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         for name, variant, runtime, precision, folder in targets:
             say(f"export {name}")
             path = _export(str(folder), runtime, precision, work / name)
-            made[name] = Artifact(path, runtime, precision, variant, str(folder)).to_dict(root=work)
+            made[name] = Artifact(path, runtime, precision, variant, _relative(folder, out)).to_dict(root=work)
         return made
 
     exported = run_stage(out, Stage("export", do_export, {"targets": [t[:4] for t in targets]},
@@ -170,7 +232,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         results = {}
         for name, a in artifacts.items():
             say(f"verify {name}")
-            r = verify_artifact(a.path, a.reference, opts.eval_data, ctx=opts.verify_ctx,
+            r = verify_artifact(a.path, str(_in_build(out, a.reference)), opts.eval_data, ctx=opts.verify_ctx,
                                 max_windows=opts.verify_windows, text_part=split.eval)
             results[name] = {**r.to_dict(), "passed": r.passed}
         (work / "verify.json").write_text(json.dumps(results, indent=2, default=str))

@@ -71,6 +71,8 @@ def run_stage(build_dir: Path, stage: Stage) -> dict:
             return {**manifest, "skipped": True}
     partial = build_dir / f"{stage.name}.partial"
     key_file = partial / ".key"
+    if _finished_partial(partial, key):  # killed between finishing and the final rename
+        return {**_promote(build_dir, stage.name, partial), "skipped": False}
     if partial.exists() and (not key_file.is_file() or key_file.read_text() != key):
         shutil.rmtree(partial)
     resumed = partial.exists()
@@ -80,7 +82,7 @@ def run_stage(build_dir: Path, stage: Stage) -> dict:
     outputs = stage.run(partial)
     manifest = {
         "stage": stage.name, "status": "complete", "key": key, "settings": stage.settings,
-        "inputs": {k: str(v) for k, v in stage.inputs.items()},
+        "inputs": {k: relative_to_build(Path(v), build_dir) for k, v in stage.inputs.items()},
         "input_digests": {k: input_digest(Path(v)) for k, v in stage.inputs.items()},
         "outputs": outputs, "resumed": resumed,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -90,12 +92,34 @@ def run_stage(build_dir: Path, stage: Stage) -> dict:
     tmp_manifest = partial / (MANIFEST + ".tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp_manifest, partial / MANIFEST)
+    return {**_promote(build_dir, stage.name, partial), "skipped": False}
+
+
+def relative_to_build(path: Path, root: Path) -> str:
+    """Recorded relative to the build folder when inside it, so a moved build still reads right."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _finished_partial(partial: Path, key: str) -> bool:
+    try:
+        manifest = json.loads((partial / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("key") == key and manifest.get("status") == "complete"
+
+
+def _promote(build_dir: Path, name: str, partial: Path) -> dict:
+    """Swap a finished `.partial` into place; the older finished folder goes only after."""
+    final = build_dir / name
     if final.exists():
-        old = build_dir / f".{stage.name}.old"
+        old = build_dir / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(partial, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, final)
-    return {**manifest, "skipped": False}
+    return json.loads((final / MANIFEST).read_text())

@@ -21,22 +21,108 @@ from ..errors import UserError
 from .schema import Profile
 
 
-def measure_artifact(artifact: str | os.PathLike, prompt_tokens: int = 128, new_tokens: int = 32, runs: int = 3,
-                     threads: int | None = None, timeout_s: float = 900) -> dict:
-    """Time one artifact in a fresh process (see worker.py); measured figures only."""
-    if runs < 1 or new_tokens < 2 or prompt_tokens < 1:
-        raise UserError("profiling needs runs >= 1, new_tokens >= 2 and prompt_tokens >= 1")
+# A measurement is repeated (in a fresh worker) until the decode speed's spread across
+# runs is at most SPREAD_TARGET, at most MAX_ROUNDS times; other processes using more
+# than BUSY_CORES cores during it make the host "busy" and the report says so.
+SPREAD_TARGET = 0.15
+MAX_ROUNDS = 3
+BUSY_CORES = 0.5
+
+
+def _die_with_parent() -> None:
+    """Runs in the worker before exec: Linux kills it when its parent dies, even by kill -9."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent not idle since boot."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class HostLoad:
+    """Cores used by other processes over an interval: machine busy time minus ours (and our children's)."""
+
+    def __init__(self) -> None:
+        self.t, self.busy, self.own = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
+
+    def others_cores(self) -> float:
+        wall = max(time.perf_counter() - self.t, 1e-3)
+        return max(0.0, (_busy_cpu_s() - self.busy - (_own_cpu_s() - self.own)) / wall)
+
+
+def _run_worker(artifact, prompt_tokens: int, new_tokens: int, runs: int, threads, timeout_s: float) -> dict:
     args = json.dumps({"artifact": str(artifact), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                        "runs": runs, "threads": threads})
     try:
         done = subprocess.run([sys.executable, "-m", "fusedeploy.profiling.worker", args], capture_output=True,
-                              text=True, timeout=timeout_s, check=False)
+                              text=True, timeout=timeout_s, check=False,
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     except subprocess.TimeoutExpired:
         raise UserError(f"profiling {artifact} took longer than {timeout_s:.0f} s") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"profiling {artifact} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(per_run: list[dict], key: str = "decode_tokens_per_s") -> float:
+    """(max - min) / median of one figure across runs; 0 for a single run."""
+    values = sorted(r[key] for r in per_run)
+    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    return (values[-1] - values[0]) / median if median > 0 else float("inf")
+
+
+def _summary(per_run: list[dict]) -> dict:
+    import statistics
+
+    return {k: {"median": statistics.median(r[k] for r in per_run), "min": min(r[k] for r in per_run),
+                "max": max(r[k] for r in per_run)} for k in per_run[0]}
+
+
+def measure_artifact(artifact: str | os.PathLike, prompt_tokens: int = 128, new_tokens: int = 32, runs: int = 3,
+                     threads: int | None = None, timeout_s: float = 900, max_rounds: int = MAX_ROUNDS) -> dict:
+    """Time one artifact in a fresh process (see worker.py); measured figures only.
+
+    Records the host's load before and during measurement, and repeats the
+    runs while their spread is above SPREAD_TARGET (up to `max_rounds`
+    workers); `stable` says whether it settled.
+    """
+    if runs < 1 or new_tokens < 2 or prompt_tokens < 1:
+        raise UserError("profiling needs runs >= 1, new_tokens >= 2 and prompt_tokens >= 1")
+    before = HostLoad()
+    time.sleep(0.3)
+    others_before = before.others_cores()
+    during = HostLoad()
+    result = _run_worker(artifact, prompt_tokens, new_tokens, runs, threads, timeout_s)
+    per_run, rounds = list(result["per_run"]), 1
+    while spread(per_run) > SPREAD_TARGET and rounds < max_rounds:
+        per_run += _run_worker(artifact, prompt_tokens, new_tokens, runs, threads, timeout_s)["per_run"]
+        rounds += 1
+    others_during = during.others_cores()
+    cores = os.cpu_count() or 1
+    result.update(per_run=per_run, metrics=_summary(per_run), runs=len(per_run), rounds=rounds,
+                  spread=spread(per_run), stable=spread(per_run) <= SPREAD_TARGET,
+                  host_load={"cores": cores, "others_cores_before": round(others_before, 2),
+                             "others_cores_during": round(others_during, 2),
+                             "loadavg_1min": round(os.getloadavg()[0], 2),
+                             "busy": max(others_before, others_during) > BUSY_CORES})
+    return result
 
 
 @dataclass

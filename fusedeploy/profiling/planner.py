@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import formats
 from ..errors import UserError
+from ..judge import at_least, at_most
 from .schema import Profile
 
 GB = 1e9
@@ -120,16 +121,16 @@ def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str) -
     bandwidth = profile.memory_bandwidth_gbps * GB
     compute = profile.compute_tflops * 1e12
     step_s = max(bytes_per_step / bandwidth, flops_per_token * profile.batch_size / compute)
-    decode = profile.batch_size / step_s
+    decode = profile.batch_size / step_s if step_s > 0 else math.inf
     # Prefill of one prompt: compute-bound matmuls, at least one pass over the weights.
     prompt = profile.prompt_tokens
     ttft = max(flops_per_token * prompt / compute, bytes_per_step / bandwidth)
 
     b = profile.budgets
-    meets = {
-        "max_memory_gb": memory / GB <= b.max_memory_gb,
-        "min_decode_tokens_per_s": decode >= b.min_decode_tokens_per_s,
-        "max_time_to_first_token_s": ttft <= b.max_time_to_first_token_s,
+    meets = {  # NaN/Inf never meets a budget
+        "max_memory_gb": at_most(memory / GB, b.max_memory_gb),
+        "min_decode_tokens_per_s": at_least(decode, b.min_decode_tokens_per_s),
+        "max_time_to_first_token_s": at_most(ttft, b.max_time_to_first_token_s),
     }
     return Candidate(sparsity, removed, kept, quant, weights / GB, kv / GB, overhead / GB, memory / GB,
                      decode, ttft, meets)
@@ -150,13 +151,16 @@ def _shortfall(c: Candidate, profile: Profile) -> float:
 def plan(shape: ModelShape, profile: Profile, sparsity: float | None = None, quant: str | None = None,
          sparsities: tuple[float, ...] = DEFAULT_SPARSITIES) -> Plan:
     """The least-compressed candidate meeting every budget, and the whole table."""
-    if sparsity is not None and not 0 <= sparsity < 1:
-        raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
+    if sparsity is not None and not 0 <= sparsity < 1:  # also refuses NaN
+        raise UserError(f"--sparsity must be in [0, 1), got {sparsity}")
     if quant is not None and quant not in profile.quant_types:
         raise UserError(f"--quant {quant!r} is not offered by profile {profile.name} "
                         f"({profile.runtime}: {', '.join(profile.quant_types)})")
     levels = [sparsity] if sparsity is not None else list(sparsities)
     levels = [s for s in levels if removed_for(shape.blocks, s) < shape.blocks]
+    if not levels:
+        raise UserError(f"--sparsity {sparsity:g} would remove all {shape.blocks} blocks of the model; "
+                        f"give a smaller --sparsity (at most {(shape.blocks - 1) / shape.blocks:.2f})")
     quants = [quant] if quant else _precision_order(profile)
     candidates = [estimate(shape, profile, s, q) for s in levels for q in quants]
     fixed = {"sparsity": sparsity, "quant": quant}

@@ -19,43 +19,74 @@ from pathlib import Path
 
 def quality_check(budget: float, deployed: dict, dense: dict | None) -> dict:
     """The perplexity ratio of the deployed artifact to the dense one, both as measured in their runtime."""
-    import math
+    from ..judge import at_most, finite, reason
 
     if dense is None:  # nothing was compressed: the deployed artifact is the dense model
         ratio, note = 1.0, "not compressed: the deployed artifact is the dense model"
     else:
         ratio = deployed["verify"]["ppl_artifact"] / dense["verify"]["ppl_artifact"]
         note = f"{deployed['name']} vs {dense['name']}"
-    ok = math.isfinite(ratio) and ratio <= budget
+    ok = at_most(ratio, budget)
     check = {"figure": ratio, "op": "<=", "budget": budget, "basis": "measured",
              "result": "PASS" if ok else "FAIL", "note": note}
-    if not math.isfinite(ratio):
-        check["reason"] = "perplexity is not finite"
-    elif not ok:
-        check["reason"] = f"the compressed model's perplexity is {ratio:.2f}x the dense model's, over {budget:g}x"
+    if not ok:
+        check["reason"] = (f"the compressed model's perplexity is {ratio:.2f}x the dense model's, over {budget:g}x"
+                           if finite(ratio) else reason("perplexity ratio", ratio, "<=", budget))
     return check
 
 
 def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | None = None) -> dict:
-    """PASS/FAIL per budget for the deployed artifact, plus verification."""
+    """PASS/FAIL per budget for the deployed artifact, plus verification; NaN/Inf figures FAIL with a reason.
+
+    A measurement taken on a busy host, or one whose runs spread widely, is
+    flagged in `measurement.warnings` rather than signed off silently.
+    """
+    from ..judge import at_least, at_most, finite, reason
+
     b = profile["budgets"]
     p = deployed["projected"]
     checks = {
-        "max_memory_gb": (p["memory_gb"], "<=", b["max_memory_gb"], p["memory_gb"] <= b["max_memory_gb"]),
-        "min_decode_tokens_per_s": (p["decode_tokens_per_s"], ">=", b["min_decode_tokens_per_s"],
-                                    p["decode_tokens_per_s"] >= b["min_decode_tokens_per_s"]),
-        "max_time_to_first_token_s": (p["time_to_first_token_s"], "<=", b["max_time_to_first_token_s"],
-                                      p["time_to_first_token_s"] <= b["max_time_to_first_token_s"]),
+        "max_memory_gb": (p["memory_gb"], "<=", b["max_memory_gb"], at_most),
+        "min_decode_tokens_per_s": (p["decode_tokens_per_s"], ">=", b["min_decode_tokens_per_s"], at_least),
+        "max_time_to_first_token_s": (p["time_to_first_token_s"], "<=", b["max_time_to_first_token_s"], at_most),
     }
-    budgets = {name: {"figure": fig, "op": op, "budget": lim, "basis": "projected", "result": "PASS" if ok else "FAIL"}
-               for name, (fig, op, lim, ok) in checks.items()}
+    budgets = {}
+    for name, (fig, op, lim, test) in checks.items():
+        ok = test(fig, lim)
+        budgets[name] = {"figure": fig, "op": op, "budget": lim, "basis": "projected",
+                         "result": "PASS" if ok else "FAIL"}
+        if not ok:
+            budgets[name]["reason"] = reason(name, fig, op, lim)
     if b.get("max_perplexity_ratio") is not None:
         budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
-    failed_verifies = [v["artifact"] for v in verifies if not v["passed"]]
-    verify = {"result": "FAIL" if failed_verifies else "PASS", "failed": failed_verifies}
+    failed_verifies, reasons = [], []
+    for v in verifies:
+        bad = [k for k in ("max_rel_diff", "mean_abs_diff", "top1_agreement", "ppl_ratio") if k in v and not finite(v[k])]
+        if not v["passed"] or bad:
+            failed_verifies.append(v["artifact"])
+            reasons += [f"{v['artifact']}: {f}" for f in v.get("failures", [])]
+            reasons += [f"{v['artifact']}: {k} is {v[k]} (not a finite number)" for k in bad]
+    verify = {"result": "FAIL" if failed_verifies else "PASS", "failed": failed_verifies, "reasons": reasons}
     overall = all(c["result"] == "PASS" for c in budgets.values()) and not failed_verifies
     return {"artifact": deployed["name"], "budgets": budgets, "verify": verify,
+            "measurement": measurement_flags(deployed.get("measured", {})),
             "result": "PASS" if overall else "FAIL"}
+
+
+def measurement_flags(measured: dict) -> dict:
+    """Whether the speed figures can be trusted: host load during measurement and the spread of runs."""
+    host = measured.get("host_load") or {}
+    spread = measured.get("spread")
+    warnings = []
+    if host.get("busy"):
+        warnings.append(f"measured on a busy host: other processes used {host.get('others_cores_during', 0):.1f} "
+                        f"of {host.get('cores', 0)} cores during measurement (load before "
+                        f"{host.get('others_cores_before', 0):.1f}); speed figures may be too low -- re-run on an idle machine")
+    if spread is not None and not measured.get("stable", True):
+        warnings.append(f"decode speed spread {spread:.0%} across runs after {measured.get('runs')} runs; "
+                        "figures are noisy -- re-run on an idle machine")
+    return {"host_load": host, "spread": spread, "stable": measured.get("stable"),
+            "trusted": not warnings, "warnings": warnings}
 
 
 def _png(fig) -> str:
@@ -117,6 +148,9 @@ def _markdown(report: dict) -> str:
     for name, c in s["budgets"].items():
         lines.append(f"| {name} | {c['figure']:.3f} | {c['basis']} | {c['op']} {c['budget']:g} | {c['result']} |")
     lines.append(f"| verify (all artifacts) | | | | {s['verify']['result']} |")
+    flags = s.get("measurement", {}).get("warnings", [])
+    if flags:
+        lines += ["", "**Measurement warning:** " + " ".join(flags)]
     texts = report.get("evaluation_text")
     if texts:
         ev, cal = texts["evaluation"], texts["calibration"]
@@ -149,17 +183,24 @@ def _html(report: dict, plots: dict[str, str]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{c['figure']:.3f}</td><td>{c['basis']}</td><td>{c['op']} {c['budget']:g}</td>"
         f"<td class='{c['result']}'>{c['result']}</td></tr>" for n, c in s["budgets"].items())
-    rows += f"<tr><td>verify</td><td></td><td></td><td class='{s['verify']['result']}'>{s['verify']['result']}</td></tr>"
+    rows += f"<tr><td>verify</td><td></td><td></td><td></td><td class='{s['verify']['result']}'>{s['verify']['result']}</td></tr>"
     imgs = "".join(f"<h2>{html.escape(k)}</h2><img src='data:image/png;base64,{v}'>" for k, v in plots.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>FuseDeploy sign-off</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 table{{border-collapse:collapse}}.PASS{{color:#060;font-weight:bold}}.FAIL{{color:#a00;font-weight:bold}}</style></head>
 <body><h1>{html.escape(report['model'])} on {html.escape(report['profile']['name'])}:
 <span class="{s['result']}">{s['result']}</span></h1>
-<table><tr><th>budget</th><th>figure</th><th>basis</th><th>limit</th><th>result</th></tr>{rows}</table>
+{_warning_html(s)}<table><tr><th>budget</th><th>figure</th><th>basis</th><th>limit</th><th>result</th></tr>{rows}</table>
 {imgs}
 <h2>Details</h2><pre>{html.escape(_markdown(report))}</pre>
 <p>Every number is in report.json beside this file.</p></body></html>"""
+
+
+def _warning_html(s: dict) -> str:
+    flags = s.get("measurement", {}).get("warnings", [])
+    if not flags:
+        return ""
+    return "<p class='FAIL'>Measurement warning: " + html.escape(" ".join(flags)) + "</p>"
 
 
 def write_report(report: dict, folder: Path) -> dict:

@@ -18,7 +18,7 @@ from ..errors import UserError
 
 
 class Budgets(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_memory_gb: float = Field(gt=0)
     min_decode_tokens_per_s: float = Field(ge=0)
@@ -29,7 +29,7 @@ class Budgets(BaseModel):
 
 
 class Profile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf bandwidth would divide by zero
 
     name: str
     description: str = ""
@@ -108,7 +108,9 @@ def load_profile(name_or_path: str) -> Profile:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise UserError(f"profile {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"profile {path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"profile {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     if not isinstance(data, dict):
         raise UserError(f"profile {path}: expected a mapping of fields at the top level")
     try:
