@@ -289,8 +289,8 @@ def test_guards(tiny_dirs, calib_file, tmp_path):
         load_recipe("quick", {"epoch": 3})
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="--force"):
-        compress_model(tiny_dirs["llama"], tmp_path / "done", 0.2, calib=calib_file, settings=q)
+    with pytest.raises(UserError, match="did not make"):  # not ours: never replaced, not even with force
+        compress_model(tiny_dirs["llama"], tmp_path / "done", 0.2, calib=calib_file, settings=q, force=True)
 
 
 def test_recipes_and_yaml_overrides(tmp_path):

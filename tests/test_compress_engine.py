@@ -141,6 +141,9 @@ def test_a_planted_state_file_is_never_unpickled(tiny_llama, calib_file, tmp_pat
         if kind == "iteration" and done == 1:
             raise Interrupt
 
+    with pytest.raises(UserError, match="state.pt"):  # --force deletes only what FuseDeploy wrote
+        compress_model(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True)
+    (state / "state.pt").unlink()
     with pytest.raises(Interrupt):  # a genuine state of this run ...
         compress_model(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True, progress=stop)
     weights = list(state.glob("blocks-*.safetensors"))

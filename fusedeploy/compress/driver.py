@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import outputs, preflight
 from ..errors import UserError
 from . import state as saved_state
 from . import steps as steps_mod
@@ -60,8 +61,16 @@ def has_resumable_state(out_dir) -> bool:
     return saved_state.exists(state_dir(out_dir))
 
 
-def _finished(out: Path) -> bool:
-    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+def _discard_state(folder: Path) -> None:
+    """--force: remove a state folder, only if every entry in it is one this module writes."""
+    ours = {saved_state.STATE_FILE, steps_mod.FOLDER}
+    foreign = [p.name for p in folder.iterdir()
+               if p.name not in ours and not (p.name.startswith("blocks-") and p.suffix == ".safetensors")
+               and not p.name.endswith(".tmp")]
+    if foreign:
+        raise UserError(f"{folder} holds files FuseDeploy did not write ({', '.join(sorted(foreign)[:3])}); "
+                        "move them away, then run again")
+    shutil.rmtree(folder)
 
 
 @dataclass
@@ -132,6 +141,13 @@ def compress_model(
     "score" (one per candidate block scored) and "epoch" (one per distillation epoch, status
     carries the loss). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
+    with outputs.claim(out_dir):  # one writer per output; clears our own half-written temporaries
+        return _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, device, dtype, progress,
+                         force, keep_steps, calib_part)
+
+
+def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, device, dtype, progress, force,
+              keep_steps, calib_part) -> dict:
     run = _setup(model_spec, out_dir, sparsity, method, calib, settings or load_recipe(), resume, device, dtype,
                  force, calib_part)
     run.keep_steps = keep_steps
@@ -140,7 +156,7 @@ def compress_model(
     if resume and saved_state.exists(run.state_folder):
         _restore(run)
     elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
-        shutil.rmtree(run.state_folder, ignore_errors=True)
+        _discard_state(run.state_folder)
     stats = _iterate(run, progress)
     report = _report(run, resume, stats)
     if run.ranks.main:
@@ -161,8 +177,10 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     if not 0 < sparsity < 1:
         raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
     out = Path(out_dir)
-    if _finished(out) and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    location = preflight.model_location(model_spec)
+    outputs.check_separate(out, [location, None if calib == SELF else calib])
+    outputs.check_replaceable(out, force)
+    preflight.check_writable(out, preflight.weights_bytes(location) if location else 0, folder=True)
     if saved_state.exists(state_dir(out)) and not resume and not force:
         raise UserError(f"an unfinished run's state is at {state_dir(out)}; pass --resume to continue it "
                         "or --force to start over")
@@ -333,6 +351,7 @@ def _memory_record(dev: torch.device, stream_stats) -> dict:
 def _write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    outputs.mark(tmp, "compressed-model")  # the output never exists unmarked
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:

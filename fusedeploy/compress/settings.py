@@ -84,7 +84,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise UserError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+        try:
+            out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+        except ValueError:  # e.g. an integer of thousands of digits
+            raise UserError(f"--set {key.strip()}: the value cannot be read as a setting "
+                            f"({value.strip()[:20]}...)") from None
     return out
 
 
@@ -102,15 +106,9 @@ def load_recipe(name: str | None = None, overrides: dict | None = None, config_f
         raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     values = dict(RECIPES[name])
     if config_file is not None:
-        import yaml
+        from ..preflight import check_yaml_mapping
 
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"config file not found: {config_file}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{config_file}: expected a mapping of setting: value")
-        values.update(loaded)
+        values.update(check_yaml_mapping(config_file, "config file"))
     values.update(overrides or {})
     try:
         return CompressSettings(**values)
