@@ -100,7 +100,10 @@ def convert(spec: dict) -> dict:
     if tokenizer_kv and _is_gguf(model_dir / "tokenizer.model"):
         model_dir = _without(model_dir, "tokenizer.model", Path(spec["scratch"]))
     hparams = ModelBase.load_hparams(model_dir, False)
-    arch = get_model_architecture(hparams, ModelType.TEXT)
+    try:
+        arch = get_model_architecture(hparams, ModelType.TEXT)
+    except ValueError:  # the config names no architecture the converter can read
+        return {"error": "unknown-architecture", "architecture": hparams.get("model_type", "unknown")}
     try:
         base = get_model_class(arch)
     except NotImplementedError:

@@ -170,8 +170,8 @@ def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv,
         return result["facts"]
     who = f"llama.cpp's converter (llama-cpp-python {runtime_version()})"
     if result.get("error") == "unknown-architecture":
-        raise UserError(f"{who} does not know the architecture {result['architecture']!r} of {folder}; "
-                        "it cannot be exported to GGUF")
+        raise UserError(f"unsupported architecture {result['architecture']!r} in {folder}: {who} does not know it, "
+                        "so it cannot be exported to GGUF")
     if result.get("error") == "exception":
         message = (result["message"].splitlines() or [""])[0]
         raise UserError(f"{who} failed on {folder}: {result['type']}: {message}")
