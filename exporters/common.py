@@ -80,3 +80,13 @@ def atomic_path(out: Path, is_dir: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def set_metadata_props(model, meta: dict[str, str]) -> None:
+    """Write `meta` into an ONNX model's metadata_props, replacing keys that are already there."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in meta.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)

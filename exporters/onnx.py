@@ -34,7 +34,7 @@ from fusedeploy import formats
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 
-from .common import atomic_path, check_overwrite, provenance, resolve_local
+from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 def _stamp(path: Path, meta: dict[str, str]) -> None:
     """Write provenance into metadata_props (loading external data so nothing is lost on re-save)."""
     model = onnx.load(str(path), load_external_data=True)
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in meta.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            model.metadata_props.add(key=key, value=value)
+    set_metadata_props(model, meta)
     _save(model, path)
 
 

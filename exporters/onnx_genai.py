@@ -42,7 +42,7 @@ from pathlib import Path
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 
-from .common import atomic_path, check_overwrite, provenance, resolve_local
+from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,7 @@ def _stamp(path: Path, meta: dict[str, str]) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in meta.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            model.metadata_props.add(key=key, value=value)
+    set_metadata_props(model, meta)
     onnx.save_model(model, str(path))
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 from . import __version__, formats
 from .console import console, progress_task
 from .errors import UserError
+from .preflight import human_bytes
 from .builtin import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,14 +28,6 @@ PYTORCH = "pytorch"  # `eval` can also run the model itself; not an export targe
 EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
 GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
 ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _version(value: bool) -> None:
@@ -73,7 +66,7 @@ def info(
         return
     table = Table(title=f"{model}", show_header=False)
     for key, value in facts.to_dict().items():
-        shown = _human_bytes(value) if key.startswith("bytes_") else f"{value:,}" if isinstance(value, int) else value
+        shown = human_bytes(value) if key.startswith("bytes_") else f"{value:,}" if isinstance(value, int) else value
         table.add_row(key.replace("bytes_", "size at "), str(shown))
     console.print(table)
 
@@ -247,7 +240,7 @@ def export_gguf_cmd(
     with outputs.claim(out), console.status(f"exporting {model} to GGUF {qtype}"):
         path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)
         outputs.mark(path, "gguf-export")
-    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {qtype}, {time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {path} ({human_bytes(formats.size_bytes(path))}, {qtype}, {time.perf_counter() - t0:.1f} s)")
 
 
 @export_app.command("onnx")
@@ -286,7 +279,7 @@ def export_onnx_cmd(
     with outputs.claim(out), console.status(f"exporting {model} to ONNX {quantize or 'fp32'} ({engine})"):
         path = export_onnx(model, out, quantize=quantize, force=force, engine=engine, **genai)
         outputs.mark(path, "onnx-export")
-    print(f"wrote {path} ({_human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, {engine}, "
+    print(f"wrote {path} ({human_bytes(formats.size_bytes(path))}, {quantize or 'fp32'}, {engine}, "
           f"{time.perf_counter() - t0:.1f} s)")
 
 

@@ -16,7 +16,7 @@ from .errors import UserError
 HEADROOM = 1.1  # free space wanted beyond the estimate: filesystem overhead, metadata
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.1f} {unit}"
@@ -90,7 +90,7 @@ def check_writable(out: str | os.PathLike, need_bytes: float = 0, folder: bool =
     if need_bytes > 0:
         free = shutil.disk_usage(base).free
         if free < need_bytes * HEADROOM:
-            raise UserError(f"{base} has {_human(free)} free, but the output needs about {_human(need_bytes)}; "
+            raise UserError(f"{base} has {human_bytes(free)} free, but the output needs about {human_bytes(need_bytes)}; "
                             f"free some space or choose another {flag}")
 
 
