@@ -185,6 +185,31 @@ def _stop_at(text: str, stop: list[str]) -> int | None:
     return min(cut) if cut else None
 
 
+async def _pieces(engine: GenAIEngine, ids, body, max_tokens: int, stop: list[str] | None, result: dict):
+    """The new text, piece by piece, cut before the first stop string; `result` gets finish reason and token count.
+
+    One loop for streamed and whole answers, so both stop at the same place.
+    """
+    text, finish, count = "", "length", 0
+    async with aclosing(engine.tokens(ids, body, max_tokens)) as tokens:
+        async for _, piece, eos in tokens:
+            count += 1
+            if eos:
+                finish = "stop"
+                break
+            cut = _stop_at(text + piece, stop) if stop else None
+            if cut is not None:
+                tail = (text + piece)[len(text):cut]
+                if tail:
+                    yield tail
+                finish = "stop"
+                break
+            text += piece
+            if piece:
+                yield piece
+    result.update(finish=finish, count=count)
+
+
 def create_app(engine: GenAIEngine):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -247,24 +272,10 @@ def create_app(engine: GenAIEngine):
             async def events():
                 if chat:
                     yield json.dumps(chunk(None, None, first=True))
-                text, finish, count = "", "length", 0
-                async with aclosing(engine.tokens(ids, body, max_tokens)) as tokens:
-                    async for _, piece, eos in tokens:
-                        count += 1
-                        if eos:
-                            finish = "stop"
-                            break
-                        if stop:
-                            cut = _stop_at(text + piece, stop)
-                            if cut is not None:
-                                tail = (text + piece)[len(text):cut]
-                                if tail:
-                                    yield json.dumps(chunk(tail, None))
-                                finish = "stop"
-                                break
-                        text += piece
-                        if piece:
-                            yield json.dumps(chunk(piece, None))
+                result = {}
+                async for piece in _pieces(engine, ids, body, max_tokens, stop, result):
+                    yield json.dumps(chunk(piece, None))
+                finish, count = result["finish"], result["count"]
                 final = chunk(None, finish)
                 final["usage"] = {"prompt_tokens": len(ids), "completion_tokens": count,
                                   "total_tokens": len(ids) + count}
@@ -273,17 +284,11 @@ def create_app(engine: GenAIEngine):
 
             return EventSourceResponse(events(), ping=15)
 
-        text, finish, count = "", "length", 0
-        async with aclosing(engine.tokens(ids, body, max_tokens)) as tokens:
-            async for _, piece, eos in tokens:
-                count += 1
-                if eos:
-                    finish = "stop"
-                    break
-                text += piece
-                if stop and (cut := _stop_at(text, stop)) is not None:
-                    text, finish = text[:cut], "stop"
-                    break
+        result = {}
+        text = "".join([piece async for piece in _pieces(engine, ids, body, max_tokens, stop, result)])
+        if stop and (cut := _stop_at(text, stop)) is not None:  # a stop string that began in an earlier piece
+            text = text[:cut]
+        finish, count = result["finish"], result["count"]
         usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
