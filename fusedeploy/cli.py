@@ -389,6 +389,8 @@ def build(
     max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Quality budget: the compressed artifact's perplexity over the dense one's, at most (overrides the profile's).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
     from .pipeline import BuildOptions
@@ -397,7 +399,8 @@ def build(
     if resume and force:
         raise UserError("--resume continues the build and --force starts it over; pass one of them")
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
-              eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force)
+              eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
+              device=device, dtype=dtype)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 

@@ -125,6 +125,8 @@ CASES = [
     # build
     ("build-unknown-profile", "build --profile nope --model {m} --out {w}/b", "unknown profile"),
     ("build-unknown-recipe", "build --profile edge-8gb --model {m} --recipe turbo --out {w}/b", "unknown --recipe"),
+    ("build-unknown-dtype", "build --profile edge-8gb --model {m} --dtype fp8 --out {w}/b", "unknown --dtype"),
+    ("build-ppl-ratio-below-one", "build --profile edge-8gb --model {m} --max-ppl-ratio 0.5 --out {w}/b", "at least 1"),
     ("build-sparsity-all-blocks", "build --profile edge-8gb --model {m} --sparsity 0.99 --out {w}/b", "would remove all"),
     ("build-out-is-file", "build --profile edge-8gb --model {m} --out {w}/afile", "is a file"),
     ("build-out-stage-named-folders", "build --profile edge-8gb --model {m} --out {w}/stagey", "did not make"),

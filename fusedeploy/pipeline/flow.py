@@ -37,6 +37,8 @@ class BuildOptions:
     calib: str = "builtin"
     eval_data: str = "builtin"
     max_ppl_ratio: float | None = None  # overrides the profile's budgets.max_perplexity_ratio
+    device: str | None = None  # compression device (default: cuda when present)
+    dtype: str | None = None  # compression compute dtype (default: bf16 on cuda, fp32 on cpu)
     runtimes: tuple[str, ...] = ()  # default: the profile's runtime
     verify_windows: int = 4
     verify_ctx: int = 512
@@ -146,6 +148,10 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
         if opts.recipe not in RECIPES:
             raise UserError(f"unknown --recipe {opts.recipe!r}; choose from {', '.join(RECIPES)}")
     profile = _with_quality_budget(load_profile(opts.profile), opts.max_ppl_ratio)
+    if opts.device or opts.dtype:  # an unusable device or dtype fails before anything is written
+        from ..models.loading import pick_device, pick_dtype
+
+        pick_dtype(pick_device(opts.device), opts.dtype)
     source = resolve_model(opts.model)
     if not source.is_local:
         raise UserError("build needs a local model (folder, .gguf or built-in); download it first")
@@ -192,14 +198,16 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
             else:
                 summary = compress_model(opts.model, target, chosen["sparsity"], method=opts.method,
                                          calib=opts.calib, calib_part=split.calib, settings=load_recipe(opts.recipe),
-                                         resume=has_resumable_state(target), progress=compress_progress)
+                                         resume=has_resumable_state(target), progress=compress_progress,
+                                         device=opts.device, dtype=opts.dtype)
             outputs.mark(target, "compressed-model")
         return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
 
     say(f"compress: sparsity {chosen['sparsity']:g} ({chosen['removed_blocks']} blocks), {opts.method}")
     compressed = run_stage(out, Stage("compress", do_compress, {"sparsity": chosen["sparsity"], "method": opts.method,
                                                                 "recipe": opts.recipe, "calib": opts.calib,
-                                                                "calib_part": split.calib},
+                                                                "calib_part": split.calib, "device": opts.device,
+                                                                "dtype": opts.dtype},
                                       {**input_model, **_text_inputs(calib=opts.calib)}))
     c_out = compressed["outputs"]
     compressed_dir = out / "compress" / c_out["model_dir"] if c_out["compressed"] else model_dir
