@@ -67,12 +67,6 @@ class ActivationStore:
     def like(self) -> ActivationStore:
         return ActivationStore(len(self), self.data.shape[1:], self.data.dtype, self.device)
 
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> ActivationStore:
-        store = cls(t.shape[0], t.shape[1:], dtype, device)
-        store.data.copy_(t)
-        return store
-
     # -- writing ---------------------------------------------------------------
     def write(self, start: int, batch: torch.Tensor) -> None:
         """Copy a device mini-batch into rows start.. (asynchronously from a GPU)."""

@@ -79,7 +79,7 @@ class BlockRunner:
                 mod.to("cpu")  # returns None: a forward hook's return value would replace the output
             hooks += [b.register_forward_hook(back) for b in blocks]
         try:
-            with self._trunk_on_device(), self.autocast():
+            with self.trunk_on_device(), self.autocast():
                 ids = torch.zeros(1, seq_len, dtype=torch.long, device=self._embed_device())
                 self.model(input_ids=ids, use_cache=False)
         except _Stop:
@@ -104,7 +104,7 @@ class BlockRunner:
         h = first.register_forward_pre_hook(hook, with_kwargs=True)
         store = None
         try:
-            with self._trunk_on_device(), self.autocast():
+            with self.trunk_on_device(), self.autocast():
                 for s in range(0, ids.shape[0], batch):
                     try:
                         self.model(input_ids=ids[s:s + batch].to(self._embed_device()), use_cache=False)
@@ -112,19 +112,14 @@ class BlockRunner:
                         pass
                     x = got.pop()
                     if store is None:
-                        store = ActivationStore(ids.shape[0], x.shape[1:], self.store_dtype, self.device)
+                        store = ActivationStore(ids.shape[0], x.shape[1:], self.compute_dtype, self.device)
                     store.write(s, x)
         finally:
             h.remove()
         return store
 
-    @property
-    def store_dtype(self) -> torch.dtype:
-        """Activations are kept in the compute dtype (bf16 on a GPU run, fp32 on a CPU run)."""
-        return self.compute_dtype
-
     @contextlib.contextmanager
-    def _trunk_on_device(self):
+    def trunk_on_device(self):
         """With offload, embeddings and rotary tables visit the device for block-0 inputs; blocks stay."""
         if not self.offload:
             yield
@@ -156,11 +151,11 @@ class BlockRunner:
         if self.offload:  # one block on the device at a time
             for i in range(start, stop):
                 if i != skip:
-                    store = self._batched(i, i + 1, store, batch, None)
+                    store = self.run_store(i, i + 1, store, batch, None)
             return store
-        return self._batched(start, stop, store, batch, skip)
+        return self.run_store(start, stop, store, batch, skip)
 
-    def _batched(self, start, stop, store: ActivationStore, batch: int, skip) -> ActivationStore:
+    def run_store(self, start, stop, store: ActivationStore, batch: int, skip) -> ActivationStore:
         out = store.like()
         with self.on_device(start, stop):
             for s, h in store.batches(batch):

@@ -61,7 +61,7 @@ def candidate_outputs(cache: ActivationCache, which: list[int]) -> Iterator[tupl
             if waiting:
                 with runner.on_device(j, j + 1):
                     for i in waiting:
-                        running[i] = runner._batched(j, j + 1, running[i], b, None)
+                        running[i] = runner.run_store(j, j + 1, running[i], b, None)
         for i in which:
             yield i, running.pop(i).batches(b)
         return
@@ -146,7 +146,7 @@ def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor, progr
     n = len(cache.states) - 1
     mine = ranks.mine(n)
     out = {}
-    with runner._trunk_on_device():
+    with runner.trunk_on_device():
         for k, (i, batches) in enumerate(candidate_outputs(cache, mine)):
             total, count = 0.0, 0
             for s, h in batches:

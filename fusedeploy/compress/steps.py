@@ -76,13 +76,3 @@ def rebuild(output, k: int):
     if original != step_facts(output, k)["kept_blocks"]:
         raise UserError(f"{output}: step {k} does not replay to its recorded blocks; the steps are damaged")
     return model, tokenizer
-
-
-def write_checkpoint(output, k: int, dest) -> Path:
-    """A stock Hugging Face folder of step k (for export and evaluation)."""
-    model, tokenizer = rebuild(output, k)
-    dest = Path(dest)
-    model.save_pretrained(dest)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(dest)
-    return dest
