@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import __version__, formats
 from .console import console, progress_task
-from .errors import UserError
+from .errors import BudgetsUnmet, UserError
 from .preflight import human_bytes
 from .builtin import DEFAULT_MODEL
 
@@ -387,6 +387,9 @@ def build(
     runtime: Annotated[Optional[list[str]], typer.Option(
         help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,
     max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Quality budget: the compressed artifact's perplexity over the dense one's, at most (overrides the profile's).")] = None,
+    max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Compress up to this sparsity in one run, measure every point on the way (the quality curve), and deploy the least compression that meets every budget.")] = None,
+    eval_tasks: Annotated[Optional[str], typer.Option("--eval-tasks", help="lm-eval task YAML (or a folder of them) reading local data files: accuracy of the dense and the compressed model.")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Budget: the largest task-accuracy drop allowed, as a fraction (0.02 = two points; overrides the profile's).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
     device: DeviceOpt = None,
@@ -400,7 +403,8 @@ def build(
         raise UserError("--resume continues the build and --force starts it over; pass one of them")
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
-              device=device, dtype=dtype)
+              device=device, dtype=dtype, max_sparsity=max_sparsity, eval_tasks=eval_tasks,
+              max_accuracy_drop=max_accuracy_drop)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 
@@ -412,6 +416,10 @@ def build(
         console.print(f"  {name}: {c['figure']:.3f} {c['op']} {c['budget']:g} ({c['basis']})  [{c['result']}]"
                       + (f"  {c['reason']}" if c.get("reason") else ""))
     console.print(f"  verify: [{s['verify']['result']}]")
+    curve = report.get("quality_curve")
+    if curve:
+        console.print(f"  quality curve: {len(curve['points'])} points, deployed {curve['chosen_k']} blocks removed "
+                      f"(the least compression meeting every budget)")
     for warning in s.get("measurement", {}).get("warnings", []):
         console.print(f"  [yellow]warning:[/yellow] {warning}", highlight=False)
     print(f"sign-off {s['result']}: {s['artifact']} on {report['profile']['name']}; report: {out}/report/report.html")
@@ -511,6 +519,9 @@ def main() -> None:
         if _state["debug"]:
             raise
         _fail(escape(str(exc)))
+    except BudgetsUnmet as exc:
+        print(f"sign-off FAIL: {exc}")
+        sys.exit(1)
     except OSError as exc:
         if _state["debug"] or exc.errno not in _PATH_ERRNOS:
             raise

@@ -7,3 +7,7 @@ is a bug and keeps its traceback (under --debug).
 
 class UserError(Exception):
     """A mistake in the user's input, with a message that says what to do."""
+
+
+class BudgetsUnmet(Exception):
+    """Nothing the build could make meets the profile's budgets: a FAIL (exit 1), not a mistake in the input."""

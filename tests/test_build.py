@@ -118,7 +118,16 @@ def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stage
     deployed = next(a for a in report["artifacts"] if a["name"] == report["signoff"]["artifact"])
     measured = deployed["measured"]["metrics"]["decode_tokens_per_s"]["median"]
     assert deployed["projected"]["bandwidth_ratio"] == pytest.approx(5.12 / 200.0)
-    assert decode["figure"] == pytest.approx(measured * 5.12 / 200.0)
+    # decode also reads the KV cache of the profile's 4096-token context (half of it per step, on average)
+    from fusedeploy.models.loading import load_config, resolve_model
+    from fusedeploy.profiling.planner import ModelShape
+
+    shape = ModelShape.from_config(load_config(resolve_model(opts.model)))
+    kv = shape.kv_bytes_per_token(shape.blocks - report["compression"]["deployed_removed_blocks"], "llama.cpp")
+    m = deployed["measured"]
+    weights = deployed["size_bytes"]
+    read_here, read_there = weights + kv * (m["prompt_tokens"] + m["new_tokens"] / 2), weights + kv * 4096 / 2
+    assert decode["figure"] == pytest.approx(measured * 5.12 / 200.0 * read_here / read_there)
     assert report["signoff"]["result"] == "FAIL" and code == 1
     assert "sign-off FAIL" in stdout and ">= 150 (projected)  [FAIL]" in err
 
@@ -145,3 +154,41 @@ def test_quality_budget_is_judged_on_held_out_text(quick_build):
     assert loose["signoff"]["budgets"]["max_perplexity_ratio"]["result"] == "PASS"
     with pytest.raises(Exception, match="at least 1"):
         build(BuildOptions.quick(**{**opts.__dict__, "max_ppl_ratio": 0.5}))
+
+
+def test_task_accuracy_is_reported_and_budgeted(run_cli, quick_build, tmp_path):
+    """--eval-tasks runs lm-eval on the dense and the compressed model; the drop is judged and shown."""
+    import shutil
+
+    from .test_tasks import _write_task
+
+    opts, _, finished = quick_build
+    out = tmp_path / "b"
+    shutil.copytree(finished, out)
+    task = _write_task(tmp_path / "task")
+    args = ("build", "--profile", "edge-8gb", "--model", opts.model, "--out", out, "--recipe", "quick",
+            "--sparsity", "0.34", "--eval-tasks", task)
+    code, stdout, err = run_cli(*args, "--max-accuracy-drop", "1.0")
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["stages"]["compress"]["skipped"] and not report["stages"]["tasks"]["skipped"]
+    t = report["task_accuracy"]["tiny_choice"]
+    assert t["n"] == 6 and 0 <= t["dense"] <= 1 and 0 <= t["compressed"] <= 1
+    assert t["drop"] == pytest.approx(t["dense"] - t["compressed"])
+    check = report["signoff"]["budgets"]["max_accuracy_drop"]
+    assert check["figure"] == pytest.approx(t["drop"]) and check["result"] == "PASS" and code == 0
+    assert "| tiny_choice | acc | 6 |" in (out / "report" / "report.md").read_text()
+
+    # an accuracy budget with no tasks to judge it cannot pass
+    code, stdout, err = run_cli(*args[:-2], "--max-accuracy-drop", "0.5")
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert code == 1 and "give --eval-tasks" in report["signoff"]["budgets"]["max_accuracy_drop"]["reason"]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d / "missing.yaml", "not found"),
+    (lambda d: (d / "t.yaml", (d / "t.yaml").write_text("task: x\ndataset_path: json\n"))[0], "local data"),
+])
+def test_a_missing_or_malformed_task_file_stops_the_build_in_one_line(run_cli, tiny_model_dir, tmp_path, make, match):
+    code, _, err = run_cli("build", "--profile", "edge-8gb", "--model", tiny_model_dir("llama"), "--recipe", "quick",
+                           "--eval-tasks", make(tmp_path), "--out", tmp_path / "b")
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()

@@ -160,7 +160,7 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
     stats = _iterate(run, progress)
     report = _report(run, resume, stats)
     if run.ranks.main:
-        _write_output(run.model, run.tokenizer, report, run.out,
+        write_output(run.model, run.tokenizer, report, run.out,
                       steps_dir=run.state_folder / steps_mod.FOLDER if keep_steps else None)
         shutil.rmtree(run.state_folder, ignore_errors=True)
     run.ranks.barrier()
@@ -348,7 +348,7 @@ def _memory_record(dev: torch.device, stream_stats) -> dict:
     return rec
 
 
-def _write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None) -> None:
+def write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     outputs.mark(tmp, "compressed-model")  # the output never exists unmarked

@@ -46,23 +46,29 @@ def step_facts(output: Path, k: int) -> dict:
     return json.loads((Path(output) / FOLDER / f"step-{k}.json").read_text())
 
 
-def rebuild(output, k: int):
-    """(model, tokenizer) after k removals of the run that wrote `output`, bitwise as that run had it."""
+def replay(output, last: int | None = None):
+    """Yield (k, model, tokenizer) for k = 0 (the original) .. `last`, one model replayed step by step.
+
+    The same model object is modified in place between yields: use or save each before the next.
+    """
     from safetensors.torch import load_file
 
     from ..models import adapter_for
     from ..models.loading import load_model
 
     output = Path(output)
-    if k not in available(output):
-        raise UserError(f"{output} keeps no step {k}; it has {available(output) or 'none'} "
+    kept_steps = available(output)
+    last = kept_steps[-1] if last is None and kept_steps else (last or 0)
+    if last and last not in kept_steps:
+        raise UserError(f"{output} keeps no step {last}; it has {kept_steps or 'none'} "
                         "(compress with --keep-steps)")
     report = json.loads((output / "compression.json").read_text())
     model, tokenizer, _ = load_model(report["model"], device="cpu", dtype="float32")
     model.requires_grad_(False)
     adapter = adapter_for(model)
     original = list(range(len(adapter.blocks(model))))
-    for j in range(1, k + 1):
+    yield 0, model, tokenizer
+    for j in range(1, last + 1):
         facts = step_facts(output, j)
         idx = original.index(facts["removed_original"])
         adapter.remove_blocks(model, [idx])
@@ -73,6 +79,27 @@ def rebuild(output, k: int):
             prefix = f"{orig}."
             blocks[original.index(orig)].load_state_dict(
                 {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)})
-    if original != step_facts(output, k)["kept_blocks"]:
-        raise UserError(f"{output}: step {k} does not replay to its recorded blocks; the steps are damaged")
-    return model, tokenizer
+        if original != facts["kept_blocks"]:
+            raise UserError(f"{output}: step {j} does not replay to its recorded blocks; the steps are damaged")
+        yield j, model, tokenizer
+
+
+def rebuild(output, k: int):
+    """(model, tokenizer) after k removals of the run that wrote `output`, bitwise as that run had it."""
+    if k not in available(output):
+        raise UserError(f"{output} keeps no step {k}; it has {available(output) or 'none'} "
+                        "(compress with --keep-steps)")
+    for j, model, tokenizer in replay(output, k):
+        if j == k:
+            return model, tokenizer
+    raise AssertionError("unreachable")
+
+
+def step_report(output, k: int) -> dict:
+    """compression.json as the run would have written it had it stopped after k removals."""
+    report = json.loads((Path(output) / "compression.json").read_text())
+    facts = step_facts(output, k)
+    n = report["blocks_before"]
+    return {**report, "sparsity": k / n, "blocks_after": n - k, "removed_blocks": report["removed_blocks"][:k],
+            "kept_blocks": facts["kept_blocks"], "iterations": report["iterations"][:k],
+            "step_of": {"steps": len(available(output)), "k": k}}

@@ -89,3 +89,31 @@ def task_accuracy(model, tokenizer, tasks: str | Path, limit: int | None = None,
                                 if "," in metric and "stderr" not in metric and isinstance(v, (int, float))}
         results[cfg["task"]]["n"] = out.get("n-samples", {}).get(cfg["task"], {}).get("effective")
     return results
+
+
+def check_tasks(tasks: str | Path) -> list[str]:
+    """The task names at `tasks`, or one-line errors for a missing or malformed file, before any compute."""
+    return [_resolved(p)["task"] for p in _task_files(Path(tasks))]
+
+
+def compare_models(dense_dir, compressed_dir, tasks: str | Path, limit: int | None = None) -> dict:
+    """Accuracy of the dense and the compressed model per task, and the drop (dense - compressed).
+
+    The metric is `acc_norm` where the task reports it (length-normalised multiple choice, the figure
+    HellaSwag is usually quoted by), else `acc`. No compressed model (nothing removed): a drop of 0.
+    """
+    from ..models.loading import load_model
+
+    def run(folder):
+        model, tokenizer, _ = load_model(str(folder), device="cpu", dtype="float32")
+        return task_accuracy(model.eval(), tokenizer, tasks, limit=limit)
+
+    dense = run(dense_dir)
+    compressed = run(compressed_dir) if compressed_dir is not None else dense
+    out = {}
+    for task, d in dense.items():
+        metric = "acc_norm" if "acc_norm" in d else "acc"
+        c = compressed[task]
+        out[task] = {"metric": metric, "dense": d[metric], "compressed": c[metric], "drop": d[metric] - c[metric],
+                     "n": d.get("n"), "dense_all": d, "compressed_all": c}
+    return out

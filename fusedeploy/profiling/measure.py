@@ -162,21 +162,33 @@ def calibrate_host(size_mb: int = 256, repeats: int = 5) -> HostCalibration:
     return HostCalibration(bandwidth, 2 * n**3 / best_mm / 1e12, cpu, os.cpu_count() or 1)
 
 
-def project(measured: dict, host: HostCalibration, profile: Profile, kv_bytes_per_token: float = 0.0) -> dict:
-    """Scale measured speeds to the profile by roofline ratios; memory adds the KV cache at the profile's context."""
+def project(measured: dict, host: HostCalibration, profile: Profile, kv_bytes_per_token: float = 0.0,
+            weights_bytes: float | None = None) -> dict:
+    """Scale measured speeds to the profile by roofline ratios; memory adds the KV cache at the profile's context.
+
+    With `weights_bytes` (what one decode step reads of the weights: the artifact's size), decode also
+    pays for the larger KV cache the profile's context reads per step (half of it, on average), at the
+    same effective bandwidth the measured step reached -- as the planner projects it.
+    """
     m = measured["metrics"]
     bw_ratio = profile.memory_bandwidth_gbps / host.memory_bandwidth_gbps
     compute_ratio = profile.compute_tflops / host.compute_tflops
     model_rss = measured["peak_rss_bytes"] - measured["rss_before_load_bytes"]
     measured_ctx = measured["prompt_tokens"] + measured["new_tokens"]
     extra_kv = max(0.0, kv_bytes_per_token * (profile.context_length * profile.batch_size - measured_ctx))
+    decode = m["decode_tokens_per_s"]["median"] * bw_ratio
+    if weights_bytes:
+        read_here = weights_bytes + kv_bytes_per_token * (measured["prompt_tokens"] + measured["new_tokens"] / 2)
+        read_there = weights_bytes + kv_bytes_per_token * profile.context_length * profile.batch_size / 2
+        decode *= read_here / read_there
     prefill = m["prefill_tokens_per_s"]["median"] * compute_ratio
     return {
         "label": "projected",
-        "method": "roofline: decode x bandwidth ratio, prefill x compute ratio; memory = measured model RSS + "
-                  "KV cache grown to the profile's context x batch",
+        "method": "roofline: decode x bandwidth ratio (and the KV cache read at the profile's context), "
+                  "prefill x compute ratio; memory = measured model RSS + KV cache grown to the profile's "
+                  "context x batch",
         "bandwidth_ratio": bw_ratio, "compute_ratio": compute_ratio,
-        "decode_tokens_per_s": m["decode_tokens_per_s"]["median"] * bw_ratio,
+        "decode_tokens_per_s": decode,
         "prefill_tokens_per_s": prefill,
         "time_to_first_token_s": profile.prompt_tokens / prefill,
         "memory_gb": (model_rss + extra_kv) / 1e9,

@@ -20,6 +20,25 @@ from .schema import Profile
 GB = 1e9
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
 
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The fractions of peak that real inference reaches: decode of the copy bandwidth, prefill of the matmul peak.
+
+    An ideal roofline (1, 1) overstates every runtime: llama.cpp's decode reaches about two thirds of
+    a CPU's copy bandwidth and its prefill a fraction of the matmul peak. Measured once on this host
+    (`efficiency_from`), the same fractions applied to the profile's peaks project a candidate the way
+    a measured artifact is projected, so the planner and the profiler agree.
+    """
+
+    decode: float = 1.0
+    prefill: float = 1.0
+    source: str = "ideal roofline"
+
+
+IDEAL = Efficiency()
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The few numbers that memory and speed depend on."""
@@ -87,44 +106,64 @@ class Plan:
     chosen: Candidate
     candidates: list[Candidate]
     fixed: dict
+    efficiency: Efficiency = IDEAL
 
     def to_dict(self) -> dict:
         return {"profile": self.profile, "chosen": self.chosen.to_dict(), "fixed": self.fixed,
-                "candidates": [c.to_dict() for c in self.candidates],
+                "candidates": [c.to_dict() for c in self.candidates], "efficiency": asdict(self.efficiency),
                 "note": "estimates: weights by bits per weight, KV cache at the profile's context and batch, "
-                        "speeds by an ideal roofline on the profile's peak bandwidth and compute"}
+                        "speeds by a roofline on the profile's peak bandwidth and compute times the efficiency"}
 
 
 def removed_for(blocks: int, sparsity: float) -> int:
     return math.ceil(blocks * sparsity - 1e-9)
 
 
-def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str) -> Candidate:
+
+def step_load(shape: ModelShape, runtime: str, quant: str, kept: int, kv_read_bytes: float = 0.0) -> tuple[float, float]:
+    """(bytes read, FLOPs) per decoded token: every kept block and the LM head (the embedding when tied) once."""
+    rt = formats.runtime(runtime)
+    bits = formats.spec(rt.name, quant).bits
+    emb_bits = rt.embedding_bits or bits
+    head_bits = emb_bits if shape.head_params == 0 else bits
+    head_params = shape.head_params or shape.embedding_params
+    block_params = kept * shape.params_per_block
+    return (block_params * bits / 8 + head_params * head_bits / 8 + kv_read_bytes,
+            2.0 * (block_params + head_params))
+
+
+def efficiency_from(shape: ModelShape, runtime: str, quant: str, kept: int, decode_tokens_per_s: float,
+                    prefill_tokens_per_s: float, context_tokens: float, host_bandwidth_gbps: float,
+                    host_tflops: float, source: str) -> Efficiency:
+    """The fractions an artifact measured on this host reached (decode at `context_tokens` of KV cache)."""
+    kv = shape.kv_bytes_per_token(kept, runtime) * context_tokens
+    bytes_per_step, flops = step_load(shape, runtime, quant, kept, kv)
+    return Efficiency(decode=decode_tokens_per_s * bytes_per_step / (host_bandwidth_gbps * GB),
+                      prefill=prefill_tokens_per_s * flops / (host_tflops * 1e12), source=source)
+
+
+def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str, efficiency: Efficiency = IDEAL,
+             removed: int | None = None) -> Candidate:
     runtime = formats.runtime(profile.runtime)
     bits = formats.spec(runtime.name, quant).bits
-    removed = removed_for(shape.blocks, sparsity)
+    removed = removed_for(shape.blocks, sparsity) if removed is None else removed
     kept = shape.blocks - removed
-    block_params = kept * shape.params_per_block
     emb_bits = runtime.embedding_bits or bits
-    weights = (block_params + shape.head_params) * bits / 8 + shape.embedding_params * emb_bits / 8 \
-        + shape.other_params * 4
+    weights = (kept * shape.params_per_block + shape.head_params) * bits / 8 \
+        + shape.embedding_params * emb_bits / 8 + shape.other_params * 4
     kv = shape.kv_bytes_per_token(kept, runtime.name) * profile.context_length * profile.batch_size
     overhead = runtime.overhead_gb * GB
     memory = weights + kv + overhead
 
-    # Decode: every block weight and the LM head (the embedding table when tied) is
-    # read once per step; the KV cache is read at half the context on average.
-    head_bits = emb_bits if shape.head_params == 0 else bits
-    head_params = shape.head_params or shape.embedding_params
-    bytes_per_step = block_params * bits / 8 + head_params * head_bits / 8 + kv / 2
-    flops_per_token = 2 * (block_params + head_params)
-    bandwidth = profile.memory_bandwidth_gbps * GB
-    compute = profile.compute_tflops * 1e12
+    # Decode reads the weights once per step and the KV cache at half the context on average,
+    # at the fraction of peak bandwidth real decoding reaches; prefill of one prompt is
+    # compute-bound matmuls, and at least one pass over the weights.
+    bytes_per_step, flops_per_token = step_load(shape, runtime.name, quant, kept, kv / 2)
+    bandwidth = profile.memory_bandwidth_gbps * GB * efficiency.decode
+    compute = profile.compute_tflops * 1e12 * efficiency.prefill
     step_s = max(bytes_per_step / bandwidth, flops_per_token * profile.batch_size / compute)
     decode = profile.batch_size / step_s if step_s > 0 else math.inf
-    # Prefill of one prompt: compute-bound matmuls, at least one pass over the weights.
-    prompt = profile.prompt_tokens
-    ttft = max(flops_per_token * prompt / compute, bytes_per_step / bandwidth)
+    ttft = max(flops_per_token * profile.prompt_tokens / compute, bytes_per_step / bandwidth)
 
     b = profile.budgets
     meets = {  # NaN/Inf never meets a budget
@@ -140,16 +179,22 @@ def _precision_order(profile: Profile) -> list[str]:
     return sorted(profile.quant_types, key=lambda q: -formats.spec(profile.runtime, q).bits)
 
 
-def _shortfall(c: Candidate, profile: Profile) -> float:
-    """How far the worst budget is missed, as a ratio (0 when every budget is met)."""
+def shortfall(c, profile: Profile) -> float:
+    """How far the worst budget is missed, as a ratio (0 when every budget is met).
+
+    `c` is a Candidate or anything with its figures; a measured `perplexity_ratio` is judged too.
+    """
     b = profile.budgets
-    return max(0.0, c.memory_gb / b.max_memory_gb - 1,
-               (b.min_decode_tokens_per_s / c.decode_tokens_per_s - 1) if c.decode_tokens_per_s else math.inf,
-               c.time_to_first_token_s / b.max_time_to_first_token_s - 1)
+    misses = [c.memory_gb / b.max_memory_gb - 1,
+              (b.min_decode_tokens_per_s / c.decode_tokens_per_s - 1) if c.decode_tokens_per_s else math.inf,
+              c.time_to_first_token_s / b.max_time_to_first_token_s - 1]
+    if getattr(c, "perplexity_ratio", None) is not None and b.max_perplexity_ratio is not None:
+        misses.append(c.perplexity_ratio / b.max_perplexity_ratio - 1)
+    return max(0.0, *misses)
 
 
 def plan(shape: ModelShape, profile: Profile, sparsity: float | None = None, quant: str | None = None,
-         sparsities: tuple[float, ...] = DEFAULT_SPARSITIES) -> Plan:
+         sparsities: tuple[float, ...] = DEFAULT_SPARSITIES, efficiency: Efficiency = IDEAL) -> Plan:
     """The least-compressed candidate meeting every budget, and the whole table."""
     if sparsity is not None and not 0 <= sparsity < 1:  # also refuses NaN
         raise UserError(f"--sparsity must be in [0, 1), got {sparsity}")
@@ -162,12 +207,12 @@ def plan(shape: ModelShape, profile: Profile, sparsity: float | None = None, qua
         raise UserError(f"--sparsity {sparsity:g} would remove all {shape.blocks} blocks of the model; "
                         f"give a smaller --sparsity (at most {(shape.blocks - 1) / shape.blocks:.2f})")
     quants = [quant] if quant else _precision_order(profile)
-    candidates = [estimate(shape, profile, s, q) for s in levels for q in quants]
+    candidates = [estimate(shape, profile, s, q, efficiency) for s in levels for q in quants]
     fixed = {"sparsity": sparsity, "quant": quant}
     for c in candidates:
         if c.fits:
-            return Plan(profile.name, c, candidates, fixed)
-    closest = min(candidates, key=lambda c: _shortfall(c, profile))
+            return Plan(profile.name, c, candidates, fixed, efficiency)
+    closest = min(candidates, key=lambda c: shortfall(c, profile))
     b = profile.budgets
     raise UserError(
         f"no candidate meets the {profile.name} budgets; closest is sparsity {closest.sparsity:g} + {closest.quant}: "

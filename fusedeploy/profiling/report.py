@@ -35,7 +35,57 @@ def quality_check(budget: float, deployed: dict, dense: dict | None) -> dict:
     return check
 
 
-def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | None = None) -> dict:
+def accuracy_check(budget: float, tasks: dict | None) -> dict:
+    """The largest accuracy drop (dense - compressed) over the build's tasks; no tasks given is a FAIL."""
+    from ..judge import at_most
+
+    if not tasks:
+        return {"figure": float("nan"), "op": "<=", "budget": budget, "basis": "measured", "result": "FAIL",
+                "reason": "the profile budgets task accuracy but the build ran no tasks; give --eval-tasks"}
+    worst = max(tasks, key=lambda t: tasks[t]["drop"])
+    drop = tasks[worst]["drop"]
+    ok = at_most(drop, budget)
+    check = {"figure": drop, "op": "<=", "budget": budget, "basis": "measured", "result": "PASS" if ok else "FAIL",
+             "note": f"worst task: {worst} ({tasks[worst]['metric']})"}
+    if not ok:
+        check["reason"] = (f"{worst}: {tasks[worst]['metric']} fell from {tasks[worst]['dense']:.3f} to "
+                           f"{tasks[worst]['compressed']:.3f}, a drop over {budget:g}")
+    return check
+
+
+def projection_check(shape, profile, deployed: dict, dense: dict, removed: int, prompt_tokens: int,
+                     new_tokens: int, host: dict) -> dict:
+    """The planner's projection of the deployed candidate, ideal and calibrated, beside the measured-then-projected.
+
+    The calibration is the efficiency the dense artifact reached on this host (planner.efficiency_from):
+    the planner, so calibrated, should land within PROJECTION_TOLERANCE of what the profiler projects
+    from measuring the compressed artifact itself.
+    """
+    from dataclasses import asdict
+
+    from ..profiling.planner import IDEAL, efficiency_from, estimate
+
+    m = dense["measured"]["metrics"]
+    eff = efficiency_from(shape, dense["runtime"], dense["precision"], shape.blocks, m["decode_tokens_per_s"]["median"],
+                          m["prefill_tokens_per_s"]["median"], prompt_tokens + new_tokens / 2,
+                          host["memory_bandwidth_gbps"], host["compute_tflops"],
+                          source=f"{dense['name']} measured on this host")
+    out = {"efficiency": asdict(eff), "tolerance": PROJECTION_TOLERANCE}
+    for label, e in (("planner_ideal", IDEAL), ("planner_calibrated", eff)):
+        c = estimate(shape, profile, removed / shape.blocks, deployed["precision"], e, removed=removed)
+        out[label] = {"decode_tokens_per_s": c.decode_tokens_per_s, "time_to_first_token_s": c.time_to_first_token_s}
+    measured = {k: deployed["projected"][k] for k in ("decode_tokens_per_s", "time_to_first_token_s")}
+    out["measured_projected"] = measured
+    out["calibrated_error"] = {k: out["planner_calibrated"][k] / v - 1 for k, v in measured.items()}
+    out["within_tolerance"] = all(abs(e) <= PROJECTION_TOLERANCE for e in out["calibrated_error"].values())
+    return out
+
+
+PROJECTION_TOLERANCE = 0.15
+
+
+def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | None = None,
+            tasks: dict | None = None) -> dict:
     """PASS/FAIL per budget for the deployed artifact, plus verification; NaN/Inf figures FAIL with a reason.
 
     A measurement taken on a busy host, or one whose runs spread widely, is
@@ -59,6 +109,8 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | N
             budgets[name]["reason"] = reason(name, fig, op, lim)
     if b.get("max_perplexity_ratio") is not None:
         budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
+    if b.get("max_accuracy_drop") is not None:
+        budgets["max_accuracy_drop"] = accuracy_check(b["max_accuracy_drop"], tasks)
     failed_verifies, reasons = [], []
     for v in verifies:
         bad = [k for k in ("max_rel_diff", "mean_abs_diff", "top1_agreement", "ppl_ratio") if k in v and not finite(v[k])]
@@ -136,7 +188,33 @@ def _plots(report: dict) -> dict[str, str]:
     ax.set_title("Perplexity of each artifact in its runtime")
     out["perplexity"] = _png(fig)
     plt.close(fig)
+    if report.get("quality_curve"):
+        out["quality curve"] = _curve_plot(plt, report["quality_curve"], b)
     return out
+
+
+def _curve_plot(plt, curve: dict, budgets: dict) -> str:
+    """Perplexity ratio against projected decode speed, one labelled point per k, the budgets drawn in."""
+    pts = curve["points"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [p["decode_tokens_per_s"] for p in pts]
+    y = [p["perplexity_ratio"] for p in pts]
+    ax.plot(x, y, "-", color="#bbbbbb", zorder=1)
+    ax.scatter(x, y, c=["#2a7ab0" if p["fits"] else "#a00000" for p in pts], zorder=2)
+    for p in pts:
+        ax.annotate(str(p["k"]) + (" (chosen)" if p["k"] == curve.get("chosen_k") else ""),
+                    (p["decode_tokens_per_s"], p["perplexity_ratio"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    if budgets.get("max_perplexity_ratio") is not None:
+        ax.axhline(budgets["max_perplexity_ratio"], color="red", linestyle="--", label="max perplexity ratio")
+    ax.axvline(budgets["min_decode_tokens_per_s"], color="orange", linestyle="--", label="min decode tok/s")
+    ax.set_xlabel("decode tokens/s (projected onto the profile)")
+    ax.set_ylabel("perplexity / dense (measured)")
+    ax.set_title("Quality against speed, one point per number of removed blocks (blue: meets every budget)")
+    ax.legend(fontsize=7)
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
 
 def _markdown(report: dict) -> str:
@@ -156,6 +234,7 @@ def _markdown(report: dict) -> str:
         ev, cal = texts["evaluation"], texts["calibration"]
         lines += ["", f"Quality and verify text: `{ev['source']}` ({ev['part']}), {ev['windows']} windows x {ev['ctx']} "
                   f"tokens ({ev['tokens_scored']} scored); calibration read `{cal['source']}` ({cal['part']})."]
+    lines += _curve_markdown(report) + _tasks_markdown(report) + _projection_markdown(report)
     lines += ["", "| artifact | size MB | PPL | decode tok/s measured | projected | TTFT s measured | projected |",
               "|---|---|---|---|---|---|---|"]
     for a in report["artifacts"]:
@@ -176,6 +255,48 @@ def _markdown(report: dict) -> str:
               f"bandwidth, {host['compute_tflops']:.3f} TFLOPS fp32 matmul). Projected figures scale these by the "
               "profile's peak bandwidth (decode) and compute (prefill)."]
     return "\n".join(lines) + "\n"
+
+
+def _curve_markdown(report: dict) -> list[str]:
+    curve = report.get("quality_curve")
+    if not curve:
+        return []
+    lines = ["", f"Quality curve (one compression run; chosen: {curve['chosen_k']} blocks removed). Perplexity "
+             "measured in the deployed runtime; speed and memory projected by the planner calibrated on this host.", "",
+             "| removed | sparsity | precision | PPL | PPL / dense | memory GB | decode tok/s | TTFT s | meets all |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in curve["points"]:
+        lines.append(f"| {p['k']} | {p['sparsity']:.3f} | {p['precision']} | {p['perplexity']:.2f} | "
+                     f"{p['perplexity_ratio']:.3f} | {p['memory_gb']:.3f} | {p['decode_tokens_per_s']:.1f} | "
+                     f"{p['time_to_first_token_s']:.3f} | {'yes' if p['fits'] else 'no'} |")
+    return lines
+
+
+def _tasks_markdown(report: dict) -> list[str]:
+    tasks = report.get("task_accuracy")
+    if not tasks:
+        return []
+    lines = ["", "Task accuracy (lm-eval, PyTorch models):", "", "| task | metric | n | dense | compressed | drop |",
+             "|---|---|---|---|---|---|"]
+    for name, t in tasks.items():
+        lines.append(f"| {name} | {t['metric']} | {t.get('n')} | {t['dense']:.4f} | {t['compressed']:.4f} | "
+                     f"{t['drop']:+.4f} |")
+    return lines
+
+
+def _projection_markdown(report: dict) -> list[str]:
+    pj = report.get("projection")
+    if not pj:
+        return []
+    e = pj["efficiency"]
+    lines = ["", f"Planner against profiler for the deployed artifact (efficiency on this host: decode "
+             f"{e['decode']:.2f} of copy bandwidth, prefill {e['prefill']:.2f} of matmul peak; {e['source']}):", "",
+             "| figure | planner, ideal roofline | planner, calibrated | measured, projected | calibrated error |",
+             "|---|---|---|---|---|"]
+    for key in ("decode_tokens_per_s", "time_to_first_token_s"):
+        lines.append(f"| {key} | {pj['planner_ideal'][key]:.3f} | {pj['planner_calibrated'][key]:.3f} | "
+                     f"{pj['measured_projected'][key]:.3f} | {pj['calibrated_error'][key]:+.1%} |")
+    return lines
 
 
 def _html(report: dict, plots: dict[str, str]) -> str:

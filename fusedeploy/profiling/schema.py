@@ -26,6 +26,9 @@ class Budgets(BaseModel):
     # quality: the deployed compressed artifact's perplexity / the dense artifact's at the same precision,
     # both measured in the deployed runtime on evaluation text that calibration never read
     max_perplexity_ratio: float | None = Field(None, ge=1)
+    # task accuracy (build --eval-tasks): the largest drop, dense minus compressed, over the tasks, as a
+    # fraction (0.02 = two points of accuracy)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
 
 
 class Profile(BaseModel):
