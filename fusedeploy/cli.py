@@ -387,6 +387,7 @@ def build(
     runtime: Annotated[Optional[list[str]], typer.Option(
         help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,
     max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Quality budget: the compressed artifact's perplexity over the dense one's, at most (overrides the profile's).")] = None,
+    serve_load: Annotated[Optional[bool], typer.Option("--serve-load/--no-serve-load", help="Load-test the deployed artifact behind `fusedeploy serve` in the profile stage (default: when the profile has a `serving` section or budget; --no-serve-load also drops its serving budget).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
     device: DeviceOpt = None,
@@ -400,7 +401,7 @@ def build(
         raise UserError("--resume continues the build and --force starts it over; pass one of them")
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
-              device=device, dtype=dtype)
+              device=device, dtype=dtype, serve_load=serve_load)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 
