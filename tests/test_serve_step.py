@@ -153,3 +153,4 @@ def test_build_serve_load_flag_reaches_the_build(run_cli, monkeypatch, flag, wan
     monkeypatch.setattr("fusedeploy.pipeline.build", fake_build)
     code, _, _ = run_cli("build", "--profile", "edge-8gb", *([flag] if flag else []))
     assert code == 2 and seen["serve_load"] is want
+
