@@ -390,6 +390,7 @@ def build(
     max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Compress up to this sparsity in one run, measure every point on the way (the quality curve), and deploy the least compression that meets every budget.")] = None,
     eval_tasks: Annotated[Optional[str], typer.Option("--eval-tasks", help="lm-eval task YAML (or a folder of them) reading local data files: accuracy of the dense and the compressed model.")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Budget: the largest task-accuracy drop allowed, as a fraction (0.02 = two points; overrides the profile's).")] = None,
+    serve_load: Annotated[Optional[bool], typer.Option("--serve-load/--no-serve-load", help="Load-test the deployed artifact behind `fusedeploy serve` in the profile stage (default: when the profile has a `serving` section or budget; --no-serve-load also drops its serving budget).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
     device: DeviceOpt = None,
@@ -404,7 +405,7 @@ def build(
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
               device=device, dtype=dtype, max_sparsity=max_sparsity, eval_tasks=eval_tasks,
-              max_accuracy_drop=max_accuracy_drop)
+              max_accuracy_drop=max_accuracy_drop, serve_load=serve_load)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 

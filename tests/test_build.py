@@ -192,3 +192,33 @@ def test_a_missing_or_malformed_task_file_stops_the_build_in_one_line(run_cli, t
     code, _, err = run_cli("build", "--profile", "edge-8gb", "--model", tiny_model_dir("llama"), "--recipe", "quick",
                            "--eval-tasks", make(tmp_path), "--out", tmp_path / "b")
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_a_profile_with_a_serving_budget_load_tests_the_deployed_artifact(quick_build, tmp_path):
+    """The serving load test is a step of the profile stage; its budget is signed off like the others."""
+    import shutil
+
+    import yaml
+
+    from fusedeploy.profiling.schema import profiles_dir
+
+    opts, _, finished = quick_build
+    out = tmp_path / "b"
+    shutil.copytree(finished, out)
+    data = yaml.safe_load((profiles_dir() / "edge-8gb.yaml").read_text())
+    data["serving"] = {"concurrency": [1, 2], "duration_s": 1.0, "max_tokens": 4}
+    data["budgets"].update(min_serving_tokens_per_s=0.0, serving_concurrency=2)
+    served = tmp_path / "served.yaml"
+    served.write_text(yaml.safe_dump(data))
+    report = build(BuildOptions.quick(**{**opts.__dict__, "recipe": "quick", "profile": str(served), "out": str(out),
+                                         "profile_runs": 1}))  # one run: the load test is what is tried here
+    stages = report["stages"]
+    assert not stages["profile"]["skipped"] and stages["export"]["skipped"]
+    serving = report["serving"]
+    assert serving["artifact"] == report["signoff"]["artifact"]  # the deployed artifact only
+    assert [lv["concurrency"] for lv in serving["measured"]["levels"]] == [1, 2]
+    check = report["signoff"]["budgets"]["min_serving_tokens_per_s"]
+    assert check["basis"] == "projected" and check["concurrency"] == 2 and check["result"] == "PASS"
+    assert check["figure"] == serving["projected"]["levels"][1]["output_tokens_per_s"]
+    assert "Serving load test" in (out / "report" / "report.md").read_text()
+    assert (out / "profile" / "serve.log").is_file()

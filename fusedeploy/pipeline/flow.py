@@ -49,6 +49,7 @@ class BuildOptions:
     profile_runs: int = 3
     prompt_tokens: int | None = None  # default: the profile's
     new_tokens: int = 32
+    serve_load: bool | None = None  # serving load test: None = as the profile says (a serving section or budget)
     force: bool = False  # start over: empty the build folder (ours only) first
 
     @classmethod
@@ -176,7 +177,8 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
         if opts.recipe not in RECIPES:
             raise UserError(f"unknown --recipe {opts.recipe!r}; choose from {', '.join(RECIPES)}")
-    profile = _with_quality_budgets(load_profile(opts.profile), opts.max_ppl_ratio, opts.max_accuracy_drop)
+    profile = _with_quality_budgets(load_profile(opts.profile), opts.max_ppl_ratio,
+                                    opts.max_accuracy_drop).with_serving(opts.serve_load)
     if opts.device or opts.dtype:  # an unusable device or dtype fails before anything is written
         from ..models.loading import pick_device, pick_dtype
 
@@ -342,6 +344,13 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
             kv_bytes = shape.kv_bytes_per_token(kept, a.runtime)
             results["artifacts"][name] = {"measured": measured,
                                           "projected": project(measured, host, profile, kv_bytes, a.size_bytes)}
+        if profile.serving is not None:  # the load test, of the deployed artifact only; its settings are in the key
+            from ..serve.load_step import serving_step
+
+            name = next(n for n, a in artifacts.items() if a.variant == "compressed" and a.runtime == profile.runtime)
+            say(f"serve {name} under load: {profile.serving.concurrency} clients, {profile.serving.duration_s:g} s")
+            served = serving_step(artifacts[name].path, profile, host, work / "serve.log")
+            results["serving"] = {"artifact": name, **served}
         (work / "profile.json").write_text(json.dumps(results, indent=2))
         return results
 
@@ -382,10 +391,11 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
                                                "text; speed and memory projected by the calibrated planner"}
         if tasks is not None:
             report["task_accuracy"] = tasks["outputs"]
+        report["serving"] = profiled["outputs"].get("serving")
         report["projection"] = projection_check(shape, profile, deployed, dense or deployed, k, prompt,
                                                 opts.new_tokens, report["host"])
         report["signoff"] = signoff(report["profile"], deployed, [r["verify"] for r in rows], dense=dense,
-                                    tasks=report.get("task_accuracy"))
+                                    tasks=report.get("task_accuracy"), serving=report["serving"])
         write_report(report, work)
         return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
 

@@ -29,8 +29,8 @@ MAX_ROUNDS = 3
 BUSY_CORES = 0.5
 
 
-def _die_with_parent() -> None:
-    """Runs in the worker before exec: Linux kills it when its parent dies, even by kill -9."""
+def die_with_parent() -> None:
+    """Runs in a child (the worker, a served artifact) before exec: Linux kills it when its parent dies, even by kill -9."""
     try:
         import ctypes
         import signal
@@ -72,7 +72,7 @@ def _run_worker(artifact, prompt_tokens: int, new_tokens: int, runs: int, thread
     try:
         done = subprocess.run([sys.executable, "-m", "fusedeploy.profiling.worker", args], capture_output=True,
                               text=True, timeout=timeout_s, check=False,
-                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
     except subprocess.TimeoutExpired:
         raise UserError(f"profiling {artifact} took longer than {timeout_s:.0f} s") from None
     if done.returncode != 0:
@@ -114,15 +114,17 @@ def measure_artifact(artifact: str | os.PathLike, prompt_tokens: int = 128, new_
     while spread(per_run) > SPREAD_TARGET and rounds < max_rounds:
         per_run += _run_worker(artifact, prompt_tokens, new_tokens, runs, threads, timeout_s)["per_run"]
         rounds += 1
-    others_during = during.others_cores()
-    cores = os.cpu_count() or 1
     result.update(per_run=per_run, metrics=_summary(per_run), runs=len(per_run), rounds=rounds,
                   spread=spread(per_run), stable=spread(per_run) <= SPREAD_TARGET,
-                  host_load={"cores": cores, "others_cores_before": round(others_before, 2),
-                             "others_cores_during": round(others_during, 2),
-                             "loadavg_1min": round(os.getloadavg()[0], 2),
-                             "busy": max(others_before, others_during) > BUSY_CORES})
+                  host_load=host_load(others_before, during.others_cores()))
     return result
+
+
+def host_load(others_before: float, others_during: float) -> dict:
+    """The record of other processes' load around a measurement; `busy` when either exceeds BUSY_CORES."""
+    return {"cores": os.cpu_count() or 1, "others_cores_before": round(others_before, 2),
+            "others_cores_during": round(others_during, 2), "loadavg_1min": round(os.getloadavg()[0], 2),
+            "busy": max(others_before, others_during) > BUSY_CORES}
 
 
 @dataclass

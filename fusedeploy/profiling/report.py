@@ -84,8 +84,36 @@ def projection_check(shape, profile, deployed: dict, dense: dict, removed: int, 
 PROJECTION_TOLERANCE = 0.15
 
 
+def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict:
+    """Served output tokens/s at the budget's client count, projected onto the profile as decode speed is."""
+    from ..judge import at_least, finite, reason
+
+    check = {"figure": float("nan"), "op": ">=", "budget": budget, "basis": "projected", "concurrency": concurrency}
+    level = measured = None
+    if serving is not None:
+        level = next((lv for lv in serving["projected"]["levels"] if lv["concurrency"] == concurrency), None)
+        measured = next((lv for lv in serving["measured"]["levels"] if lv["concurrency"] == concurrency), None)
+    if level is None or measured is None:
+        return {**check, "result": "FAIL", "reason": f"no serving load test at {concurrency} clients was run"}
+    fig, ratio = level["output_tokens_per_s"], serving["projected"]["bandwidth_ratio"]
+    ok = at_least(fig, budget)
+    check.update(figure=fig, result="PASS" if ok else "FAIL", measured=measured["output_tokens_per_s"],
+                 bandwidth_ratio=ratio,
+                 note=f"{serving.get('artifact', 'deployed artifact')} served to {concurrency} clients: "
+                      f"{measured['output_tokens_per_s']:.4g} output tokens/s measured on this host x bandwidth "
+                      f"ratio {ratio:.3g}")
+    if not ok:
+        check["reason"] = (f"served output {fig:.4g} tokens/s at {concurrency} clients (projected; "
+                           f"{measured['output_tokens_per_s']:.4g} measured on this host) is under {budget:g}"
+                           if finite(fig) else reason("served output tokens/s", fig, ">=", budget))
+        if measured["errors"]:
+            check["reason"] += (f"; {measured['errors']} of {measured['requests_started']} requests failed "
+                                f"({measured['first_error']})")
+    return check
+
+
 def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | None = None,
-            tasks: dict | None = None) -> dict:
+            tasks: dict | None = None, serving: dict | None = None) -> dict:
     """PASS/FAIL per budget for the deployed artifact, plus verification; NaN/Inf figures FAIL with a reason.
 
     A measurement taken on a busy host, or one whose runs spread widely, is
@@ -111,6 +139,9 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | N
         budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
     if b.get("max_accuracy_drop") is not None:
         budgets["max_accuracy_drop"] = accuracy_check(b["max_accuracy_drop"], tasks)
+    if b.get("min_serving_tokens_per_s") is not None:
+        budgets["min_serving_tokens_per_s"] = serving_check(b["min_serving_tokens_per_s"], b["serving_concurrency"],
+                                                            serving)
     failed_verifies, reasons = [], []
     for v in verifies:
         bad = [k for k in ("max_rel_diff", "mean_abs_diff", "top1_agreement", "ppl_ratio") if k in v and not finite(v[k])]
@@ -121,7 +152,7 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | N
     verify = {"result": "FAIL" if failed_verifies else "PASS", "failed": failed_verifies, "reasons": reasons}
     overall = all(c["result"] == "PASS" for c in budgets.values()) and not failed_verifies
     return {"artifact": deployed["name"], "budgets": budgets, "verify": verify,
-            "measurement": measurement_flags(deployed.get("measured", {})),
+            "measurement": _with_serving_load(measurement_flags(deployed.get("measured", {})), serving),
             "result": "PASS" if overall else "FAIL"}
 
 
@@ -139,6 +170,41 @@ def measurement_flags(measured: dict) -> dict:
                         "figures are noisy -- re-run on an idle machine")
     return {"host_load": host, "spread": spread, "stable": measured.get("stable"),
             "trusted": not warnings, "warnings": warnings}
+
+
+def _with_serving_load(flags: dict, serving: dict | None) -> dict:
+    """The measurement flags, plus a warning when the serving load test ran on a busy host."""
+    host = (serving or {}).get("measured", {}).get("host_load") or {}
+    if not host.get("busy"):
+        return flags
+    warning = (f"the serving load test ran on a busy host: other processes used {host['others_cores_during']:.1f} "
+               f"of {host['cores']} cores during it (before: {host['others_cores_before']:.1f}); its figures may be "
+               "too low -- re-run on an idle machine")
+    return {**flags, "trusted": False, "warnings": flags["warnings"] + [warning]}
+
+
+def _serving_markdown(serving: dict | None) -> list[str]:
+    """The load test's table: per client count, throughput and latency percentiles (measured; tok/s also projected)."""
+    if not serving:
+        return []
+    m, p = serving["measured"], serving["projected"]
+    projected = {lv["concurrency"]: lv for lv in p["levels"]}
+
+    def ms(d: dict, key: str) -> str:
+        return "-" if d.get(key) is None else f"{d[key] * 1000:.1f}"
+
+    lines = ["", f"Serving load test: `{serving.get('artifact')}` behind `fusedeploy serve`, {m['duration_s']:g} s per "
+             f"level, {m['max_tokens']} output tokens per request; measured on this host (output tok/s also "
+             f"projected: x bandwidth ratio {p['bandwidth_ratio']:.3g}).", "",
+             "| clients | req/s | out tok/s measured | projected | TTFT p50 / p95 ms | per-token p50 / p95 / p99 ms "
+             "| done / errors |", "|---|---|---|---|---|---|---|"]
+    for lv in m["levels"]:
+        t, itl = lv["ttft_s"], lv["token_latency_s"]
+        lines.append(f"| {lv['concurrency']} | {lv['requests_per_s']:.2f} | {lv['output_tokens_per_s']:.1f} | "
+                     f"{projected[lv['concurrency']]['output_tokens_per_s']:.1f} | {ms(t, 'p50')} / {ms(t, 'p95')} | "
+                     f"{ms(itl, 'p50')} / {ms(itl, 'p95')} / {ms(itl, 'p99')} | "
+                     f"{lv['requests_completed']} / {lv['errors']} |")
+    return lines
 
 
 def _png(fig) -> str:
@@ -250,6 +316,7 @@ def _markdown(report: dict) -> str:
             ("yes" if c["fits"] else "no")
         lines.append(f"| {c['sparsity']:g} | {c['kept_blocks']} | {c['quant']} | {c['memory_gb']:.3f} | "
                      f"{c['decode_tokens_per_s']:.1f} | {c['time_to_first_token_s']:.3f} | {mark} |")
+    lines += _serving_markdown(report.get("serving"))
     host = report["host"]
     lines += ["", f"Measured on {host['cpu']} ({host['cores']} cores; {host['memory_bandwidth_gbps']:.1f} GB/s copy "
               f"bandwidth, {host['compute_tflops']:.3f} TFLOPS fp32 matmul). Projected figures scale these by the "

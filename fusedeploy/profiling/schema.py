@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .. import formats
 from ..errors import UserError
@@ -29,6 +29,27 @@ class Budgets(BaseModel):
     # task accuracy (build --eval-tasks): the largest drop, dense minus compressed, over the tasks, as a
     # fraction (0.02 = two points of accuracy)
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    # serving: output tokens/s of the served deployed artifact under `serving_concurrency` clients
+    # (one of the profile's `serving.concurrency`; default: the highest), projected like decode speed
+    min_serving_tokens_per_s: float | None = Field(None, ge=0)
+    serving_concurrency: int | None = Field(None, ge=1)
+
+
+class Serving(BaseModel):
+    """The serving load test of the build's profile stage: `fusedeploy bench-serve`'s settings."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4], min_length=1)  # clients, one level each
+    duration_s: float = Field(10.0, gt=0)  # per level; each level stops by itself
+    max_tokens: int = Field(32, ge=1)  # output tokens per request
+
+    @field_validator("concurrency")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"concurrency {value} repeats a level")
+        return value
 
 
 class Profile(BaseModel):
@@ -48,6 +69,7 @@ class Profile(BaseModel):
     batch_size: int = Field(ge=1)
     prompt_tokens: int = Field(ge=1)  # prompt length for time-to-first-token
     budgets: Budgets
+    serving: Serving | None = None  # the serving load test; off unless set (or budgeted, or `build --serve-load`)
     sources: list[str] = Field(min_length=1)  # where each hardware figure comes from
 
     @field_validator("runtime")
@@ -71,7 +93,34 @@ class Profile(BaseModel):
             raise ValueError("budgets.max_memory_gb is larger than memory_available_gb")
         if self.prompt_tokens > self.context_length:
             raise ValueError("prompt_tokens is larger than context_length")
+        return self._serving_budget()
+
+    def _serving_budget(self) -> Profile:
+        """A serving budget turns the load test on (default settings when the profile gives none) and names
+        the client count it is judged at (default: the highest level), so the dumped profile says both."""
+        b = self.budgets
+        if b.serving_concurrency is not None and b.min_serving_tokens_per_s is None:
+            raise ValueError("budgets.serving_concurrency is set without budgets.min_serving_tokens_per_s")
+        if b.min_serving_tokens_per_s is None:
+            return self
+        if self.serving is None:
+            self.serving = Serving()
+        if b.serving_concurrency is None:
+            b.serving_concurrency = max(self.serving.concurrency)
+        elif b.serving_concurrency not in self.serving.concurrency:
+            raise ValueError(f"budgets.serving_concurrency {b.serving_concurrency} is not one of "
+                             f"serving.concurrency {self.serving.concurrency}")
         return self
+
+    def with_serving(self, on: bool | None) -> Profile:
+        """The profile a build runs: `--serve-load` (True) adds the load test with default settings where the
+        profile has none; `--no-serve-load` (False) drops it and its budget; None leaves the profile as it is."""
+        if on is None or (on and self.serving is not None):
+            return self
+        if on:
+            return self.model_copy(update={"serving": Serving()})
+        budgets = self.budgets.model_copy(update={"min_serving_tokens_per_s": None, "serving_concurrency": None})
+        return self.model_copy(update={"serving": None, "budgets": budgets})
 
 
 # A wheel install has no repository beside the package; pyproject's data-files puts the
