@@ -14,23 +14,9 @@ from fusedeploy.pipeline import BuildOptions, build
 from fusedeploy.pipeline import curve as curve_mod
 from fusedeploy.profiling.measure import HostCalibration, project
 from fusedeploy.profiling.planner import IDEAL, ModelShape, efficiency_from, estimate, step_load
-from fusedeploy.profiling.schema import load_profile, profiles_dir
+from fusedeploy.profiling.schema import load_profile
 
-SHAPE = ModelShape(blocks=10, params_per_block=100_000_000, embedding_params=100_000_000, head_params=0,
-                   other_params=0, kv_heads=8, head_dim=128)
-
-
-def _profile_file(tmp_path, **changes):
-    data = yaml.safe_load((profiles_dir() / "edge-8gb.yaml").read_text())
-    for key, value in changes.items():
-        target = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    path = tmp_path / "custom.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from .test_profiles_and_planner import SHAPE, _profile as _profile_file
 
 
 def _rows(ratios):

@@ -96,7 +96,7 @@ def check_tasks(tasks: str | Path) -> list[str]:
     return [_resolved(p)["task"] for p in _task_files(Path(tasks))]
 
 
-def compare_models(dense_dir, compressed_dir, tasks: str | Path, limit: int | None = None) -> dict:
+def compare_models(dense_model, compressed_model, tasks: str | Path, limit: int | None = None) -> dict:
     """Accuracy of the dense and the compressed model per task, and the drop (dense - compressed).
 
     The metric is `acc_norm` where the task reports it (length-normalised multiple choice, the figure
@@ -104,12 +104,12 @@ def compare_models(dense_dir, compressed_dir, tasks: str | Path, limit: int | No
     """
     from ..models.loading import load_model
 
-    def run(folder):
-        model, tokenizer, _ = load_model(str(folder), device="cpu", dtype="float32")
+    def run(spec):
+        model, tokenizer, _ = load_model(str(spec), device="cpu", dtype="float32")
         return task_accuracy(model.eval(), tokenizer, tasks, limit=limit)
 
-    dense = run(dense_dir)
-    compressed = run(compressed_dir) if compressed_dir is not None else dense
+    dense = run(dense_model)
+    compressed = run(compressed_model) if compressed_model is not None else dense
     out = {}
     for task, d in dense.items():
         metric = "acc_norm" if "acc_norm" in d else "acc"

@@ -322,7 +322,7 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
             from ..evaluate.tasks import compare_models
 
             say("tasks: lm-eval on the dense and the compressed model")
-            result = compare_models(model_dir, compressed_dir if k else None, opts.eval_tasks)
+            result = compare_models(opts.model, compressed_dir if k else None, opts.eval_tasks)
             (work / "tasks.json").write_text(json.dumps(result, indent=2))
             return result
 
