@@ -43,8 +43,8 @@ def projections(run_dir: Path, base_model: str, precision: str, ks: list[int], p
     from fusedeploy import formats
     from fusedeploy.compress import steps
     from fusedeploy.models.loading import load_config, resolve_model
-    from fusedeploy.profiling.measure import calibrate_host, measure_artifact, project
-    from fusedeploy.profiling.planner import IDEAL, ModelShape, efficiency_from, estimate
+    from fusedeploy.profiling.measure import calibrate_host, efficiency, measure_artifact, project
+    from fusedeploy.profiling.planner import IDEAL, ModelShape, estimate
     from fusedeploy.profiling.schema import load_profile
 
     shape = ModelShape.from_config(load_config(resolve_model(base_model)))
@@ -66,10 +66,8 @@ def projections(run_dir: Path, base_model: str, precision: str, ks: list[int], p
                   f"{m['metrics']['prefill_tokens_per_s']['median']:.1f} tok/s, load {m['host_load']}", flush=True)
             shutil.rmtree(folder)
             artifact.unlink()
-    d = measured[0]["metrics"]["metrics"]
-    eff = efficiency_from(shape, "llama.cpp", precision, shape.blocks, d["decode_tokens_per_s"]["median"],
-                          d["prefill_tokens_per_s"]["median"], prompt + new / 2, host.memory_bandwidth_gbps,
-                          host.compute_tflops, source="dense GGUF measured on this host")
+    eff = efficiency(shape, measured[0]["metrics"], host, "llama.cpp", precision, shape.blocks,
+                     source="dense GGUF measured on this host")
     table = []
     for name in profiles:
         profile = load_profile(name)
@@ -77,8 +75,8 @@ def projections(run_dir: Path, base_model: str, precision: str, ks: list[int], p
             kept = shape.blocks - k
             mp = project(measured[k]["metrics"], host, profile, shape.kv_bytes_per_token(kept, "llama.cpp"),
                          measured[k]["size_bytes"])
-            ideal = estimate(shape, profile, k / shape.blocks, precision, IDEAL, removed=k)
-            calibrated = estimate(shape, profile, k / shape.blocks, precision, eff, removed=k)
+            ideal = estimate(shape, profile, k / shape.blocks, precision, IDEAL)
+            calibrated = estimate(shape, profile, k / shape.blocks, precision, eff)
             table.append({"profile": name, "k": k,
                           "decode": {"ideal": ideal.decode_tokens_per_s, "calibrated": calibrated.decode_tokens_per_s,
                                      "measured_projected": mp["decode_tokens_per_s"]},

@@ -179,7 +179,8 @@ def stale_temporaries(out: Path) -> list[Path]:
     return found
 
 
-def _remove(entry: Path) -> None:
+def remove_entry(entry: Path) -> None:
+    """A file, link or folder of ours, gone (a link is removed, never followed)."""
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:
@@ -220,7 +221,7 @@ def claim(out: str | os.PathLike):
             raise
         _HELD.add(held)
         for entry in stale_temporaries(o):
-            _remove(entry)
+            remove_entry(entry)
         yield o
     finally:
         if held in _HELD:
@@ -283,7 +284,7 @@ def claim_build_folder(out: str | os.PathLike, stages: tuple[str, ...], force: b
         if force:
             for entry in o.iterdir():
                 if entry.name != MARKER:
-                    _remove(entry)
+                    remove_entry(entry)
     o.mkdir(parents=True, exist_ok=True)
     mark(o, "build")
     return o

@@ -26,7 +26,7 @@ def _rows(ratios):
 
 def test_the_planner_picks_the_least_compression_that_meets_every_budget_on_a_constructed_curve(tmp_path):
     # a memory budget between the estimates at k = 4 and k = 5 needs k >= 5 (speed budgets are loose)
-    mem = [estimate(SHAPE, load_profile("edge-8gb"), k / 10, "f16", removed=k).memory_gb for k in (4, 5)]
+    mem = [estimate(SHAPE, load_profile("edge-8gb"), k / 10, "f16").memory_gb for k in (4, 5)]
     budgets = {"budgets.max_memory_gb": sum(mem) / 2, "budgets.min_decode_tokens_per_s": 0.1,
                "budgets.max_time_to_first_token_s": 1e4}
     profile = load_profile(str(_profile_file(tmp_path, **budgets, **{"budgets.max_perplexity_ratio": 1.5})))
@@ -70,7 +70,7 @@ def curve_build(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("curve")
     shape = ModelShape.from_config(load_config(resolve_model(model)))
     base = load_profile("edge-8gb")
-    mem = [estimate(shape, base, k / shape.blocks, "f16", removed=k).memory_gb for k in (1, 2)]
+    mem = [estimate(shape, base, k / shape.blocks, "f16").memory_gb for k in (1, 2)]
     path = _profile_file(root, **{"budgets.max_memory_gb": (mem[0] + mem[1]) / 2,
                                   "budgets.min_decode_tokens_per_s": 0.001,
                                   "budgets.max_time_to_first_token_s": 1e4, "budgets.max_perplexity_ratio": 100.0})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import formats
 from ..errors import BudgetsUnmet
+from ..outputs import remove_entry
 
 
 @dataclass
@@ -72,22 +73,18 @@ def _export_and_score(model_dir: Path, runtime: str, precision: str, tokenizer, 
     try:
         return runtime_perplexity(artifact, tokenizer, text)
     finally:
-        shutil.rmtree(artifact, ignore_errors=True) if artifact.is_dir() else artifact.unlink(missing_ok=True)
+        remove_entry(artifact)
 
 
 def host_efficiency(dense_artifact: Path, shape, runtime: str, precision: str, prompt_tokens: int, new_tokens: int,
                     runs: int):
     """What fraction of this host's peaks the dense artifact reaches (planner.Efficiency), and its measurement."""
-    from ..profiling.measure import calibrate_host, measure_artifact
-    from ..profiling.planner import efficiency_from
+    from ..profiling.measure import calibrate_host, efficiency, measure_artifact
 
     host = calibrate_host()
     measured = measure_artifact(dense_artifact, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
-    m = measured["metrics"]
-    eff = efficiency_from(shape, runtime, precision, shape.blocks, m["decode_tokens_per_s"]["median"],
-                          m["prefill_tokens_per_s"]["median"], prompt_tokens + new_tokens / 2,
-                          host.memory_bandwidth_gbps, host.compute_tflops,
-                          source=f"dense {runtime} {precision} measured on this host")
+    eff = efficiency(shape, measured, host, runtime, precision, shape.blocks,
+                     source=f"dense {runtime} {precision} measured on this host")
     return eff, host, measured
 
 
@@ -124,7 +121,7 @@ def project_points(rows: list[dict], shape, profile, precision: str, eff) -> lis
     budget = profile.budgets.max_perplexity_ratio
     points = []
     for r in rows:
-        c = estimate(shape, profile, r["sparsity"], precision, eff, removed=r["k"])
+        c = estimate(shape, profile, r["sparsity"], precision, eff)
         meets = dict(c.meets)
         if budget is not None:
             meets["max_perplexity_ratio"] = at_most(r["perplexity_ratio"], budget)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -262,7 +261,7 @@ def _run(opts, out, say, compress_progress, profile, source, model_dir, shape, r
 
     # 2b. the quality curve: every point scored in the deployed runtime; the least compression meeting all
     curve = None
-    if curve_mode and c_out["compressed"]:
+    if curve_mode:  # deepest >= 1: the compress stage ran
         curve = _curve_stage(out, say, profile, shape, model_dir, chosen["quant"], eval_text, prompt, opts,
                              input_model)
         chosen = _choose_on_curve(curve, profile, shape)
@@ -426,7 +425,7 @@ def _curve_stage(out: Path, say, profile, shape, model_dir: Path, precision: str
         eff, host, measured = host_efficiency(dense, shape, profile.runtime, precision, prompt, opts.new_tokens,
                                               opts.profile_runs)
         rows = quality_points(out / "compress" / "model", profile.runtime, precision, text, work, dense_ppl, say)
-        shutil.rmtree(dense, ignore_errors=True) if dense.is_dir() else dense.unlink(missing_ok=True)
+        outputs.remove_entry(dense)
         result = {"precision": precision, "dense_perplexity": dense_ppl, "points": rows,
                   "efficiency": asdict(eff), "host": host.to_dict(), "dense_measured": measured["metrics"]}
         (work / "curve.json").write_text(json.dumps(result, indent=2))

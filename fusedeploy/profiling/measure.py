@@ -164,6 +164,21 @@ def calibrate_host(size_mb: int = 256, repeats: int = 5) -> HostCalibration:
     return HostCalibration(bandwidth, 2 * n**3 / best_mm / 1e12, cpu, os.cpu_count() or 1)
 
 
+def efficiency(shape, measured: dict, host, runtime: str, precision: str, kept: int, source: str):
+    """The planner.Efficiency one measured artifact (measure_artifact's record) reached on this host.
+
+    `host` is a HostCalibration or its dict (as stored in a build); decode is taken at the
+    measurement's own average context (the prompt plus half the new tokens).
+    """
+    from .planner import efficiency_from
+
+    h = host if isinstance(host, dict) else host.to_dict()
+    m = measured["metrics"]
+    return efficiency_from(shape, runtime, precision, kept, m["decode_tokens_per_s"]["median"],
+                           m["prefill_tokens_per_s"]["median"], measured["prompt_tokens"] + measured["new_tokens"] / 2,
+                           h["memory_bandwidth_gbps"], h["compute_tflops"], source)
+
+
 def project(measured: dict, host: HostCalibration, profile: Profile, kv_bytes_per_token: float = 0.0,
             weights_bytes: float | None = None) -> dict:
     """Scale measured speeds to the profile by roofline ratios; memory adds the KV cache at the profile's context.

@@ -142,11 +142,10 @@ def efficiency_from(shape: ModelShape, runtime: str, quant: str, kept: int, deco
                       prefill=prefill_tokens_per_s * flops / (host_tflops * 1e12), source=source)
 
 
-def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str, efficiency: Efficiency = IDEAL,
-             removed: int | None = None) -> Candidate:
+def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str, efficiency: Efficiency = IDEAL) -> Candidate:
     runtime = formats.runtime(profile.runtime)
     bits = formats.spec(runtime.name, quant).bits
-    removed = removed_for(shape.blocks, sparsity) if removed is None else removed
+    removed = removed_for(shape.blocks, sparsity)
     kept = shape.blocks - removed
     emb_bits = runtime.embedding_bits or bits
     weights = (kept * shape.params_per_block + shape.head_params) * bits / 8 \

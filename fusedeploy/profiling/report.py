@@ -63,16 +63,14 @@ def projection_check(shape, profile, deployed: dict, dense: dict, removed: int, 
     """
     from dataclasses import asdict
 
-    from ..profiling.planner import IDEAL, efficiency_from, estimate
+    from .measure import efficiency
+    from .planner import IDEAL, estimate
 
-    m = dense["measured"]["metrics"]
-    eff = efficiency_from(shape, dense["runtime"], dense["precision"], shape.blocks, m["decode_tokens_per_s"]["median"],
-                          m["prefill_tokens_per_s"]["median"], prompt_tokens + new_tokens / 2,
-                          host["memory_bandwidth_gbps"], host["compute_tflops"],
-                          source=f"{dense['name']} measured on this host")
+    eff = efficiency(shape, dense["measured"], host, dense["runtime"], dense["precision"], shape.blocks,
+                     source=f"{dense['name']} measured on this host")
     out = {"efficiency": asdict(eff), "tolerance": PROJECTION_TOLERANCE}
     for label, e in (("planner_ideal", IDEAL), ("planner_calibrated", eff)):
-        c = estimate(shape, profile, removed / shape.blocks, deployed["precision"], e, removed=removed)
+        c = estimate(shape, profile, removed / shape.blocks, deployed["precision"], e)
         out[label] = {"decode_tokens_per_s": c.decode_tokens_per_s, "time_to_first_token_s": c.time_to_first_token_s}
     measured = {k: deployed["projected"][k] for k in ("decode_tokens_per_s", "time_to_first_token_s")}
     out["measured_projected"] = measured
