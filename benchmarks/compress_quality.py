@@ -91,7 +91,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(out)
         save({"method": method, "sparsity": sparsity, "recipe": args.recipe, "overrides": run_overrides,
-              "seed": settings.seed,
+              "seed": settings.seed, "calib": "/".join(Path(args.calib).parts[-2:]),
               "blocks": report["blocks_after"], "removed": report["removed_blocks"], **evaluate(model, tok),
               "time_s": round(elapsed, 1), "load_before": round(load_before, 2),
               "load_after": round(os.getloadavg()[0], 2),
@@ -100,7 +100,8 @@ def main() -> None:
               "losses": [[r.get("loss_before"), r.get("loss_after")] for r in report["iterations"]],
               "device": report["device"], "compute_dtype": report["compute_dtype"],
               "memory": report["memory"],
-              "fold_errors": [r["fold_error"] for r in report["iterations"] if "fold_error" in r]})
+              "fold_errors": [r["fold_error"] for r in report["iterations"] if "fold_error" in r],
+              "heal": report.get("heal")})
     print(render(results))
     if args.seeds:
         print(render_seeds(results))

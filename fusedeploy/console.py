@@ -53,7 +53,8 @@ def progress_task(description: str, total: int):
 @contextmanager
 def compression_progress():
     """Yield a `progress(kind, done, total, status)` callback drawing one bar per kind of step."""
-    labels = {"iteration": "blocks removed", "score": "scoring candidates", "epoch": "distillation epoch"}
+    labels = {"iteration": "blocks removed", "score": "scoring candidates", "epoch": "distillation epoch",
+              "heal": "healing steps"}
     with _lazy_progress() as get:
         tasks: dict[str, int] = {}
 

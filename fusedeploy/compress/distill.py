@@ -114,19 +114,30 @@ def _eval_loss(runner, lo, hi, p, x: ActivationStore, y: ActivationStore, batch)
     return sum(losses) / max(1, len(losses))
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (no warm-up: the paper's cosine)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
 def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore, repair: Repair,
                   settings: CompressSettings, seed: int,
-                  progress: Callable[..., None] | None = None, ranks: Ranks = Ranks()) -> dict:
+                  progress: Callable[..., None] | None = None, ranks: Ranks = Ranks(),
+                  target: ActivationStore | None = None) -> dict:
     """Fuse p into its group's neighbours and train them to reproduce the group's original output.
 
-    `x` is the group's input for every fine-tuning sequence. Returns a record with the loss
-    before/after and every attempt; on divergence (NaN or a final loss above the starting one)
-    the neighbours are rolled back and training is retried with a lower learning rate.
+    `x` is the group's input for every fine-tuning sequence; `target`, when given, is what the
+    group without p should output instead (the dense model's hidden state at that depth), else
+    the group's own output with p. Returns a record with the loss before/after and every attempt;
+    on divergence (NaN or a final loss above the starting one) the neighbours are rolled back and
+    training is retried with a lower learning rate.
     """
     batch = min(settings.batch_size, len(x))
     if batch < 2:
         raise ValueError("local distillation needs at least 2 sequences per mini-batch")
-    y = runner.run_range_batched(lo, hi, x, batch)  # teacher: the group with p
+    y = target if target is not None else runner.run_range_batched(lo, hi, x, batch)  # teacher: the group with p
     attach_fusion(runner, lo, hi, p, repair, settings)
     neighbours = [i for i in range(lo, hi) if i != p]
     loss_before = _eval_loss(runner, lo, hi, p, x, y, batch)
@@ -137,6 +148,7 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
                 for i in neighbours}
     steps_per_epoch = len(x) // batch
     total = max(1, steps_per_epoch * settings.epochs)
+    warmup = round(settings.warmup * total)
     for attempt in range(settings.max_retries + 1):
         scale = settings.lr_backoff ** attempt
         groups, params = _param_groups(runner, neighbours, repair, settings, scale)
@@ -145,7 +157,7 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
         for prm in params:
             prm.requires_grad_(True)
         opt = torch.optim.Adam(groups, betas=(settings.beta1, settings.beta2), eps=settings.eps, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup))
         gen = torch.Generator().manual_seed(seed * 1009 + attempt)
         diverged = None
         with runner.on_device(lo, hi):

@@ -12,6 +12,7 @@ written to a temporary folder beside `out_dir` and renamed into place.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from .calibration import SELF, generate_samples
 from .activations import ActivationStore, StreamStats, reset_stream_stats
 from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
+from .heal import heal
 from .methods import Method, method as lookup_method
 from .parallel import Ranks, from_environment, local_device
 from .runner import BlockRunner
@@ -103,6 +105,9 @@ class _Run:
     elapsed_before: float = 0.0
     keep_steps: bool = False
     calib_part: str | None = None
+    dense_states: list[ActivationStore] | None = None  # target "dense": the dense model's input of every block
+    teacher: torch.nn.Module | None = None  # healing: a frozen copy of the dense model
+    heal_record: dict | None = None
     started: float = field(default_factory=time.time)
 
     @property
@@ -138,8 +143,8 @@ def compress_model(
     a text that evaluation shares (`data.split`).
 
     `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
-    "score" (one per candidate block scored) and "epoch" (one per distillation epoch, status
-    carries the loss). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
+    "score" (one per candidate block scored), "epoch" (one per distillation epoch, status
+    carries the loss) and "heal" (one per healing step). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
     with outputs.claim(out_dir):  # one writer per output; clears our own half-written temporaries
         return _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, device, dtype, progress,
@@ -153,11 +158,16 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
     run.keep_steps = keep_steps
     if not run.ranks.main:
         progress = None
+    _keep_dense(run)
     if resume and saved_state.exists(run.state_folder):
         _restore(run)
     elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
         _discard_state(run.state_folder)
     stats = _iterate(run, progress)
+    if run.settings.heal_steps:
+        run.heal_record = heal(run.model, run.teacher, run.adapter, run.ft_ids, run.settings, run.device,
+                               run.compute_dtype, progress)
+        run.model.to("cpu")
     report = _report(run, resume, stats)
     if run.ranks.main:
         write_output(run.model, run.tokenizer, report, run.out,
@@ -203,10 +213,15 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     run.original = list(range(run.n_blocks))
 
     run.calib_part = calib_part
+    fine_tunes = bool(repair) or settings.heal_steps > 0
+    if settings.heal_steps and settings.offload:
+        raise UserError("the healing pass (heal_steps) runs the whole model and the dense teacher on the device; "
+                        "set heal_steps=0 or offload=false")
     if calib == SELF:  # data-free: the dense model writes its own calibration text
-        n_ft = settings.ft_samples if repair else 0
-        ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed)
-        run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if repair else None)
+        n_ft = settings.ft_samples if fine_tunes else 0
+        ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed,
+                               temperature=settings.self_temperature, top_p=settings.self_top_p)
+        run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)
     else:
         text = load_text(calib, purpose="calib")
         ids = tokenize(run.tokenizer, text_part(text, calib_part) if calib_part else text)
@@ -215,11 +230,29 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
             raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
                             f"{settings.seq_len} needs {need}; give more text or a smaller seq_len")
         run.mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
-        if repair:
+        if fine_tunes:
             run.ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1)
     if repair and repair.trains and settings.epochs > 0 and settings.ft_samples < 2:
         raise UserError("local distillation needs ft_samples >= 2 (the KL softmax runs over the batch)")
     return run
+
+
+def _keep_dense(run: _Run) -> None:
+    """What the beyond-the-paper options need from the dense model, taken before a resume changes it.
+
+    Dense targets hold the fine-tuning set's hidden state at every block boundary on the host:
+    (blocks + 1) times the fine-tuning activations.
+    """
+    s = run.settings
+    if s.heal_steps:
+        run.teacher = copy.deepcopy(run.model)
+    if s.target == "dense" and run.repair and run.repair.trains and s.epochs:
+        if not s.offload:
+            run.model.to(run.device)
+        runner = BlockRunner(run.model, run.adapter, run.device, run.compute_dtype, offload=s.offload)
+        runner.capture_kwargs(s.seq_len)
+        run.dense_states = ActivationCache(runner, runner.block0_inputs(run.ft_ids, s.score_batch),
+                                           s.score_batch).states
 
 
 def _restore(run: _Run) -> None:
@@ -305,8 +338,9 @@ def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0
         changed_from = lo
         rec["group_original"] = [run.original[i] for i in range(lo, hi)]
         x = runner.run_range_batched(0, lo, ft_x0, settings.score_batch)
+        target = run.dense_states[run.original[hi - 1] + 1] if run.dense_states else None
         rec.update(distill_group(runner, lo, hi, p, x, run.repair, settings, seed=settings.seed * 7919 + it,
-                                 progress=progress, ranks=run.ranks))
+                                 progress=progress, ranks=run.ranks, target=target))
         rec["fold_error"] = fold_group(runner, lo, hi, p, x, settings.score_batch)
         del x
         rec["time_distill_s"] = round(time.time() - t_d, 3)
@@ -330,7 +364,7 @@ def _report(run: _Run, resume: bool, stats: StreamStats) -> dict:
         "processes": run.ranks.world,
         "architecture": run.model.config.model_type, "blocks_before": run.n_blocks,
         "blocks_after": run.n_blocks - len(run.removed), "removed_blocks": run.removed, "kept_blocks": run.original,
-        "oneshot_scores": run.oneshot_scores, "iterations": run.iterations,
+        "oneshot_scores": run.oneshot_scores, "iterations": run.iterations, "heal": run.heal_record,
         "timings": {"total_s": round(total, 3), "iterations_s": round(sum(r["time_s"] for r in run.iterations), 3)},
         "resumed": bool(resume and run.elapsed_before),
         "memory": _memory_record(run.device, stats),

@@ -41,9 +41,7 @@ class BlockRunner:
 
     # -- context ---------------------------------------------------------------
     def autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cuda", dtype=self.compute_dtype)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.compute_dtype)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -181,6 +179,13 @@ class BlockRunner:
         """Drop one current block from the model (renumbering via the adapter) and its kwargs."""
         self.adapter.remove_blocks(self.model, [index])
         del self.block_kwargs[index]
+
+
+def autocast_for(device: torch.device, compute_dtype: torch.dtype):
+    """bf16/fp16 compute on CUDA over fp32 master weights; plain fp32 elsewhere."""
+    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=compute_dtype)
+    return contextlib.nullcontext()
 
 
 def _detach(obj):

@@ -7,7 +7,7 @@ keys are a one-line UserError, not a silent typo.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,9 @@ class CompressSettings(BaseModel):
     mi_samples: int = Field(32, ge=1, description="calibration sequences for MI / BI / SLEB scoring")
     ft_samples: int = Field(1024, ge=1, description="sequences for local distillation")
     seq_len: int = Field(2048, ge=2)
+    # --calib self: how the dense model samples its own calibration text
+    self_temperature: float = Field(1.0, gt=0, description="sampling temperature of self-generated calibration text")
+    self_top_p: float = Field(1.0, gt=0, le=1, description="nucleus (top-p) of self-generated calibration text")
     # group and fusion
     group_size: int = Field(7, ge=1, description="G: neighbours around the removed block")
     fusion_rank: int = Field(128, ge=1, description="r of the (B·A) fusion coefficients (capped at min(out, in))")
@@ -35,6 +38,16 @@ class CompressSettings(BaseModel):
     lr_fusion: float = Field(1e-3, gt=0, description="fusion factors A, B and bias coefficients")
     lr_other: float = Field(9.65e-6, gt=0, description="LoRA and norms")
     lr_mi_lora: float = Field(1e-3, gt=0, description="LoRA learning rate in the mi-lora ablation (no fusion factors)")
+    warmup: float = Field(0.0, ge=0, lt=1, description="share of each group's steps spent warming the learning "
+                                                       "rate up linearly before the cosine decay (0 = none, the paper)")
+    # beyond the paper, each off in the `paper` recipe
+    target: Literal["group", "dense"] = Field(
+        "group", description="what a group's distillation reproduces: the group's own output with p (the paper) "
+                             "or the dense model's hidden state at the same depth (corrects earlier groups' error)")
+    heal_steps: int = Field(0, ge=0, description="final healing pass: optimizer steps of logit distillation from "
+                                                 "the dense model into a LoRA on every kept block (0 = off)")
+    heal_rank: int = Field(8, ge=1, description="LoRA rank of the healing pass")
+    heal_lr: float = Field(2e-4, gt=0, description="learning rate of the healing pass")
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

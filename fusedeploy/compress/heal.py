@@ -1,0 +1,89 @@
+"""A short healing pass after the last removal (beyond the paper; off unless `heal_steps` > 0).
+
+Local distillation matches one group's hidden state at a time, so what users see, the next-token
+distribution, is never trained directly and small errors of the groups add up. The healing pass
+trains exactly that: logit distillation from the dense model (KL over the vocabulary at every
+token) into a small LoRA on every linear layer of the kept blocks, then merged into the weights.
+
+The LoRA is PEFT's: a plain additive adapter, whose layer computes `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
+the full weight gradient the fusion terms need, merged back with `merge_and_unload` so the
+checkpoint stays a stock one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distill import lr_factor
+from .runner import autocast_for
+from .settings import CompressSettings
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), each over the vocabulary."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def _block_linear_names(model: nn.Module, adapter) -> list[str]:
+    blocks = adapter.blocks(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is blocks)
+    return [f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in adapter.linear_names()]
+
+
+def heal(model: nn.Module, teacher: nn.Module, adapter, ids: torch.Tensor, settings: CompressSettings,
+         device: torch.device, compute_dtype: torch.dtype,
+         progress: Callable[..., None] | None = None) -> dict:
+    """Distil `teacher`'s logits on `ids` [n, T] into a merged LoRA of `model`'s kept blocks, in place.
+
+    Seeded: the LoRA's start and the order of the sequences follow `settings.seed`. Returns the
+    record for compression.json (losses of the first and last steps).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    steps = settings.heal_steps
+    batch = min(settings.batch_size, len(ids))
+    torch.manual_seed(settings.seed * 1_000_033 + 17)  # PEFT draws the LoRA's A from the global generator
+    config = LoraConfig(r=settings.heal_rank, lora_alpha=settings.heal_rank, lora_dropout=0.0, bias="none",
+                        target_modules=_block_linear_names(model, adapter))
+    student = get_peft_model(model, config)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=settings.heal_lr, betas=(settings.beta1, settings.beta2), eps=settings.eps)
+    warmup = round(settings.warmup * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, warmup))
+    gen = torch.Generator().manual_seed(settings.seed * 1013 + 5)
+    teacher.to(device).eval()
+    student.to(device).train()
+    order: list[int] = []
+    losses = []
+    try:
+        for step in range(steps):
+            if len(order) < batch:  # one shuffled pass after another
+                order += torch.randperm(len(ids), generator=gen).tolist()
+            index, order = order[:batch], order[batch:]
+            xb = ids[index].to(device)
+            with torch.no_grad(), autocast_for(device, compute_dtype):
+                target = teacher(input_ids=xb, use_cache=False).logits
+            with autocast_for(device, compute_dtype):
+                logits = student(input_ids=xb, use_cache=False).logits
+            loss = token_kl(logits, target)
+            del target, logits
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if progress:
+                progress("heal", step + 1, steps, f"loss {losses[-1]:.4g} (start {losses[0]:.4g})")
+    finally:
+        teacher.to("cpu")
+    student.merge_and_unload()  # folds the LoRA into the base weights of `model` itself
+    model.eval().requires_grad_(False)
+    tail = losses[-max(1, steps // 4):]
+    return {"steps": steps, "rank": settings.heal_rank, "lr": settings.heal_lr, "sequences": len(ids),
+            "loss_first": losses[0] if losses else None, "loss_last_quarter": sum(tail) / len(tail) if losses else None}

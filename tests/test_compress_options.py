@@ -1,0 +1,145 @@
+"""The options beyond the paper: learning-rate warm-up, dense-model targets for each group, and the
+final healing pass. Tiny models, CPU, fp32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusedeploy.compress import compress_model, load_recipe
+from fusedeploy.compress import driver as driver_mod
+from fusedeploy.compress.distill import lr_factor
+from fusedeploy.compress.heal import heal, token_kl
+from fusedeploy.errors import UserError
+from fusedeploy.models import adapter_for
+from fusedeploy.models.loading import load_tokenizer, resolve_model
+from .tiny import save_tiny_model, tiny_model
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    tok = load_tokenizer(resolve_model("smollm2-135m"))
+    return str(save_tiny_model("llama", tok, tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from fusedeploy.data import load_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(load_text("builtin")[:40000])
+    return str(path)
+
+
+def test_warmup_ramps_then_follows_the_cosine_to_zero():
+    total = 20
+    # no warm-up: the paper's cosine, unchanged to the bit
+    assert all(lr_factor(s, total, 0) == 0.5 * (1 + math.cos(math.pi * min(s, total) / total)) for s in range(25))
+    ramp = [lr_factor(s, total, 4) for s in range(total + 1)]
+    assert ramp[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(ramp[3:], ramp[4:]))  # then only down
+    assert ramp[total] == 0.0
+
+
+def test_dense_targets_are_the_dense_models_hidden_states_at_the_groups_end(tiny_llama, calib_file, tmp_path,
+                                                                             monkeypatch):
+    """With target=dense every group learns the dense model's hidden state after its last original block."""
+    from transformers import AutoModelForCausalLM
+
+    from fusedeploy.compress.driver import _setup
+
+    targets = []
+    real = driver_mod.distill_group
+
+    def spy(*args, target=None, **kwargs):
+        targets.append(target.data.clone())
+        return real(*args, target=target, **kwargs)
+
+    monkeypatch.setattr(driver_mod, "distill_group", spy)
+    settings = load_recipe("quick", {"target": "dense", "group_size": 2})
+    report = compress_model(tiny_llama, tmp_path / "out", 0.5, calib=calib_file, settings=settings)
+    ends = [it["group_original"][-1] for it in report["iterations"]]
+    assert len(targets) == len(ends) == 3 and report["settings"]["target"] == "dense"
+
+    run = _setup(tiny_llama, tmp_path / "again", 0.5, "fusegpt", calib_file, settings, False, "cpu", None, False)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():  # hidden_states[k] is the input of block k (the last one is after the final norm)
+        hidden = dense(input_ids=run.ft_ids, output_hidden_states=True, use_cache=False).hidden_states[:-1]
+    compared = [(end, t) for end, t in zip(ends, targets) if end + 1 < len(hidden)]
+    assert compared
+    for end, target in compared:
+        assert torch.allclose(target, hidden[end + 1], atol=1e-5)
+
+
+def test_dense_targets_change_the_result_and_the_paper_default_does_not(tiny_llama, calib_file, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = {}
+    for name, extra in (("group", {}), ("explicit", {"target": "group", "warmup": 0.0}), ("dense", {"target": "dense"})):
+        compress_model(tiny_llama, tmp_path / name, 0.34, calib=calib_file, settings=load_recipe("quick", extra))
+        outs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.equal(outs["group"][k], outs["explicit"][k]) for k in outs["group"])
+    assert any(not torch.equal(outs["group"][k], outs["dense"][k]) for k in outs["group"])
+
+
+def test_healing_brings_the_logits_closer_to_the_dense_model_and_leaves_a_plain_model():
+    teacher = tiny_model("llama", VOCAB, seed=0).requires_grad_(False)
+    student = tiny_model("llama", VOCAB, seed=0).requires_grad_(False)
+    adapter = adapter_for(student)
+    adapter.remove_blocks(student, [2, 3])
+    ids = torch.randint(0, VOCAB, (16, 24), generator=torch.Generator().manual_seed(3))
+    settings = load_recipe("quick", {"heal_steps": 30, "heal_rank": 4, "heal_lr": 3e-3, "batch_size": 8})
+
+    def distance():
+        with torch.no_grad():
+            return float(token_kl(student(input_ids=ids, use_cache=False).logits,
+                                  teacher(input_ids=ids, use_cache=False).logits))
+
+    before = distance()
+    record = heal(student, teacher, adapter, ids, settings, torch.device("cpu"), torch.float32)
+    after = distance()
+    assert after < 0.8 * before
+    assert record["steps"] == 30 and record["loss_last_quarter"] < record["loss_first"]
+    names = [type(m).__name__ for m in student.modules()]
+    assert "Linear" in names and not any("lora" in n.lower() for n in names)  # merged into plain layers
+    assert not any(p.requires_grad for p in student.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(student.model.layers[0].self_attn.q_proj.weight,
+                                                      teacher.model.layers[0].self_attn.q_proj.weight))
+
+
+def test_a_healed_run_resumes_to_the_same_model_and_reloads_stock(tiny_llama, calib_file, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    settings = load_recipe("quick", {"heal_steps": 4, "target": "dense"})
+    full = compress_model(tiny_llama, tmp_path / "full", 0.5, calib=calib_file, settings=settings)
+    assert full["heal"]["steps"] == 4 and full["heal"]["loss_first"] > 0
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_while_healing(kind, done, total, status=""):
+        if kind == "heal" and done == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        compress_model(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings,
+                       progress=stop_while_healing)
+    assert not (tmp_path / "part").exists()
+    resumed = compress_model(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings, resume=True)
+    assert resumed["heal"] == full["heal"]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+    assert reloaded.config.num_hidden_layers == 3
+
+
+def test_healing_with_offload_is_one_error(tiny_llama, calib_file, tmp_path):
+    with pytest.raises(UserError, match="heal_steps"):
+        compress_model(tiny_llama, tmp_path / "x", 0.34, calib=calib_file,
+                       settings=load_recipe("quick", {"heal_steps": 2, "offload": True}))
+    assert not (tmp_path / "x").exists()
