@@ -12,6 +12,7 @@ from fusedeploy.compress import compress_model, load_recipe
 from fusedeploy.compress import driver as driver_mod
 from fusedeploy.compress.distill import lr_factor
 from fusedeploy.compress.heal import heal, token_kl
+from fusedeploy.compress.runner import BlockRunner
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 from fusedeploy.models.loading import load_tokenizer, resolve_model
@@ -99,8 +100,11 @@ def test_healing_brings_the_logits_closer_to_the_dense_model_and_leaves_a_plain_
             return float(token_kl(student(input_ids=ids, use_cache=False).logits,
                                   teacher(input_ids=ids, use_cache=False).logits))
 
+    runner = BlockRunner(teacher, adapter_for(teacher), torch.device("cpu"), torch.float32)
+    runner.capture_kwargs(24)
+    dense_final = runner.run_range_batched(0, 6, runner.block0_inputs(ids, 8), 8)
     before = distance()
-    record = heal(student, teacher, adapter, ids, settings, torch.device("cpu"), torch.float32)
+    record = heal(student, adapter, ids, dense_final, settings, torch.device("cpu"), torch.float32)
     after = distance()
     assert after < 0.8 * before
     assert record["steps"] == 30 and record["loss_last_quarter"] < record["loss_first"]

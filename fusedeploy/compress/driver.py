@@ -12,7 +12,6 @@ written to a temporary folder beside `out_dir` and renamed into place.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -106,7 +105,7 @@ class _Run:
     keep_steps: bool = False
     calib_part: str | None = None
     dense_states: list[ActivationStore] | None = None  # target "dense": the dense model's input of every block
-    teacher: torch.nn.Module | None = None  # healing: a frozen copy of the dense model
+    dense_final: ActivationStore | None = None  # healing: the dense model's last hidden state per sequence
     heal_record: dict | None = None
     started: float = field(default_factory=time.time)
 
@@ -164,8 +163,8 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
     elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
         _discard_state(run.state_folder)
     stats = _iterate(run, progress)
-    if run.settings.heal_steps:
-        run.heal_record = heal(run.model, run.teacher, run.adapter, run.ft_ids, run.settings, run.device,
+    if run.dense_final is not None:
+        run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
                                run.compute_dtype, progress)
         run.model.to("cpu")
     report = _report(run, resume, stats)
@@ -213,9 +212,9 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     run.original = list(range(run.n_blocks))
 
     run.calib_part = calib_part
-    fine_tunes = bool(repair) or settings.heal_steps > 0
-    if settings.heal_steps and settings.offload:
-        raise UserError("the healing pass (heal_steps) runs the whole model and the dense teacher on the device; "
+    fine_tunes = bool(repair)
+    if settings.heal_steps and repair and repair.trains and settings.offload:
+        raise UserError("the healing pass (heal_steps) trains the whole model on the device at once; "
                         "set heal_steps=0 or offload=false")
     if calib == SELF:  # data-free: the dense model writes its own calibration text
         n_ft = settings.ft_samples if fine_tunes else 0
@@ -240,19 +239,27 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
 def _keep_dense(run: _Run) -> None:
     """What the beyond-the-paper options need from the dense model, taken before a resume changes it.
 
-    Dense targets hold the fine-tuning set's hidden state at every block boundary on the host:
-    (blocks + 1) times the fine-tuning activations.
+    Both train, so both follow methods whose repair trains. Dense targets hold the fine-tuning
+    set's hidden state at every block boundary on the host ((blocks + 1) times the fine-tuning
+    activations); healing needs only the last one.
     """
     s = run.settings
+    trains = bool(run.repair and run.repair.trains)
+    wants_targets = trains and s.target == "dense" and s.epochs > 0
+    if not (wants_targets or (trains and s.heal_steps)):
+        return
+    if not s.offload:
+        run.model.to(run.device)
+    runner = BlockRunner(run.model, run.adapter, run.device, run.compute_dtype, offload=s.offload)
+    runner.capture_kwargs(s.seq_len)
+    x0 = runner.block0_inputs(run.ft_ids, s.score_batch)
+    if wants_targets:
+        run.dense_states = ActivationCache(runner, x0, s.score_batch).states
+        final = run.dense_states[-1]
+    else:
+        final = runner.run_range_batched(0, len(runner.blocks), x0, s.score_batch)
     if s.heal_steps:
-        run.teacher = copy.deepcopy(run.model)
-    if s.target == "dense" and run.repair and run.repair.trains and s.epochs:
-        if not s.offload:
-            run.model.to(run.device)
-        runner = BlockRunner(run.model, run.adapter, run.device, run.compute_dtype, offload=s.offload)
-        runner.capture_kwargs(s.seq_len)
-        run.dense_states = ActivationCache(runner, runner.block0_inputs(run.ft_ids, s.score_batch),
-                                           s.score_batch).states
+        run.dense_final = final
 
 
 def _restore(run: _Run) -> None:

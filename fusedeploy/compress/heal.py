@@ -5,6 +5,10 @@ distribution, is never trained directly and small errors of the groups add up. T
 trains exactly that: logit distillation from the dense model (KL over the vocabulary at every
 token) into a small LoRA on every linear layer of the kept blocks, then merged into the weights.
 
+The teacher's logits need no second model: compression never touches the final norm or the LM
+head, so they are the model's own head on the dense model's last hidden state, taken once for
+every sequence before the first removal (one more fine-tuning set of activations on the host).
+
 The LoRA is PEFT's: a plain additive adapter, whose layer computes `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
 the full weight gradient the fusion terms need, merged back with `merge_and_unload` so the
 checkpoint stays a stock one.
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import ActivationStore
 from .distill import lr_factor
 from .runner import autocast_for
 from .settings import CompressSettings
@@ -36,10 +41,12 @@ def _block_linear_names(model: nn.Module, adapter) -> list[str]:
     return [f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in adapter.linear_names()]
 
 
-def heal(model: nn.Module, teacher: nn.Module, adapter, ids: torch.Tensor, settings: CompressSettings,
+def heal(model: nn.Module, adapter, ids: torch.Tensor, dense_final: ActivationStore, settings: CompressSettings,
          device: torch.device, compute_dtype: torch.dtype,
          progress: Callable[..., None] | None = None) -> dict:
-    """Distil `teacher`'s logits on `ids` [n, T] into a merged LoRA of `model`'s kept blocks, in place.
+    """Distil the dense model's logits on `ids` [n, T] into a merged LoRA of `model`'s kept blocks, in place.
+
+    `dense_final` holds the dense model's last hidden state (before the final norm) for each row of `ids`.
 
     Seeded: the LoRA's start and the order of the sequences follow `settings.seed`. Returns the
     record for compression.json (losses of the first and last steps).
@@ -57,31 +64,26 @@ def heal(model: nn.Module, teacher: nn.Module, adapter, ids: torch.Tensor, setti
     warmup = round(settings.warmup * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, warmup))
     gen = torch.Generator().manual_seed(settings.seed * 1013 + 5)
-    teacher.to(device).eval()
     student.to(device).train()
     order: list[int] = []
+    while len(order) < steps * batch:  # one shuffled pass after another
+        order += torch.randperm(len(ids), generator=gen).tolist()
+    index_batches = [torch.tensor(order[k * batch:(k + 1) * batch]) for k in range(steps)]
     losses = []
-    try:
-        for step in range(steps):
-            if len(order) < batch:  # one shuffled pass after another
-                order += torch.randperm(len(ids), generator=gen).tolist()
-            index, order = order[:batch], order[batch:]
-            xb = ids[index].to(device)
-            with torch.no_grad(), autocast_for(device, compute_dtype):
-                target = teacher(input_ids=xb, use_cache=False).logits
-            with autocast_for(device, compute_dtype):
-                logits = student(input_ids=xb, use_cache=False).logits
-            loss = token_kl(logits, target)
-            del target, logits
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if progress:
-                progress("heal", step + 1, steps, f"loss {losses[-1]:.4g} (start {losses[0]:.4g})")
-    finally:
-        teacher.to("cpu")
+    for step, (index, hidden) in enumerate(dense_final.gathered(index_batches)):
+        with torch.no_grad(), autocast_for(device, compute_dtype):
+            target = adapter.logits(model, hidden)
+        with autocast_for(device, compute_dtype):
+            logits = student(input_ids=ids[index].to(device), use_cache=False).logits
+        loss = token_kl(logits, target)
+        del target, logits, hidden
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress("heal", step + 1, steps, f"loss {losses[-1]:.4g} (start {losses[0]:.4g})")
     student.merge_and_unload()  # folds the LoRA into the base weights of `model` itself
     model.eval().requires_grad_(False)
     tail = losses[-max(1, steps // 4):]

@@ -44,8 +44,9 @@ class CompressSettings(BaseModel):
     target: Literal["group", "dense"] = Field(
         "group", description="what a group's distillation reproduces: the group's own output with p (the paper) "
                              "or the dense model's hidden state at the same depth (corrects earlier groups' error)")
-    heal_steps: int = Field(0, ge=0, description="final healing pass: optimizer steps of logit distillation from "
-                                                 "the dense model into a LoRA on every kept block (0 = off)")
+    heal_steps: int = Field(0, ge=0, description="final healing pass of methods that train: optimizer steps of logit "
+                                                 "distillation from the dense model into a LoRA on every kept block "
+                                                 "(0 = off)")
     heal_rank: int = Field(8, ge=1, description="LoRA rank of the healing pass")
     heal_lr: float = Field(2e-4, gt=0, description="learning rate of the healing pass")
     beta1: float = 0.9
