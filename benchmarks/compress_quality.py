@@ -116,17 +116,18 @@ def render_seeds(results: list[dict]) -> str:
         if r["method"] == "dense":
             continue
         rest = tuple(sorted((k, str(v)) for k, v in (r.get("overrides") or {}).items() if k != "seed"))
-        groups.setdefault((r["method"], r["sparsity"], r.get("recipe", "-"), rest), []).append(r)
+        groups.setdefault((r["method"], r["sparsity"], r.get("calib", "-"), r.get("recipe", "-"), rest), []).append(r)
 
     def ms(vals):
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
 
-    lines = ["| method | sparsity | recipe / overrides | seeds | WikiText-2 PPL | PTB PPL | compress time (s) |",
-             "|---|---|---|---|---:|---:|---:|"]
-    for (method, sparsity, recipe, rest), rs in groups.items():
+    lines = ["| method | sparsity | calibration | recipe / overrides | seeds | WikiText-2 PPL | PTB PPL | "
+             "compress time (s) |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    for (method, sparsity, calib, recipe, rest), rs in groups.items():
         over = ", ".join(f"{k}={v}" for k, v in rest)
-        lines.append(f"| {method} | {sparsity:.0%} | {recipe}{f' ({over})' if over else ''} | "
+        lines.append(f"| {method} | {sparsity:.0%} | {calib} | {recipe}{f' ({over})' if over else ''} | "
                      f"{','.join(str(r.get('seed', '-')) for r in rs)} | {ms([r['wikitext2'] for r in rs])} | "
                      f"{ms([r['ptb'] for r in rs])} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
     return "\n".join(lines)
