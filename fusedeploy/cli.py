@@ -17,7 +17,7 @@ from . import __version__, formats
 from .console import console, progress_task
 from .errors import BudgetsUnmet, UserError
 from .preflight import human_bytes
-from .builtin import DEFAULT_MODEL
+from .builtin import DEFAULT_CALIB, DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a decoder-only LM with FuseGPT, export it, verify it, and sign it off for a device.")
@@ -116,7 +116,7 @@ def compress(
     model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
     method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = "fusegpt",
-    calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ..., or self (text the model samples itself).")] = "builtin",
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ..., or self (text the model samples itself, the default).")] = DEFAULT_CALIB,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder (a stock Hugging Face checkpoint).")] = "compressed",
     recipe: Annotated[Optional[str], typer.Option(help="paper, cpu or quick (default: paper on a GPU, cpu otherwise)")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="YAML file of setting: value overrides.")] = None,
@@ -382,7 +382,7 @@ def build(
     method: Annotated[str, typer.Option(help="Compression method (see `fusedeploy compress --help`).")] = "fusegpt",
     sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of letting the planner choose.")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of letting the planner choose.")] = None,
-    calib: Annotated[str, typer.Option(help="Calibration text for compression.")] = "builtin",
+    calib: Annotated[str, typer.Option(help="Calibration text for compression (default: self, text the model samples itself).")] = DEFAULT_CALIB,
     eval_data: Annotated[str, typer.Option("--eval-data", help="Text for verify perplexity and the quality budget (when it is the --calib source, the build splits it: calibration never reads the evaluation part).")] = "builtin",
     runtime: Annotated[Optional[list[str]], typer.Option(
         help=f"{' and/or '.join(formats.RUNTIMES)} (default: the profile's runtime).")] = None,

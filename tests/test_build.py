@@ -11,7 +11,9 @@ from fusedeploy.pipeline import flow
 @pytest.fixture(scope="module")
 def quick_build(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "b"
-    opts = BuildOptions.quick(profile="edge-8gb", model=str(tiny_model_dir("llama")), out=str(out), sparsity=0.34)
+    # one text for calibration and evaluation: the build must split it (test_quality_budget_...)
+    opts = BuildOptions.quick(profile="edge-8gb", model=str(tiny_model_dir("llama")), out=str(out), sparsity=0.34,
+                              calib="builtin")
     return opts, build(opts), out
 
 
@@ -69,7 +71,7 @@ def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, 
 def test_cli_build_reports_and_exits_by_signoff(run_cli, quick_build):
     opts, report, out = quick_build
     code, stdout, err = run_cli("build", "--profile", "edge-8gb", "--model", opts.model, "--out", out,
-                                "--recipe", "quick", "--sparsity", "0.34")
+                                "--recipe", "quick", "--sparsity", "0.34", "--calib", opts.calib)
     written = json.loads((out / "report" / "report.json").read_text())["signoff"]["result"]
     assert f"sign-off {written}" in stdout
     assert code == (0 if written == "PASS" else 1)
@@ -167,7 +169,7 @@ def test_task_accuracy_is_reported_and_budgeted(run_cli, quick_build, tmp_path):
     shutil.copytree(finished, out)
     task = _write_task(tmp_path / "task")
     args = ("build", "--profile", "edge-8gb", "--model", opts.model, "--out", out, "--recipe", "quick",
-            "--sparsity", "0.34", "--eval-tasks", task)
+            "--sparsity", "0.34", "--calib", opts.calib, "--eval-tasks", task)
     code, stdout, err = run_cli(*args, "--max-accuracy-drop", "1.0")
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["stages"]["compress"]["skipped"] and not report["stages"]["tasks"]["skipped"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-SELF = "self"  # the --calib value that selects this source
+from ..builtin import SELF_CALIB as SELF  # the --calib value that selects this source
 
 
 @torch.no_grad()

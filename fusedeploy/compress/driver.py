@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import outputs, preflight
+from ..builtin import DEFAULT_CALIB
 from ..errors import UserError
 from . import state as saved_state
 from . import steps as steps_mod
@@ -125,7 +126,7 @@ def compress_model(
     out_dir,
     sparsity: float,
     method: str = "fusegpt",
-    calib: str = "builtin",
+    calib: str = DEFAULT_CALIB,
     settings: CompressSettings | None = None,
     resume: bool = False,
     device=None,

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import formats, outputs, preflight
-from ..builtin import DEFAULT_MODEL
+from ..builtin import DEFAULT_CALIB, DEFAULT_MODEL
 from ..errors import UserError
 from ..formats import Artifact
 from .stages import Stage, relative_to_build as _relative, run_stage
@@ -34,7 +34,7 @@ class BuildOptions:
     method: str = "fusegpt"
     sparsity: float | None = None
     quant: str | None = None
-    calib: str = "builtin"
+    calib: str = DEFAULT_CALIB
     eval_data: str = "builtin"
     max_ppl_ratio: float | None = None  # overrides the profile's budgets.max_perplexity_ratio
     max_sparsity: float | None = None  # the quality curve: compress up to here, deploy the least that meets all
