@@ -108,7 +108,7 @@ def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stage
                         lambda *a, **k: replace(real_calibrate(*a, **k), memory_bandwidth_gbps=200.0))
 
     code, stdout, err = run_cli("build", "--profile", edited, "--model", opts.model, "--out", out,
-                                "--recipe", "quick", "--sparsity", "0.34")
+                                "--recipe", "quick", "--sparsity", "0.34", "--calib", opts.calib)
     report = json.loads((out / "report" / "report.json").read_text())
     stages = report["stages"]
     assert not stages["plan"]["skipped"] and not stages["profile"]["skipped"]

@@ -22,6 +22,7 @@ import pytest
 from fusedeploy import outputs
 
 from .conftest import REPO
+from .processes import children_where
 
 PY = sys.executable
 
@@ -237,11 +238,7 @@ def killed_build(tiny_model_dir, tmp_path_factory):
     workers: list[psutil.Process] = []
 
     def profiling() -> bool:
-        try:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return False
-        workers[:] = [k for k in kids if "fusedeploy.profiling.worker" in " ".join(k.cmdline())]
+        workers[:] = children_where(proc.pid, lambda argv: "fusedeploy.profiling.worker" in " ".join(argv))
         return bool(workers)
 
     assert _kill_when(proc, profiling), "build ended before profiling"

@@ -17,6 +17,8 @@ from fusedeploy.profiling.report import _serving_markdown, serving_check, signof
 from fusedeploy.profiling.schema import Serving, load_profile, profiles_dir
 from fusedeploy.serve.load_step import serving_step
 
+from .processes import children_where
+
 DURATION = 1.5
 GRACE = 1.5  # per level: in-flight requests cut off and connections closed (as in test_serve.py)
 HOST = HostCalibration(memory_bandwidth_gbps=10.0, compute_tflops=0.1, cpu="test", cores=2)
@@ -34,7 +36,7 @@ def _profile_yaml(tmp_path, serving=None, **budgets):
 
 def _served_by(pid: int) -> list:
     """Processes under `pid` running `fusedeploy serve`."""
-    return [p for p in psutil.Process(pid).children(recursive=True) if "serve" in p.cmdline()]
+    return children_where(pid, lambda argv: "serve" in argv)
 
 
 @pytest.fixture(scope="module")
