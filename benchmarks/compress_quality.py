@@ -77,7 +77,7 @@ def main() -> None:
                                    for m in args.methods.split(",") for sd in seeds]:
         run_overrides = overrides if seed is None else {**overrides, "seed": seed}
         settings = load_recipe(args.recipe, run_overrides)
-        out = Path(args.work) / (f"{method}-{sparsity}" + ("" if seed is None else f"-seed{seed}"))
+        out = Path(args.work) / run_name(method, sparsity, args.calib, run_overrides)
         load_before = os.getloadavg()[0]
         t0 = time.time()
         def progress(kind, done, total, status, t0=t0):
@@ -91,7 +91,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(out)
         save({"method": method, "sparsity": sparsity, "recipe": args.recipe, "overrides": run_overrides,
-              "seed": settings.seed, "calib": "/".join(Path(args.calib).parts[-2:]),
+              "seed": settings.seed, "calib": calib_label(args.calib),
               "blocks": report["blocks_after"], "removed": report["removed_blocks"], **evaluate(model, tok),
               "time_s": round(elapsed, 1), "load_before": round(load_before, 2),
               "load_after": round(os.getloadavg()[0], 2),
@@ -105,6 +105,21 @@ def main() -> None:
     print(render(results))
     if args.seeds:
         print(render_seeds(results))
+
+
+def calib_label(calib: str) -> str:
+    """The calibration source as the results name it: `wikitext-2/valid.txt`, or `self`."""
+    return "/".join(Path(calib).parts[-2:])
+
+
+def run_name(method: str, sparsity: float, calib: str, overrides: dict) -> str:
+    """One work folder per configuration, so runs with another calibration or override never
+    overwrite each other's models, and `--resume` finds the state of the same configuration."""
+    parts = [method, str(sparsity), calib_label(calib).replace("/", "_")]
+    parts += [f"{k}={v}" for k, v in sorted(overrides.items()) if k != "seed"]
+    if "seed" in overrides:
+        parts.append(f"seed{overrides['seed']}")
+    return "-".join(parts)
 
 
 def render_seeds(results: list[dict]) -> str:
