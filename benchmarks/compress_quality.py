@@ -77,7 +77,7 @@ def main() -> None:
                                    for m in args.methods.split(",") for sd in seeds]:
         run_overrides = overrides if seed is None else {**overrides, "seed": seed}
         settings = load_recipe(args.recipe, run_overrides)
-        out = Path(args.work) / run_name(method, sparsity, args.calib, run_overrides)
+        out = Path(args.work) / run_name(method, sparsity, args.recipe, args.calib, run_overrides)
         load_before = os.getloadavg()[0]
         t0 = time.time()
         def progress(kind, done, total, status, t0=t0):
@@ -112,11 +112,16 @@ def calib_label(calib: str) -> str:
     return "/".join(Path(calib).parts[-2:])
 
 
-def run_name(method: str, sparsity: float, calib: str, overrides: dict) -> str:
-    """One work folder per configuration, so runs with another calibration or override never
+def other_overrides(overrides: dict | None) -> list[tuple[str, str]]:
+    """The overrides that make a configuration, apart from the seed that repeats it."""
+    return sorted((k, str(v)) for k, v in (overrides or {}).items() if k != "seed")
+
+
+def run_name(method: str, sparsity: float, recipe: str, calib: str, overrides: dict) -> str:
+    """One work folder per configuration, so runs with another recipe, calibration or override never
     overwrite each other's models, and `--resume` finds the state of the same configuration."""
-    parts = [method, str(sparsity), calib_label(calib).replace("/", "_")]
-    parts += [f"{k}={v}" for k, v in sorted(overrides.items()) if k != "seed"]
+    parts = [method, str(sparsity), recipe, calib_label(calib).replace("/", "_")]
+    parts += [f"{k}={v}" for k, v in other_overrides(overrides)]
     if "seed" in overrides:
         parts.append(f"seed{overrides['seed']}")
     return "-".join(parts)
@@ -130,7 +135,7 @@ def render_seeds(results: list[dict]) -> str:
     for r in results:
         if r["method"] == "dense":
             continue
-        rest = tuple(sorted((k, str(v)) for k, v in (r.get("overrides") or {}).items() if k != "seed"))
+        rest = tuple(other_overrides(r.get("overrides")))
         groups.setdefault((r["method"], r["sparsity"], r.get("calib", "-"), r.get("recipe", "-"), rest), []).append(r)
 
     def ms(vals):
