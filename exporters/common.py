@@ -17,10 +17,8 @@ from fusedeploy.models.loading import ModelSource, resolve_model
 
 
 def resolve_local(model: str | os.PathLike) -> ModelSource:
-    """A local Hugging Face folder (or built-in name) to export; Hub ids and .gguf inputs are refused."""
+    """The Hugging Face folder to export (a local folder, a built-in name or a Hub model); .gguf inputs are refused."""
     source = resolve_model(str(model))
-    if not source.is_local:
-        raise UserError(f"export needs a local model folder or a built-in name, not a Hub id ({model})")
     if source.gguf_file:
         raise UserError(f"export reads a Hugging Face folder, not a .gguf file ({model}); "
                         "convert it first or pass the folder it came from")

@@ -9,6 +9,10 @@ MatMulNBits or SkipSimplifiedLayerNormalization), for ONNX consumers other
 than ONNX Runtime; `engine="optimum"` (CLI `--engine optimum`) selects it.
 It is also the baseline the benchmarks compare the GenAI path against.
 
+Optimum is an optional dependency (`fusedeploy.optional`): its ONNX exporter
+releases lag transformers, so the engine is refused in one line, before any
+work, unless a release that supports the installed transformers is present.
+
 Optimum path, all library code: Optimum's exporter writes the decoder
 (`text-generation-with-past`: input_ids, attention_mask, position_ids and
 past_key_values.* in, logits and present.* out) with its config and
@@ -32,6 +36,7 @@ import onnx
 
 from fusedeploy import formats
 from fusedeploy.errors import UserError
+from fusedeploy.optional import require_optimum
 from fusedeploy.models import adapter_for
 
 from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props
@@ -92,9 +97,6 @@ def _quantize(path: Path, mode: str) -> None:
         _save(quantizer.model.model, path)
 
 
-ENGINES = ("genai", "optimum")
-
-
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quantize: str | None = None,
                 force: bool = False, engine: str = "genai", **genai_options) -> Path:
     """Export to ONNX: `engine="genai"` (default; `quantize` None/fp32, int8, int4, fp16, bf16, and the
@@ -107,6 +109,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
         raise UserError(f"unknown ONNX engine {engine!r}; choose genai or optimum")
     if genai_options:
         raise UserError(f"{', '.join(genai_options)} apply to the genai engine only")
+    require_optimum("--engine optimum")
     return export_onnx_optimum(model_dir, out_dir, quantize=quantize, force=force)
 
 

@@ -152,7 +152,7 @@ def compress(
         preflight.check_yaml_mapping(config, "config file")
     settings = load_recipe(recipe, overrides, config_file=config)
     source = preflight.model_location(model)
-    preflight.prepare_output(out, force, [source, calib, config], preflight.weights_bytes(source) if source else 0,
+    preflight.prepare_output(out, force, [source, calib, config], preflight.weights_bytes(source),
                              folder=True)
     with outputs.claim(out), compression_progress() as progress:
         report = compress_model(model, out, sparsity, method=method, calib=calib, settings=settings,
@@ -234,7 +234,7 @@ def export_gguf_cmd(
     if qtype.lower() not in types:  # option values first, before the model is even looked at
         raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
     source = preflight.model_location(model)
-    preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source) if source else 0)
+    preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source))
     text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
     t0 = time.perf_counter()
     with outputs.claim(out), console.status(f"exporting {model} to GGUF {qtype}"):
@@ -272,7 +272,7 @@ def export_onnx_cmd(
     if quantize is not None and quantize.lower() not in names:
         raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
     source = preflight.model_location(model)
-    preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source) if source else 0, folder=True)
+    preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source), folder=True)
     genai = {k: v for k, v in dict(provider=provider, algo=algo, block_size=block_size,
                                    accuracy_level=accuracy_level).items() if v is not None}
     t0 = time.perf_counter()

@@ -128,14 +128,12 @@ def check_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     return data
 
 
-def model_location(spec: str) -> Path | None:
-    """The local folder (or .gguf file) behind a --model value; None for a Hub id."""
+def model_location(spec: str) -> Path:
+    """The local folder (or .gguf file) behind a --model value (a Hub model's cache snapshot)."""
     from .models.loading import resolve_model
 
     check_path_length(spec)
     source = resolve_model(spec)
-    if not source.is_local:
-        return None
     folder = Path(source.location)
     return folder / source.gguf_file if source.gguf_file else folder
 

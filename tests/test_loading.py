@@ -38,11 +38,11 @@ def test_hf_folder_loads(tiny_model_dir):
 def test_builtin_conversion_is_atomic_and_cached(tmp_path, monkeypatch, smollm2_source):
     """A second resolution reuses the folder; no temporary folders are left behind."""
     monkeypatch.setenv("FUSEDEPLOY_CACHE", str(tmp_path))
-    target = tmp_path / "models" / "smollm2-135m"
+    target = tmp_path / "models" / f"smollm2-135m-v{loading.BUILTIN_LAYOUT}"
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")  # pretend a finished conversion
     assert loading.materialize_builtin("smollm2-135m") == target
-    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
 def test_hub_id_offline_says_so(monkeypatch):

@@ -190,7 +190,7 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     location = preflight.model_location(model_spec)
     outputs.check_separate(out, [location, None if calib == SELF else calib])
     outputs.check_replaceable(out, force)
-    preflight.check_writable(out, preflight.weights_bytes(location) if location else 0, folder=True)
+    preflight.check_writable(out, preflight.weights_bytes(location), folder=True)
     if saved_state.exists(state_dir(out)) and not resume and not force:
         raise UserError(f"an unfinished run's state is at {state_dir(out)}; pass --resume to continue it "
                         "or --force to start over")

@@ -154,6 +154,10 @@ class OnnxRuntimeBackend:
     # ---- Optimum
     def _open_optimum(self, folder: Path, n_threads: int) -> None:
         import onnxruntime as ort
+
+        from ..optional import require_optimum
+
+        require_optimum(f"reading {folder} (an ONNX folder without genai_config.json)")
         from optimum.onnxruntime import ORTModelForCausalLM
 
         options = ort.SessionOptions()

@@ -25,22 +25,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's files are: a folder (or Hub id) and optionally a GGUF file in it."""
+    """Where a model's files are on disk: a folder (a Hub model's is its cache snapshot), maybe a GGUF in it."""
 
     spec: str
-    location: str  # local folder path or Hub id
+    location: str  # local folder path
     gguf_file: str | None = None
-    is_local: bool = True
     # For a built-in model: the GGUF it was converted from (tokenizer metadata, cross-checks).
     origin_gguf: str | None = None
-    # Hub id with no reachable Hub: use only what the local HF cache holds.
-    local_files_only: bool = False
 
     def pretrained_kwargs(self) -> dict:
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        if self.local_files_only:
-            kwargs["local_files_only"] = True
-        return kwargs
+        # Everything is on disk by now (Hub models were downloaded by resolve_model): never reach the network.
+        return {"gguf_file": self.gguf_file, "local_files_only": True} if self.gguf_file else {"local_files_only": True}
+
+
+# Bumped whenever the converted built-in folder's contents change, so an old cache is not reused.
+BUILTIN_LAYOUT = 2
+# A model folder whose tokenizer was read from a GGUF file keeps that file under this name.
+GGUF_TOKENIZER_FILE = "tokenizer.model"
 
 
 def builtin_model_path(name: str) -> Path:
@@ -69,10 +70,10 @@ def materialize_builtin(name: str) -> Path:
     a real tokenizer.json. Written to a temporary folder and renamed, so a
     killed conversion never leaves a folder that looks finished.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = builtin_model_path(name)
-    target = cache_dir() / "models" / name
+    target = cache_dir() / "models" / f"{name}-v{BUILTIN_LAYOUT}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,10 +81,15 @@ def materialize_builtin(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # Dequantized to plain float tensors (transformers 5 otherwise keeps a GGUF quantizer
+        # attached, which refuses save_pretrained), with a built-in attention implementation.
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, attn_implementation="sdpa",
+                                                     quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        # The GGUF the tokenizer came from, under the name derived folders keep (see exporters/gguf.py).
+        shutil.copyfile(gguf_path, tmp / GGUF_TOKENIZER_FILE)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
@@ -113,11 +119,58 @@ def resolve_model(spec: str) -> ModelSource:
         return source
     if path.exists():
         raise UserError(f"{spec} is neither a Hugging Face folder nor a .gguf file")
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if looks_like_hub_id:
-        return ModelSource(spec, spec, is_local=False, local_files_only=not hub_reachable())
+    repo_id, _, revision = spec.partition("@")
+    if repo_id.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, str(download_hub_model(repo_id, revision or None)))
     builtins = ", ".join(BUILTIN_MODELS)
-    raise UserError(f"model not found: {spec!r} (give a folder, a .gguf file, a Hub id like org/name, or a built-in: {builtins})")
+    raise UserError(f"model not found: {spec!r} (give a folder, a .gguf file, a Hub id like org/name[@revision], "
+                    f"or a built-in: {builtins})")
+
+
+def with_revision(spec: str, revision: str | None) -> str:
+    """`--model org/name --revision R` as the one spec string `org/name@R` that keys, manifests and reports carry."""
+    if not revision:
+        return spec
+    if "@" in spec:
+        raise UserError(f"--revision {revision} and a revision in --model {spec}: give one of them")
+    return f"{spec}@{revision}"
+
+
+# What a Hub download fetches: config, tokenizer and safetensors weights, never pickles or code.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
+    """A Hub model's folder in the Hugging Face cache (`snapshot_download`), checked like any local folder.
+
+    Offline (or with HF_HUB_OFFLINE=1) only the cache is read, so a model
+    downloaded once keeps working without the network.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = not hub_reachable()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
+                                        local_files_only=offline))
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable (offline?) and the model is "
+                        "not in the local Hugging Face cache; pass a local folder or .gguf file instead") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{repo_id} has no revision {revision!r}; give a branch, tag or commit it has") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"no Hub model {repo_id!r} (or it is gated: log in with `hf auth login`)") from None
+    except Exception as exc:  # noqa: BLE001 - network failures surface as many types
+        raise UserError(f"cannot download {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}); "
+                        "pass a local folder or .gguf file instead") from None
+    if not (folder / "config.json").is_file():
+        raise UserError(f"Hub repository {repo_id} has no config.json; it is not a Hugging Face model")
+    check_model_folder(folder)
+    return folder
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -142,27 +195,43 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _hub_offline_error(source: ModelSource, exc: Exception) -> UserError:
-    if source.local_files_only:
-        return UserError(
-            f"cannot download {source.spec!r}: the Hugging Face Hub is unreachable (offline?) and the model "
-            "is not in the local Hugging Face cache; pass a local folder or .gguf file instead"
-        )
-    return UserError(f"cannot download {source.spec!r} from the Hugging Face Hub ({type(exc).__name__}); "
-                     "pass a local folder or .gguf file instead")
+# config.json keys whose value transformers may resolve to code fetched from the Hub (a kernel
+# repository such as "org/name" or "org/name:revision") rather than a built-in implementation.
+CODE_FETCHING_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+                      "experts_implementation", "_experts_implementation", "_experts_implementation_internal")
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def _check_config_file(source: ModelSource) -> None:
-    """A local config.json must be a JSON object naming its model_type.
+def _code_fetching_fields(data, where: str = "") -> list[str]:
+    """Dotted paths of keys (in the config or any sub-config) that name code outside transformers."""
+    found = []
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if isinstance(value, dict):
+            found += _code_fetching_fields(value, f"{path}.")
+        elif key in CODE_FETCHING_KEYS and isinstance(value, str) and ("/" in value or ":" in value):
+            found.append(f"{path}={value!r}")
+    return found
 
-    Without model_type, transformers guesses the architecture from the folder
-    name, and the user is then told about an architecture they never had.
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Refuse a local model folder before transformers reads it, in one line.
+
+    - config.json must be a JSON object naming its model_type: without it
+      transformers guesses the architecture from the folder name.
+    - no key may name an attention or experts implementation by Hub
+      repository: transformers can download and run such code even without
+      trust_remote_code, so it is refused whatever the installed version does.
+    - weights must be safetensors (or GGUF): FuseDeploy unpickles nothing.
+
+    `auto_map` (the model's own Python code) needs no check here: every load
+    passes trust_remote_code=False unless the user asked for it, and the
+    supported families are all built into transformers.
     """
     import json
 
-    if not source.is_local or source.gguf_file:
-        return
-    path = Path(source.location) / "config.json"
+    folder = Path(folder)
+    path = folder / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -175,6 +244,21 @@ def _check_config_file(source: ModelSource) -> None:
         raise UserError(f"{path} is not a JSON object; restore the model's config.json")
     if not data.get("model_type"):
         raise UserError(f"{path} has no model_type; add the model's family, e.g. \"model_type\": \"llama\"")
+    fetching = _code_fetching_fields(data)
+    if fetching:
+        raise UserError(f"{path} names code to fetch from the Hub ({', '.join(fetching)}); FuseDeploy runs no "
+                        "code from outside transformers: remove that key from config.json")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.gguf")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+        if pickles:
+            raise UserError(f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); FuseDeploy reads "
+                            "safetensors only: convert them once in an environment you trust, e.g. "
+                            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)")
+
+
+def _check_config_file(source: ModelSource) -> None:
+    if not source.gguf_file:
+        check_model_folder(source.location)
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
@@ -185,8 +269,6 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
                                           **source.pretrained_kwargs())
     except OSError as exc:
-        if not source.is_local:
-            raise _hub_offline_error(source, exc) from None
         raise UserError(f"cannot read model config from {source.spec}: {exc}") from None
     except ValueError as exc:
         raise UserError(f"cannot read model config from {source.spec}: {str(exc).splitlines()[0]}; "
@@ -200,14 +282,10 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
                                              **source.pretrained_kwargs())
     except OSError as exc:
-        if not source.is_local:
-            raise _hub_offline_error(source, exc) from None
         raise UserError(f"cannot load a tokenizer from {source.spec}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # noqa: BLE001 - a folder without tokenizer files fails with many types
-        if source.is_local:
-            raise UserError(f"cannot load a tokenizer from {source.spec} ({type(exc).__name__}); the model folder "
-                            "needs its tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json)") from None
-        raise
+        raise UserError(f"cannot load a tokenizer from {source.spec} ({type(exc).__name__}); the model folder "
+                        "needs its tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json)") from None
 
 
 def load_model(
@@ -231,11 +309,9 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **source.pretrained_kwargs(),
+            **source.pretrained_kwargs(), **({} if source.gguf_file else {"use_safetensors": True}),
         )
     except OSError as exc:
-        if not source.is_local:
-            raise _hub_offline_error(source, exc) from None
         raise UserError(f"cannot load weights from {spec}: {exc}") from None
     model.to(dev).eval()
     tokenizer = load_tokenizer(source, trust_remote_code) if with_tokenizer else None

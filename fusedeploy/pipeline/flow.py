@@ -183,8 +183,6 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
 
         pick_dtype(pick_device(opts.device), opts.dtype)
     source = resolve_model(opts.model)
-    if not source.is_local:
-        raise UserError("build needs a local model (folder, .gguf or built-in); download it first")
     model_dir = Path(source.location)
     config = load_config(source)
     shape = ModelShape.from_config(config)
