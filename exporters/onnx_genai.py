@@ -11,21 +11,15 @@ removed, renumbered) builds like any other.
 
 What this module adds is only what the builder does not do for our inputs:
 
-- **Sliding-window layers from `layer_types`.** The builder decides which
-  Gemma 3 layers are local from the original 5:1 pattern (`(i + 1) % 6`).
-  Once blocks are removed that pattern is wrong; the checkpoint's
-  `layer_types` list (which our adapters renumber) is the truth, so the
-  builder is told to read it (`_layer_types_from_config`).
 - **Missing special-token ids.** `genai_config.json` needs numeric
   `eos_token_id`/`pad_token_id`; a checkpoint whose config leaves them unset
   gets the tokenizer's.
 - Provenance (`fusedeploy.*` in `model.onnx`'s `metadata_props`) and the
   atomic output folder every exporter uses.
 
-Version note: onnxruntime-genai 0.16+ builders import transformers 5 classes
-at module import and expect transformers 5's `rope_parameters`; this project
-is on transformers 4.57 (optimum-onnx pins < 4.58), so the pin is the last
-builder written for transformers 4 (0.15.2), which runs on onnxruntime 1.32.
+The builder reads per-layer attention kinds from the checkpoint's
+`layer_types` (which our adapters renumber after block removal), so a
+compressed Gemma keeps each block's sliding or full attention.
 """
 
 from __future__ import annotations
@@ -68,23 +62,6 @@ def _import_builder():
         raise UserError(f"ONNX Runtime GenAI's model builder is not importable ({exc}); "
                         "install the project with `make setup` (onnxruntime-genai)") from None
     return builder
-
-
-@contextlib.contextmanager
-def _layer_types_from_config(config):
-    """Make the builder's Gemma 3 `is_local(layer)` read `config.layer_types` while it builds."""
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types:
-        yield
-        return
-    from builders import gemma  # noqa: PLC0415 - the builder's own module, on sys.path after import
-
-    saved = gemma.Gemma3Model.is_local
-    gemma.Gemma3Model.is_local = lambda self, layer_id: layer_types[layer_id] == "sliding_attention"
-    try:
-        yield
-    finally:
-        gemma.Gemma3Model.is_local = saved
 
 
 def _fill_token_ids(out: Path, folder: Path) -> None:
@@ -173,8 +150,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 parsed = builder.parse_extra_options(None, str(folder), str(tmp), precision, provider, cache, options)
-                with _layer_types_from_config(parsed["hf_details"]["hf_config"]):
-                    builder.create_model(None, str(folder), str(tmp), precision, provider, cache, **parsed)
+                builder.create_model(None, str(folder), str(tmp), precision, provider, cache, **parsed)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt weights and unsupported shapes surface as many types
