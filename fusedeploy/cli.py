@@ -41,13 +41,31 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show progress logs.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Let transformers import Python code shipped with a model (auto_map). "
+                                    "Off by default: no code from a model folder or the Hub runs.")] = False,
 ) -> None:
+    from .models.loading import set_trust_remote_code
+
+    set_trust_remote_code(trust_remote_code)
+    _quiet_library_progress()
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _quiet_library_progress() -> None:
+    """transformers and huggingface_hub draw their own bars on stderr; FuseDeploy reports progress itself."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="HF folder, .gguf file, Hub id, or built-in name.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    help="Hub models: the branch, tag or commit to use (same as --model org/name@revision).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present)")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, float16, bfloat16 (default: bf16 on GPU, fp32 on CPU)")]
 
@@ -56,10 +74,12 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, float16, bfloat1
 def info(
     model: Annotated[str, typer.Argument(help="HF folder, .gguf file, Hub id, or built-in name.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    revision: RevisionOpt = None,
 ) -> None:
     """Architecture, block count, sizes and parameter count of a model."""
     from .inspect import model_info
 
+    model = _with_revision(model, revision)
     facts = model_info(model)
     if as_json:
         print(json.dumps(facts.to_dict(), indent=2))
@@ -84,6 +104,7 @@ def eval_cmd(
         help=f"{', '.join(EVAL_RUNTIMES[1:])} (llama.cpp: a .gguf file; onnxruntime: an exported ONNX folder); "
              "auto: onnxruntime for an ONNX folder, else pytorch (a .gguf is then dequantized by transformers)")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    revision: RevisionOpt = None,
 ) -> None:
     """Perplexity of a model on a text, over non-overlapping windows."""
     from .data import eval_windows, load_text, tokenize
@@ -91,6 +112,7 @@ def eval_cmd(
 
     from .preflight import check_readable
 
+    model = _with_revision(model, revision)
     _check_windows(ctx, max_windows)
     check_readable(model)
     check_readable(data)
@@ -129,11 +151,14 @@ def compress(
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print compression.json to stdout.")] = False,
     keep_steps: Annotated[bool, typer.Option("--keep-steps", help="Also keep what rebuilds the model after every removed block (the quality-vs-sparsity curve).")] = False,
+    revision: RevisionOpt = None,
 ) -> None:
     """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
     from . import outputs, preflight
     from .compress import compress_model, load_recipe, parse_overrides
     from .console import compression_progress
+
+    model = _with_revision(model, revision)
 
     for pair in set_ or []:
         key, _, value = pair.partition("=")
@@ -165,6 +190,12 @@ def compress(
         print(f"{method}: removed blocks {report['removed_blocks']} (original numbering), "
               f"{report['blocks_before']} -> {report['blocks_after']} blocks in {report['timings']['total_s']:.0f} s; "
               f"wrote {out}")
+
+
+def _with_revision(model: str, revision: str | None) -> str:
+    from .models.loading import with_revision
+
+    return with_revision(model, revision)
 
 
 def _check_windows(ctx: int, max_windows: int | None) -> None:
@@ -221,6 +252,7 @@ def export_gguf_cmd(
     imatrix_data: Annotated[Optional[str], typer.Option(
         help="Calibration text (.txt/.jsonl, folder, builtin, ...) for an importance matrix (llama.cpp-quantized types).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    revision: RevisionOpt = None,
 ) -> None:
     """Write a GGUF file for llama.cpp, quantized by llama.cpp's own quantizer where needed."""
     import time
@@ -233,6 +265,7 @@ def export_gguf_cmd(
     types = formats.precision_names(formats.LLAMA_CPP.name)
     if qtype.lower() not in types:  # option values first, before the model is even looked at
         raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
+    model = _with_revision(model, revision)
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source))
     text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
@@ -260,6 +293,7 @@ def export_onnx_cmd(
     accuracy_level: Annotated[Optional[int], typer.Option(
         help="int4/int8 MatMul compute (genai): 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    revision: RevisionOpt = None,
 ) -> None:
     """Write an ONNX model folder for ONNX Runtime (GenAI by default), optionally int8/int4."""
     import time
@@ -271,6 +305,11 @@ def export_onnx_cmd(
     names = formats.precision_names(formats.ONNXRUNTIME.name)
     if quantize is not None and quantize.lower() not in names:
         raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
+    if engine == "optimum":
+        from .optional import require_optimum
+
+        require_optimum("--engine optimum")
+    model = _with_revision(model, revision)
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source), folder=True)
     genai = {k: v for k, v in dict(provider=provider, algo=algo, block_size=block_size,
@@ -351,6 +390,7 @@ def profiles_plan(
     sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of searching.")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of searching.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    revision: RevisionOpt = None,
 ) -> None:
     """Projected memory and speed of each candidate on a profile, and the one a build would choose."""
     from .models.loading import load_config, resolve_model
@@ -358,6 +398,7 @@ def profiles_plan(
     from .profiling.schema import load_profile
 
     target = load_profile(profile)
+    model = _with_revision(model, revision)
     shape = ModelShape.from_config(load_config(resolve_model(model)))
     result = plan(shape, target, sparsity=sparsity, quant=quant)
     if as_json:
@@ -395,6 +436,7 @@ def build(
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
     from .pipeline import BuildOptions
@@ -402,6 +444,7 @@ def build(
 
     if resume and force:
         raise UserError("--resume continues the build and --force starts it over; pass one of them")
+    model = _with_revision(model, revision)
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
               device=device, dtype=dtype, max_sparsity=max_sparsity, eval_tasks=eval_tasks,

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from fusedeploy.builtin import DEFAULT_MODEL
+from fusedeploy.cli import _quiet_library_progress
+
+_quiet_library_progress()  # fixtures save and load models outside the CLI too; their bars would fill captured stderr
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

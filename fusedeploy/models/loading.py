@@ -261,12 +261,24 @@ def _check_config_file(source: ModelSource) -> None:
         check_model_folder(source.location)
 
 
-def load_config(source: ModelSource, trust_remote_code: bool = False):
+_policy = {"trust_remote_code": False}
+
+
+def set_trust_remote_code(allowed: bool) -> None:
+    """The process-wide answer to "may transformers import a model's own Python code?" (`--trust-remote-code`)."""
+    _policy["trust_remote_code"] = bool(allowed)
+
+
+def _trust(asked: bool | None) -> bool:
+    return _policy["trust_remote_code"] if asked is None else asked
+
+
+def load_config(source: ModelSource, trust_remote_code: bool | None = None):
     from transformers import AutoConfig
 
     _check_config_file(source)
     try:
-        return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=_trust(trust_remote_code),
                                           **source.pretrained_kwargs())
     except OSError as exc:
         raise UserError(f"cannot read model config from {source.spec}: {exc}") from None
@@ -275,11 +287,11 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
                         "check that it is a complete Hugging Face folder or GGUF file") from None
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource, trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=_trust(trust_remote_code),
                                              **source.pretrained_kwargs())
     except OSError as exc:
         raise UserError(f"cannot load a tokenizer from {source.spec}: {str(exc).splitlines()[0]}") from None
@@ -292,7 +304,7 @@ def load_model(
     spec: str,
     device: str | None = None,
     dtype: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
     with_tokenizer: bool = True,
 ):
     """Load (model, tokenizer, source) for a supported architecture, in eval mode."""
@@ -308,7 +320,7 @@ def load_model(
     log.info("loading %s on %s as %s", spec, dev, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            source.location, dtype=torch_dtype, trust_remote_code=_trust(trust_remote_code),
             **source.pretrained_kwargs(), **({} if source.gguf_file else {"use_safetensors": True}),
         )
     except OSError as exc:
