@@ -42,7 +42,7 @@ def projections(run_dir: Path, base_model: str, precision: str, ks: list[int], p
                 prompt: int, new: int, runs: int) -> dict:
     from fusedeploy import formats
     from fusedeploy.compress import steps
-    from fusedeploy.models.loading import load_config, resolve_model
+    from fusedeploy.models.loading import load_config, resolve_model, save_tokenizer
     from fusedeploy.profiling.measure import calibrate_host, efficiency, measure_artifact, project
     from fusedeploy.profiling.planner import IDEAL, ModelShape, estimate
     from fusedeploy.profiling.schema import load_profile
@@ -58,7 +58,7 @@ def projections(run_dir: Path, base_model: str, precision: str, ks: list[int], p
                 continue
             folder = scratch / f"model-{k}"
             model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+            save_tokenizer(tokenizer, folder)
             artifact = rt.export(str(folder), scratch / f"k{k}", precision)
             m = measure_artifact(artifact, prompt_tokens=prompt, new_tokens=new, runs=runs)
             measured[k] = {"metrics": m, "size_bytes": rt.size_bytes(artifact)}

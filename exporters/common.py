@@ -88,3 +88,32 @@ def set_metadata_props(model, meta: dict[str, str]) -> None:
             existing[key].value = value
         else:
             model.metadata_props.add(key=key, value=value)
+
+
+# Token ids the smoke run feeds: low ids exist in every vocabulary.
+SMOKE_IDS = [1, 2, 3, 4]
+
+
+def smoke_check(runtime, path: Path, what: str) -> None:
+    """Load the artifact in its own runtime and run one short forward pass before it is declared written.
+
+    An exporter that exits 0 with a file its runtime cannot load is the failure
+    FuseDeploy exists to prevent; this is that check, not the full verify.
+    """
+    import numpy as np
+
+    backend = None
+    try:
+        backend = runtime.backend_class()(path, n_ctx=16, n_threads=None, logits_all=True)
+        logits = backend.logits(SMOKE_IDS)
+    except UserError as exc:
+        raise UserError(f"the {what} does not run in {runtime.name} ({exc}); nothing was written") from None
+    except Exception as exc:  # noqa: BLE001 - runtimes raise their own types for graphs they cannot run
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"the {what} does not run in {runtime.name} ({why}); nothing was written") from None
+    finally:
+        if backend is not None and hasattr(backend, "close"):
+            backend.close()
+    if logits.shape[0] != len(SMOKE_IDS) or not np.isfinite(logits).all():
+        raise UserError(f"the {what} runs in {runtime.name} but gives non-finite or misshapen logits "
+                        f"{tuple(logits.shape)}; nothing was written")

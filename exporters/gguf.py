@@ -41,7 +41,9 @@ import torch
 from fusedeploy import formats
 from fusedeploy.errors import UserError
 
-from .common import atomic_path, check_overwrite, provenance, resolve_local
+from fusedeploy.models.loading import GGUF_TOKENIZER_FILE, is_gguf_file
+
+from .common import atomic_path, check_overwrite, provenance, resolve_local, smoke_check
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +83,14 @@ def _check_weights(folder: Path) -> None:
 def _tokenizer_origin(source, folder: Path) -> Path | None:
     """The GGUF file this model's tokenizer was read from, if it was read from one.
 
-    transformers saves a tokenizer it built from a GGUF file with that file
-    copied as `tokenizer.model`, so a folder derived from the built-in model
-    (compressed, or a tiny test model borrowing its tokenizer) still names it.
+    FuseDeploy keeps that file as `tokenizer.model` in every folder it derives
+    from such a model (`fusedeploy.models.loading.save_tokenizer`): compressed
+    models, or tiny test models borrowing the built-in tokenizer.
     """
     if source.origin_gguf:
         return Path(source.origin_gguf)
-    spm = folder / "tokenizer.model"
-    if spm.is_file():
-        with spm.open("rb") as f:
-            if f.read(4) == b"GGUF":
-                return spm
-    return None
+    spm = folder / GGUF_TOKENIZER_FILE
+    return spm if is_gguf_file(spm) else None
 
 
 def tokenizer_keys(origin: Path, n_vocab: int) -> Path:
@@ -371,5 +369,6 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
                 check_tokenization(inter, folder)
                 imatrix = _imatrix_for(source, facts["arch"], imatrix_text) if imatrix_text is not None else None
                 llama_cpp_quantize(inter, tmp, qtype, imatrix)
+        smoke_check(formats.LLAMA_CPP, tmp, f"GGUF {qtype} export")
     log.info("exported %s (%s) in %.1f s", out, qtype, time.perf_counter() - t0)
     return out

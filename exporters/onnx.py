@@ -39,11 +39,13 @@ from fusedeploy.errors import UserError
 from fusedeploy.optional import require_optimum
 from fusedeploy.models import adapter_for
 
-from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props
+from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props, smoke_check
 
 log = logging.getLogger(__name__)
 
 INT4_BLOCK_SIZE = 32
+# What this path makes: Optimum's fp32 export, then ONNX Runtime's int8/int4 quantizers.
+OPTIMUM_PRECISIONS = ("fp32", "int8", "int4")
 MODEL_FILE = "model.onnx"
 
 
@@ -123,9 +125,8 @@ def export_onnx_optimum(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     "int8", "int4"). The folder appears only when complete.
     """
     precision = (quantize or "fp32").lower()
-    names = formats.precision_names(formats.ONNXRUNTIME.name)
-    if precision not in names:
-        raise UserError(f"unknown ONNX quantization {quantize!r}; choose from {', '.join(names)}")
+    if precision not in OPTIMUM_PRECISIONS:
+        raise UserError(f"--engine optimum writes {', '.join(OPTIMUM_PRECISIONS)}, not {quantize!r}")
     quantize = None if precision == "fp32" else precision  # Optimum's export is fp32; the rest is ORT's quantizer
     out = Path(out_dir)
     check_overwrite(out, force)
@@ -157,5 +158,6 @@ def export_onnx_optimum(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         if quantize == "int4":
             meta["fusedeploy.int4"] = f"MatMulNBits RTN symmetric block {INT4_BLOCK_SIZE}"
         _stamp(path, meta)
+        smoke_check(formats.ONNXRUNTIME, tmp, f"ONNX {quantize or 'fp32'} export (optimum)")
     log.info("exported %s (%s) in %.1f s", out, quantize or "fp32", time.perf_counter() - t0)
     return out

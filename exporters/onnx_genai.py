@@ -33,17 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from fusedeploy import formats
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 
-from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props
+from .common import atomic_path, check_overwrite, provenance, resolve_local, set_metadata_props, smoke_check
 
 log = logging.getLogger(__name__)
 
-# Precisions the builder writes. fp16/bf16 are GPU precisions (the CPU EP
-# runs them slowly or not at all), so they default to the CUDA provider.
-GENAI_PRECISIONS = ("fp32", "int8", "int4", "fp16", "bf16")
-GENAI_PROVIDERS = ("cpu", "cuda")
+# The precisions and the execution providers each runs on are rows of fusedeploy.formats.
 # The builder's weight-only quantization methods (`algo_config`), see its --help:
 #   default/rtn  round-to-nearest per block;  k_quant  llama.cpp-style k-quant scales;
 #   *_last       the LM head in int8;         k_quant_mixed  also llama.cpp's sensitive layers in int8.
@@ -98,22 +96,42 @@ def _stamp(path: Path, meta: dict[str, str]) -> None:
     onnx.save_model(model, str(path))
 
 
+def check_provider(row, provider: str | None) -> str:
+    """The execution provider an export of `row` is built for: one it runs on, and one this host can check."""
+    provider = (provider or row.default_device).lower()
+    if provider not in row.devices:
+        known = {d for p in formats.PRECISIONS[formats.ONNXRUNTIME.name].values() for d in p.devices}
+        if provider not in known:
+            raise UserError(f"unknown execution provider {provider!r}; choose from {', '.join(sorted(known))}")
+        raise UserError(f"ONNX {row.name} runs on {' or '.join(row.devices)}, not {provider}; "
+                        f"pass --provider {row.default_device}")
+    if provider == "cuda":
+        import onnxruntime_genai as og
+
+        if not og.is_cuda_available():
+            cpu = [p.name for p in formats.PRECISIONS[formats.ONNXRUNTIME.name].values() if "cpu" in p.devices]
+            instead = ("pass --provider cpu" if "cpu" in row.devices
+                       else f"choose a precision that runs on the CPU ({', '.join(cpu)})")
+            raise UserError(f"an ONNX {row.name} build for CUDA is loaded once before it is written, and this "
+                            "onnxruntime-genai has no CUDA provider: install onnxruntime-genai-cuda on a machine "
+                            f"with an NVIDIA GPU, or {instead}")
+    return provider
+
+
 def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32",
                       provider: str | None = None, algo: str | None = None, block_size: int | None = None,
                       accuracy_level: int | None = None, symmetric: bool = True,
                       force: bool = False) -> Path:
     """Build an ONNX Runtime GenAI folder (`model.onnx`, `genai_config.json`, tokenizer) from a local HF folder.
 
-    `precision`: fp32, int8 or int4 (weight-only MatMulNBits; `algo`,
-    `block_size`, `accuracy_level` and `symmetric` go to the builder), or
-    fp16/bf16 (default provider cuda). The folder appears only when complete.
+    `precision`: an onnxruntime row of fusedeploy.formats: fp32, fp16, bf16
+    (CUDA only), int8 or int4 (weight-only MatMulNBits; `algo`, `block_size`,
+    `accuracy_level` and `symmetric` go to the builder). The folder appears
+    only when complete and after one forward pass in ONNX Runtime GenAI.
     """
-    precision = (precision or "fp32").lower()
-    if precision not in GENAI_PRECISIONS:
-        raise UserError(f"unknown ONNX precision {precision!r}; choose from {', '.join(GENAI_PRECISIONS)}")
-    provider = (provider or ("cuda" if precision in ("fp16", "bf16") else "cpu")).lower()
-    if provider not in GENAI_PROVIDERS:
-        raise UserError(f"unknown execution provider {provider!r}; choose from {', '.join(GENAI_PROVIDERS)}")
+    row = formats.spec(formats.ONNXRUNTIME.name, (precision or "fp32").lower())
+    precision = row.name
+    provider = check_provider(row, provider)
     quantized = precision in ("int4", "int8")
     if not quantized and (algo or block_size or accuracy_level):
         raise UserError(f"--algo/--block-size/--accuracy-level apply to int4 and int8, not {precision}")
@@ -167,13 +185,9 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         if quantized:
             meta[f"fusedeploy.{precision}"] = " ".join(options)
         _stamp(tmp / MODEL_FILE, meta)
+        smoke_check(formats.ONNXRUNTIME, tmp, f"ONNX {precision} export")
     log.info("built %s (%s, %s) in %.1f s", out, precision, provider, time.perf_counter() - t0)
     return out
-
-
-def is_genai_folder(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / CONFIG_FILE).is_file()
 
 
 def genai_config(path: str | os.PathLike) -> dict:

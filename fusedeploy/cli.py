@@ -27,7 +27,6 @@ _state = {"debug": False}
 PYTORCH = "pytorch"  # `eval` can also run the model itself; not an export target, so not a runtime of formats
 EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
 GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
-ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
 
 
 def _version(value: bool) -> None:
@@ -281,12 +280,14 @@ def export_onnx_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")] = ...,
     quantize: Annotated[Optional[str], typer.Option(
-        "--quantize", "--precision", help="fp32 (default), int8 or int4 (weight-only MatMulNBits); "
-                                          "fp16/bf16 (CUDA; genai engine only).")] = None,
+        "--quantize", "--precision", help=f"{formats.precision_help(formats.ONNXRUNTIME.name)} "
+                                          "(default fp32; int8/int4: weight-only MatMulNBits).")] = None,
     engine: Annotated[str, typer.Option(
         help="genai: ONNX Runtime GenAI's builder (og.Model/og.Generator); "
              "optimum: standard ONNX operators only, for runtimes other than ONNX Runtime.")] = "genai",
-    provider: Annotated[Optional[str], typer.Option(help="cpu or cuda (genai; default cuda for fp16/bf16).")] = None,
+    provider: Annotated[Optional[str], typer.Option(
+        help="cpu or cuda (genai; default: the first device the precision runs on). A cuda build needs "
+             "onnxruntime-genai-cuda here: every export is loaded once before it is written.")] = None,
     algo: Annotated[Optional[str], typer.Option(
         help="int4/int8 method (genai): default, rtn, k_quant, rtn_last, k_quant_last, k_quant_mixed.")] = None,
     block_size: Annotated[Optional[int], typer.Option(help="int4/int8 block size (genai): 16..256, default 32.")] = None,
@@ -309,6 +310,10 @@ def export_onnx_cmd(
         from .optional import require_optimum
 
         require_optimum("--engine optimum")
+    else:
+        from exporters.onnx_genai import check_provider
+
+        check_provider(formats.spec(formats.ONNXRUNTIME.name, (quantize or "fp32").lower()), provider)
     model = _with_revision(model, revision)
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source], 3 * preflight.weights_bytes(source), folder=True)

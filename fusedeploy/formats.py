@@ -135,6 +135,11 @@ class Precision:
     tolerance: str  # a TOLERANCES class for verify
     peer: str  # the same precision in the other runtime, for builds that export both
     gguf_file_type: str = ""  # gguf.LlamaFileType member recorded in general.file_type
+    devices: tuple[str, ...] = ("cpu", "cuda")  # where an artifact of it runs (ONNX: the execution provider)
+
+    @property
+    def default_device(self) -> str:
+        return self.devices[0]
 
     @property
     def limits(self) -> dict[str, float]:
@@ -165,6 +170,10 @@ _PRECISIONS = (
     # Non-linear 4-bit grid, 18 bytes / 32 weights; llama.cpp quantizes it without an importance matrix.
     Precision("llama.cpp", "iq4_nl", 4.5, LLAMA_QUANTIZE, "4bit", "int4", "MOSTLY_IQ4_NL"),
     Precision("onnxruntime", "fp32", 32.0, GENAI_BUILDER, "fp32", "f32"),
+    # fp16 graphs run on the CPU provider too (checked by the export's smoke run); bf16 has no CPU kernels
+    # for every operator the builder writes (Where), so it is a CUDA precision.
+    Precision("onnxruntime", "fp16", 16.0, GENAI_BUILDER, "half", "f16"),
+    Precision("onnxruntime", "bf16", 16.0, GENAI_BUILDER, "half", "bf16", devices=("cuda",)),
     Precision("onnxruntime", "int8", 8.0, GENAI_BUILDER, "8bit", "q8_0"),  # MatMulNBits 8-bit
     Precision("onnxruntime", "int4", 5.0, GENAI_BUILDER, "4bit", "q4_k_m"),  # MatMulNBits, block 32, fp32 scales
 )
@@ -192,6 +201,12 @@ def runtime(name: str) -> Runtime:
 
 def precision_names(runtime_name: str) -> tuple[str, ...]:
     return tuple(PRECISIONS[runtime(runtime_name).name])
+
+
+def precision_help(runtime_name: str) -> str:
+    """The precisions of a runtime as `--help` lists them, each with the devices it runs on when not all."""
+    return ", ".join(p.name if p.devices == ("cpu", "cuda") else f"{p.name} ({'/'.join(p.devices)} only)"
+                     for p in PRECISIONS[runtime(runtime_name).name].values())
 
 
 def spec(runtime_name: str, precision: str) -> Precision:

@@ -41,7 +41,7 @@ def test_gemma3_layer_types_follow_the_kept_blocks():
     original = list(model.config.layer_types)
     adapter_for(model).remove_blocks(model, [0, 5])
     assert model.config.layer_types == original[1:5]
-    assert [b.attention_type for b in adapter_for(model).blocks(model)] == original[1:5]
+    assert [b.self_attn.layer_type for b in adapter_for(model).blocks(model)] == original[1:5]
 
 
 def test_qwen2_max_window_layers_counts_kept_leading_blocks():

@@ -23,7 +23,7 @@ from fusedeploy.data import eval_windows, load_text, tokenize
 from fusedeploy.errors import UserError
 from fusedeploy.evaluate import LlamaCppBackend, TorchBackend, perplexity
 from fusedeploy.models import ADAPTERS
-from fusedeploy.models.loading import resolve_model
+from fusedeploy.models.loading import resolve_model, save_tokenizer
 
 from .tiny import tiny_model
 
@@ -69,7 +69,7 @@ def save_tiny(mt, tokenizer, folder: Path, remove=(), qk_scale: float = 1.0, **o
     if remove:
         ADAPTERS[mt].remove_blocks(model, list(remove))
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return model
 
 
@@ -465,7 +465,7 @@ def test_smollm2_with_blocks_removed_f32(tokenizer, tmp_path):
     model, _, _ = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     ADAPTERS["llama"].remove_blocks(model, [3, 7, 11, 15, 19, 23, 26, 28])
     model.save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
+    save_tokenizer(tokenizer, tmp_path / "hf")
     path = export_gguf(tmp_path / "hf", tmp_path / "r.gguf", "f32")
     ids = tokenizer(wikitext(3000), add_special_tokens=False)["input_ids"][:128]
     want = TorchBackend(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()).logits(ids)

@@ -1,8 +1,9 @@
 """ONNX export in the real ONNX Runtime, no mocks: fp32 parity, greedy generation.
 
-The default export is ONNX Runtime GenAI's builder (run by `og.Generator`);
-the Optimum engine (standard operators) keeps one parity test and its
-quantized variants.
+The default export is ONNX Runtime GenAI's builder (run by `og.Generator`).
+The Optimum engine (standard operators) is optional: its tests run where an
+optimum-onnx that supports the installed transformers is present, and its
+refusal is tested where it is not.
 """
 
 from __future__ import annotations
@@ -16,15 +17,28 @@ import pytest
 import torch
 
 from exporters.onnx import export_onnx
+from fusedeploy import formats
 from fusedeploy.errors import UserError
+from fusedeploy.optional import require_optimum
 from fusedeploy.evaluate import OnnxRuntimeBackend, TorchBackend
 from fusedeploy.models import ADAPTERS
 from fusedeploy.builtin import DEFAULT_MODEL
-from fusedeploy.models.loading import resolve_model
+from fusedeploy.models.loading import resolve_model, save_tokenizer
 
 from .tiny import tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+def _optimum_usable() -> bool:
+    try:
+        require_optimum("test")
+    except UserError:
+        return False
+    return True
+
+
+needs_optimum = pytest.mark.skipif(not _optimum_usable(), reason="no optimum-onnx release supports this transformers")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +76,7 @@ def tiny_genai(request, tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"genai-{mt}")
     model = _tiny(mt, tokenizer, remove=(1, 3))
     model.save_pretrained(folder / "hf")
-    tokenizer.save_pretrained(folder / "hf")
+    save_tokenizer(tokenizer, folder / "hf")
     out = export_onnx(folder / "hf", folder / "onnx")
     return model, out
 
@@ -93,7 +107,7 @@ def test_gemma3_sliding_layers_follow_layer_types(tokenizer, tmp_path):
     model = _tiny("gemma3_text", tokenizer, remove=(1, 3))
     assert model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
     model.save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
+    save_tokenizer(tokenizer, tmp_path / "hf")
     out = export_onnx(tmp_path / "hf", tmp_path / "onnx")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     windows = []
@@ -109,10 +123,11 @@ def tiny_optimum(tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("optimum-llama")
     model = _tiny("llama", tokenizer, remove=(1, 3))
     model.save_pretrained(folder / "hf")
-    tokenizer.save_pretrained(folder / "hf")
+    save_tokenizer(tokenizer, folder / "hf")
     return model, export_onnx(folder / "hf", folder / "onnx", engine="optimum")
 
 
+@needs_optimum
 def test_optimum_fp32_logits_and_cached_generation(tiny_optimum, sample_ids):
     model, out = tiny_optimum
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -131,14 +146,16 @@ def test_optimum_fp32_logits_and_cached_generation(tiny_optimum, sample_ids):
 def tiny_llama_dir(tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama") / "hf"
     tiny_model("llama", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     (folder / "compression.json").write_text(json.dumps(
         {"method": "plain-removal", "removed_blocks": [4, 5], "settings": {"k": 2}}))
     return folder
 
 
-@pytest.mark.parametrize("mode,op,engine", [("int8", "MatMulInteger", "optimum"), ("int4", "MatMulNBits", "optimum"),
-                                            ("int8", "MatMulNBits", "genai"), ("int4", "MatMulNBits", "genai")])
+@pytest.mark.parametrize("mode,op,engine", [
+    pytest.param("int8", "MatMulInteger", "optimum", marks=needs_optimum),
+    pytest.param("int4", "MatMulNBits", "optimum", marks=needs_optimum),
+    ("int8", "MatMulNBits", "genai"), ("int4", "MatMulNBits", "genai")])
 def test_quantized_variants_run_with_provenance(mode, op, engine, tiny_llama_dir, sample_ids, tmp_path):
     out = export_onnx(tiny_llama_dir, tmp_path / mode, quantize=mode, engine=engine)
     model = onnx.load(str(out / "model.onnx"))
@@ -166,10 +183,54 @@ def test_genai_int4_options_reach_the_graph(tiny_llama_dir, tmp_path):
     assert head == [8] and {v["bits"] for k, v in nbits.items() if "lm_head" not in k} == {4}  # *_last: head int8
 
 
+@pytest.mark.skipif(_optimum_usable(), reason="an optimum-onnx that supports this transformers is installed")
+def test_optimum_engine_without_a_fitting_exporter_is_one_line_before_any_work(tiny_llama_dir, tmp_path, run_cli):
+    code, out, err = run_cli("export", "onnx", "--model", tiny_llama_dir, "--out", tmp_path / "o", "--engine", "optimum")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --engine optimum needs Optimum")
+    assert "fusedeploy[optimum]" in lines[0] and "--engine genai" in lines[0]
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", formats.precision_names("onnxruntime"))
+def test_every_listed_precision_exports_and_runs_or_is_refused_up_front(precision, tiny_llama_dir, sample_ids,
+                                                                        tmp_path, run_cli):
+    """Each precision `--help` lists: on this host either a folder og loads and runs, or one line before any work."""
+    row = formats.spec("onnxruntime", precision)
+    out = tmp_path / precision
+    code, stdout, err = run_cli("export", "onnx", "--model", tiny_llama_dir, "--out", out, "--precision", precision)
+    if "cpu" in row.devices:
+        assert code == 0, err
+        backend = OnnxRuntimeBackend(out)
+        logits = backend.logits(sample_ids[:16])
+        assert logits.shape[0] == 16 and np.isfinite(logits).all()
+        assert formats.Artifact.at(out).precision == precision
+    else:  # a CUDA-only precision on a host whose onnxruntime-genai has no CUDA provider
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "no CUDA provider" in lines[0]
+        assert not out.exists()
+
+
+def test_an_export_that_does_not_load_is_never_written(tiny_llama_dir, tmp_path, monkeypatch):
+    """The smoke run refuses a folder its runtime cannot run (here: a graph broken after the builder wrote it)."""
+    import exporters.onnx_genai as genai
+
+    real_stamp = genai._stamp
+
+    def stamp_then_break(path, meta):
+        real_stamp(path, meta)
+        model = onnx.load(str(path), load_external_data=False)
+        model.graph.node[0].op_type = "NoSuchOperator"
+        onnx.save_model(model, str(path))
+
+    monkeypatch.setattr(genai, "_stamp", stamp_then_break)
+    with pytest.raises(UserError, match="does not run in onnxruntime.*nothing was written"):
+        export_onnx(tiny_llama_dir, tmp_path / "broken")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_quantization_and_force(tiny_llama_dir, tmp_path):
-    with pytest.raises(UserError, match="unknown ONNX quantization"):
-        export_onnx(tiny_llama_dir, tmp_path / "x", quantize="int3", engine="optimum")
-    with pytest.raises(UserError, match="unknown ONNX precision"):
+    with pytest.raises(UserError, match="unknown onnxruntime precision"):
         export_onnx(tiny_llama_dir, tmp_path / "x", quantize="int3")
     with pytest.raises(UserError, match="unknown quantization method"):
         export_onnx(tiny_llama_dir, tmp_path / "x", quantize="int4", algo="gptq")

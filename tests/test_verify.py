@@ -13,7 +13,7 @@ from exporters.verify import verify_artifact
 from fusedeploy.builtin import DEFAULT_MODEL
 from fusedeploy.cli import app
 from fusedeploy.errors import UserError
-from fusedeploy.models.loading import resolve_model
+from fusedeploy.models.loading import resolve_model, save_tokenizer
 
 from .tiny import tiny_model
 
@@ -26,7 +26,7 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     for name, seed in (("ref", 0), ("other", 1)):
         tiny_model("qwen2", len(tok), seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+        save_tokenizer(tok, root / name)
     return {
         "ref": root / "ref", "other": root / "other",
         "f32": export_gguf(root / "ref", root / "m-f32.gguf", "f32"),

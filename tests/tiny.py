@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fusedeploy.models.loading import save_tokenizer
+
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                tie_word_embeddings=False)
@@ -47,5 +49,5 @@ def save_tiny_model(model_type: str, tokenizer, folder: str | Path, seed: int = 
     folder = Path(folder)
     model = tiny_model(model_type, len(tokenizer), seed=seed, **overrides)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return folder

@@ -28,6 +28,7 @@ import torch
 from .. import outputs, preflight
 from ..builtin import DEFAULT_CALIB
 from ..errors import UserError
+from ..models.loading import save_tokenizer
 from . import state as saved_state
 from . import steps as steps_mod
 from .calibration import SELF, generate_samples
@@ -397,7 +398,7 @@ def write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | No
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         if steps_dir is not None:
             shutil.copytree(steps_dir, tmp / steps_mod.FOLDER)
         (tmp / "compression.json").write_text(json.dumps(report, indent=2))

@@ -40,8 +40,36 @@ class ModelSource:
 
 # Bumped whenever the converted built-in folder's contents change, so an old cache is not reused.
 BUILTIN_LAYOUT = 2
-# A model folder whose tokenizer was read from a GGUF file keeps that file under this name.
+# The vocabulary file a tokenizer was built from (SentencePiece, or the GGUF it was read from), by its usual name.
 GGUF_TOKENIZER_FILE = "tokenizer.model"
+
+
+def is_gguf_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """`save_pretrained`, plus the vocabulary file the tokenizer was built from, which transformers 5 no longer writes.
+
+    That file is `tokenizer.model`: a SentencePiece model (llama.cpp's
+    converter reads it, as it does for the original checkpoints), or the GGUF
+    file a tokenizer was read from. A tokenizer that transformers rebuilt from
+    a GGUF reads differently in llama.cpp's converter (SmolLM2's digit
+    splitting is lost), so GGUF export takes that file's tokenizer keys
+    instead (exporters/gguf.py); every folder derived from such a model keeps it.
+    """
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    target = folder / GGUF_TOKENIZER_FILE
+    candidates = [Path(getattr(tokenizer, "name_or_path", "") or "") / GGUF_TOKENIZER_FILE,
+                  Path(getattr(tokenizer, "vocab_file", "") or "")]
+    for origin in candidates:
+        if origin.suffix == ".model" and origin.is_file() and origin.resolve() != target.resolve():
+            shutil.copyfile(origin, target)
+            return
 
 
 def builtin_model_path(name: str) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import formats
 from ..errors import BudgetsUnmet
+from ..models.loading import save_tokenizer
 from ..outputs import remove_entry
 
 
@@ -106,7 +107,7 @@ def quality_points(run_dir: Path, runtime: str, precision: str, text: EvalText, 
             folder = scratch / "model"
             shutil.rmtree(folder, ignore_errors=True)
             model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+            save_tokenizer(tokenizer, folder)
             ppl = _export_and_score(folder, runtime, precision, tokenizer, text, scratch)
             rows.append({"k": k, "removed_blocks": removed[:k], "sparsity": k / blocks, "precision": precision,
                          "perplexity": ppl, "perplexity_ratio": ppl / dense_ppl})
