@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--work", default="runs/export-table", help="scratch folder for the artifacts")
     ap.add_argument("--gguf-types", default=",".join(formats.precision_names("llama.cpp")))
-    ap.add_argument("--onnx", default="fp32,int8,int4")
+    ap.add_argument("--onnx", default="fp32,int8,int4",
+                    help="ONNX variants: a precision, or int4:ALGO / int8:ALGO for the builder's quantization method")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--pytorch-ppl", type=float, default=None,
                     help="reuse a PyTorch perplexity measured by an earlier run on the same windows")
@@ -109,9 +110,10 @@ def main() -> None:
         if not args.keep:
             out.unlink()
     for variant in filter(None, args.onnx.split(",")):
-        out = work / f"onnx-{variant}"
+        precision, _, algo = variant.partition(":")
+        out = work / f"onnx-{variant.replace(':', '-')}"
         t0 = time.perf_counter()
-        export_onnx(args.model, out, quantize=None if variant == "fp32" else variant, force=True)
+        export_onnx(args.model, out, quantize=precision, force=True, **({"algo": algo} if algo else {}))
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         backend = OnnxRuntimeBackend(out)

@@ -147,7 +147,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     try:
         from transformers import AutoConfig
 
-        adapter_for(AutoConfig.from_pretrained(folder))  # our supported families only, one clear error otherwise
+        adapter = adapter_for(AutoConfig.from_pretrained(folder))  # supported families only, one clear error otherwise
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -168,6 +168,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 parsed = builder.parse_extra_options(None, str(folder), str(tmp), precision, provider, cache, options)
+                adapter.adapt_for_genai_builder(parsed["hf_details"]["hf_config"])
                 builder.create_model(None, str(folder), str(tmp), precision, provider, cache, **parsed)
         except UserError:
             raise

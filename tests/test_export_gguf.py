@@ -10,6 +10,7 @@ original Q4_1 file.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,17 +190,26 @@ def train_sentencepiece(folder: Path, name: str, **settings) -> Path:
 @pytest.fixture(scope="module")
 def spm_tokenizers(tmp_path_factory):
     """{"llama2": Llama 2's settings and tokenizer.json layout, "gemma": the same without a dummy prefix}."""
-    from transformers import GemmaTokenizerFast, LlamaTokenizerFast
+    from transformers import AutoTokenizer
 
     if not WIKITEXT_VALID.is_file():
         pytest.skip("needs ../shared/data/wikitext-2/valid.txt")
     folder = tmp_path_factory.mktemp("spm")
     llama2 = train_sentencepiece(folder, "llama2", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     gemma = train_sentencepiece(folder, "gemma", add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+
+    def converted(model: Path, **config):
+        """The fast tokenizer transformers converts from a folder holding only the SentencePiece model."""
+        tok_dir = folder / model.stem
+        tok_dir.mkdir()
+        shutil.copyfile(model, tok_dir / "tokenizer.model")
+        (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+        return AutoTokenizer.from_pretrained(tok_dir)
+
     return {
         # as Llama 2's tokenizer.json: Prepend("▁") + Replace(" ", "▁") normalizer, byte-fallback BPE
-        "llama2": LlamaTokenizerFast(vocab_file=str(llama2), legacy=True, add_prefix_space=True),
-        "gemma": GemmaTokenizerFast(vocab_file=str(gemma)),
+        "llama2": converted(llama2, tokenizer_class="LlamaTokenizer", legacy=True, add_prefix_space=True),
+        "gemma": converted(gemma, tokenizer_class="GemmaTokenizer"),
     }
 
 

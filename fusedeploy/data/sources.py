@@ -14,11 +14,13 @@ from ..errors import UserError
 from ..hub import hub_reachable, offline_requested
 
 BUILTIN = "builtin"
-# short name -> (datasets path, config, text field, split for calibration, split for evaluation)
+# short name -> (datasets path, config, text field, split for calibration, split for evaluation, revision).
+# datasets >= 4 runs no loading scripts: PTB's repository is a script, so it is read from the Parquet
+# copy the Hub keeps of it (`refs/convert/parquet`).
 HF_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "train", "test"),
-    "ptb": ("ptb_text_only", "penn_treebank", "sentence", "train", "test"),
-    "c4": ("allenai/c4", "en", "text", "train", "validation"),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text", "train", "test", None),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence", "train", "test", "refs/convert/parquet"),
+    "c4": ("allenai/c4", "en", "text", "train", "validation", None),
 }
 
 
@@ -54,7 +56,7 @@ def _read_jsonl(path: Path, field: str) -> str:
 
 
 def _load_hf_dataset(name: str, purpose: str) -> str:
-    path, config, field, calib_split, eval_split = HF_DATASETS[name]
+    path, config, field, calib_split, eval_split, revision = HF_DATASETS[name]
     split = eval_split if purpose == "eval" else calib_split
     if not offline_requested() and not hub_reachable():
         raise UserError(f"cannot load dataset {name!r}: the Hugging Face Hub is unreachable (offline?); "
@@ -62,7 +64,7 @@ def _load_hf_dataset(name: str, purpose: str) -> str:
     try:
         import datasets
 
-        ds = datasets.load_dataset(path, config, split=split)
+        ds = datasets.load_dataset(path, config, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types when offline
         raise UserError(
             f"cannot load dataset {name!r} from the Hugging Face Hub ({type(exc).__name__}); "

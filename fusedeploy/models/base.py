@@ -27,6 +27,10 @@ class ArchitectureAdapter:
         """Family-specific `<arch>.*` keys beyond the common ones: {key suffix: value}."""
         return {}
 
+    # -- ONNX Runtime GenAI's builder ------------------------------------------
+    def adapt_for_genai_builder(self, config) -> None:
+        """Rewrite, in place, the builder's copy of the config where the builder reads an older layout."""
+
     # -- attention shape and logits -----------------------------------------
     def head_dim(self, config) -> int:
         """Per-head width: an explicit `head_dim` (Qwen3, Gemma 3 set one) else hidden / heads."""

@@ -63,6 +63,15 @@ class Gemma3TextAdapter(ArchitectureAdapter):
     def logit_softcap(self, config) -> float | None:
         return getattr(config, "final_logit_softcapping", None) or None
 
+    def adapt_for_genai_builder(self, config) -> None:
+        """transformers 5 keeps RoPE per attention kind (`rope_parameters` = {"full_attention": {...},
+        "sliding_attention": {...}}); ONNX Runtime GenAI 0.18's Gemma 3 builder reads the transformers 4
+        layout: the full layers' parameters flat, the sliding layers' base as `rope_local_base_freq`."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        if "full_attention" in rope and "sliding_attention" in rope:
+            config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+            config.rope_parameters = dict(rope["full_attention"])
+
     def gguf_extra_metadata(self, config) -> dict:
         extra = {}
         if getattr(config, "sliding_window", None):
