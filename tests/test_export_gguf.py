@@ -29,7 +29,7 @@ from .tiny import tiny_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 WIKITEXT_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3"]
 REMOVED = (1, 3)  # of the tiny models' 6 blocks
 
 

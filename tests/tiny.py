@@ -24,6 +24,14 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
         "qwen2": {},
         "qwen3": {"head_dim": 16},
         "gemma3_text": {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16},
+        # YaRN as Ministral 3 ships it, scaled down: a 64-token original context, so that Llama 4's
+        # query temperature (floor(pos / 64)) acts inside a 100-token test sequence, and beta_fast 4
+        # so that YaRN's correction range (dims 0.5..1.4 of 8) lies inside the tiny head as 20..37 of
+        # 64 does in the real one
+        "ministral3": {"head_dim": 16, "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 64,
+            "max_position_embeddings": 1024, "beta_fast": 4.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
+            "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
     }[model_type]
     kwargs = {**_COMMON, **extra, "vocab_size": vocab_size, **overrides}
     return AutoConfig.for_model(model_type, **kwargs)

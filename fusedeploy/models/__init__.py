@@ -14,6 +14,7 @@ from .base import ArchitectureAdapter
 from .families import (
     Gemma3TextAdapter,
     LlamaAdapter,
+    Ministral3Adapter,
     MistralAdapter,
     Qwen2Adapter,
     Qwen3Adapter,
@@ -21,7 +22,8 @@ from .families import (
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     a.model_type: a
-    for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter())
+    for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter(),
+              Ministral3Adapter())
 }
 
 

@@ -22,6 +22,35 @@ class ArchitectureAdapter:
 
     model_type: ClassVar[str]
     family: ClassVar[str]
+    # -- which exporters take the family, and how (read by exporters/) ----------
+    # {"gguf" | "onnx": why the pinned converter/builder cannot take this family}; absent: supported.
+    unsupported_exports: ClassVar[dict[str, str]] = {}
+    # The architecture ONNX Runtime GenAI's builder must dispatch on, when it has no entry for the
+    # checkpoint's own `architectures[0]` but builds the same graph under another name; None: the own.
+    onnx_builder_architecture: ClassVar[str | None] = None
+
+    def export_refusal(self, config, exporter: str) -> str | None:
+        """Why `exporter` ("gguf", "onnx") cannot export this model, or None when it can."""
+        return self.unsupported_exports.get(exporter)
+
+    def onnx_rope_inv_freq(self, config):
+        """PyTorch's RoPE inverse frequencies where ONNX Runtime GenAI's builder computes others, else None.
+
+        Builder 0.18 implements YaRN without truncating the correction range (GPT-OSS's
+        `truncate: false`); transformers truncates it by default, so for such a config the
+        builder's cos/sin tables are replaced by these frequencies (exporters/onnx_genai.py).
+        """
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type") != "yarn" or rope.get("truncate", True) is False:
+            return None
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")[0]
+
+    def onnx_context_limit(self, config) -> int | None:
+        """Tokens up to which the builder's graph computes what PyTorch does (None: the whole context)."""
+        return None
+
     # -- GGUF facts llama.cpp's converter does not write itself (read by exporters/gguf.py) --
     def gguf_extra_metadata(self, config) -> dict:
         """Family-specific `<arch>.*` keys beyond the common ones: {key suffix: value}."""

@@ -27,6 +27,27 @@ class MistralAdapter(ArchitectureAdapter):
 
 
 @dataclass(frozen=True)
+class Ministral3Adapter(ArchitectureAdapter):
+    """Ministral 3 (dense, text; `Ministral3ForCausalLM`): a Llama block with YaRN RoPE and
+    Llama 4's position-dependent query temperature (`rope_parameters.llama_4_scaling_beta`:
+    queries scaled by `1 + beta * log(1 + floor(pos / original_max_position_embeddings))`).
+    Nothing in it is per block, so block removal is the generic one."""
+
+    model_type = "ministral3"
+    family = "Ministral 3"
+    # builder 0.18 names only the VLM (Mistral3ForConditionalGeneration, which loads the VLM class);
+    # its MistralForCausalLM builder reads the text checkpoint's YaRN rope_parameters itself.
+    onnx_builder_architecture = "MistralForCausalLM"
+
+    def onnx_context_limit(self, config) -> int | None:
+        """The builder leaves out Llama 4's query temperature, which is 1 below the original context."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("llama_4_scaling_beta") and rope.get("original_max_position_embeddings"):
+            return int(rope["original_max_position_embeddings"])
+        return None
+
+
+@dataclass(frozen=True)
 class _QwenWindowedAdapter(ArchitectureAdapter):
     """Qwen2/3: `max_window_layers` counts leading full-attention blocks."""
 
