@@ -9,7 +9,8 @@ model folder, the output file and type, the model name, optionally a JSON
 list of `tokenizer.*` keys (from the GGUF the model was converted from) that
 replace the converter's vocabulary, and extra key/value pairs (provenance,
 per-block facts) that are written after the converter's own, replacing a key
-of the same name. The outcome is written as
+of the same name, and `class_options`: attributes set on the converter class
+as its command-line switches would (Qwen 3.5: `no_mtp`, i.e. `--no-mtp`). The outcome is written as
 JSON to SPEC["result"]: {"ok": true, "arch": ...} or {"error": kind, ...}.
 
 The converter's classes are used as llama.cpp's own `main()` uses them; the
@@ -139,6 +140,8 @@ def convert(spec: dict) -> dict:
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[spec["outtype"]]
     with torch.inference_mode():
+        for name, value in spec.get("class_options", {}).items():  # as the converter's switches set them
+            setattr(base, name, value)
         model = with_our_hooks(base)(model_dir, ftype, Path(spec["outfile"]), model_name=spec.get("model_name"))
         impl = getattr(model, "impl", None)
         if isinstance(impl, ModelBase):  # a wrapper that delegates everything to a per-model_type converter

@@ -24,7 +24,7 @@ from fusedeploy.models.loading import resolve_model
 
 from .tiny import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text"]
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,65 @@ def test_ministral3_onnx_gets_pytorch_yarn_tables_and_a_faithful_context(tokeniz
         **tiny_config("ministral3", 8).rope_parameters, "truncate": False})
     ADAPTERS["ministral3"].remove_blocks(untruncated, [1, 3])
     assert rel_err(TorchBackend(untruncated).logits(ids[:60]), want) > 1e-4
+
+
+# ---------------------------------------------------------------- Qwen 3.5 (hybrid linear/full attention)
+
+
+def test_qwen35_fusion_grafts_only_matching_mixers():
+    """p's MLP goes into every neighbour, its attention only into neighbours of its kind; the rest is said."""
+    from fusedeploy.compress import FusedLinear, fold_model, load_recipe
+    from fusedeploy.compress.distill import REPAIRS, attach_fusion
+    from fusedeploy.compress.runner import BlockRunner
+
+    model = tiny_model("qwen3_5_text", 300).requires_grad_(False)
+    adapter = ADAPTERS["qwen3_5_text"]
+    runner = BlockRunner(model, adapter, torch.device("cpu"), torch.float32)
+    runner.capture_kwargs(16)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    settings = load_recipe("quick", {"group_size": 3})
+    # group [0, 4) around the full-attention block 1: neighbours 0, 2 (linear) and 3 (full)
+    assert attach_fusion(runner, 0, 4, 1, REPAIRS["fusion"], settings) == []
+    terms = {(i, n): m._n_terms for i in (0, 2, 3) for n, m in adapter.blocks(model)[i].named_modules()
+             if isinstance(m, FusedLinear)}
+    assert terms[(3, "self_attn.q_proj")] == 1 and terms[(0, "linear_attn.in_proj_qkv")] == 0
+    assert terms[(0, "mlp.down_proj")] == terms[(2, "mlp.down_proj")] == 1
+    fold_model(adapter, model)
+    # a group of one neighbour of the other kind: p's attention has nowhere to go and is reported
+    model = tiny_model("qwen3_5_text", 300).requires_grad_(False)
+    runner = BlockRunner(model, adapter, torch.device("cpu"), torch.float32)
+    runner.capture_kwargs(16)
+    with torch.no_grad():
+        pruned = tiny_model("qwen3_5_text", 300)
+        adapter.remove_blocks(pruned, [1])
+        want = pruned(ids, use_cache=False).logits
+    dropped = attach_fusion(runner, 1, 3, 1, REPAIRS["fusion"], load_recipe("quick", {"group_size": 1}))
+    assert dropped == [f"self_attn.{n}" for n in ("k_proj", "o_proj", "q_proj", "v_proj")]
+    runner.remove(1)
+    with torch.no_grad():  # at init the fused neighbour computes its own function: the model is the pruned one
+        torch.testing.assert_close(model(ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen35_gguf_recurrent_layers_follow_layer_types(tokenizer, ids, tmp_path):
+    """After removal llama.cpp's per-block recurrent flags are the kept blocks' kinds; no MTP is expected."""
+    import gguf
+
+    model = tiny_model("qwen3_5_text", len(tokenizer))
+    save(model, tokenizer, tmp_path / "hf", remove=(1, 4))
+    assert model.config.layer_types == ["linear_attention", "linear_attention", "full_attention", "full_attention"]
+    path = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.architecture").contents() == "qwen35"
+    assert reader.get_field("qwen35.block_count").contents() == 4
+    assert [bool(v) for v in reader.get_field("qwen35.attention.recurrent_layers").contents()] == \
+        [True, True, False, False]
+    assert reader.get_field("qwen35.nextn_predict_layers") is None
+    assert rel_err(gguf_logits(path, ids), TorchBackend(model).logits(ids)) <= REL
+
+
+def test_qwen35_onnx_after_removal(tokenizer, ids, tmp_path):
+    model = tiny_model("qwen3_5_text", len(tokenizer))
+    save(model, tokenizer, tmp_path / "hf", remove=(1, 4))
+    out = export_onnx(tmp_path / "hf", tmp_path / "onnx")
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 4
+    assert rel_err(OnnxRuntimeBackend(out).logits(ids), TorchBackend(model).logits(ids)) <= REL

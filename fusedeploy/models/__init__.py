@@ -15,6 +15,7 @@ from .families import (
     Gemma3TextAdapter,
     LlamaAdapter,
     Ministral3Adapter,
+    Qwen35TextAdapter,
     MistralAdapter,
     Qwen2Adapter,
     Qwen3Adapter,
@@ -23,7 +24,7 @@ from .families import (
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     a.model_type: a
     for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter(),
-              Ministral3Adapter())
+              Ministral3Adapter(), Qwen35TextAdapter())
 }
 
 

@@ -28,6 +28,8 @@ class ArchitectureAdapter:
     # The architecture ONNX Runtime GenAI's builder must dispatch on, when it has no entry for the
     # checkpoint's own `architectures[0]` but builds the same graph under another name; None: the own.
     onnx_builder_architecture: ClassVar[str | None] = None
+    # Class attributes set on llama.cpp's converter class before it runs (its command-line switches).
+    gguf_converter_options: ClassVar[dict[str, object]] = {}
 
     def export_refusal(self, config, exporter: str) -> str | None:
         """Why `exporter` ("gguf", "onnx") cannot export this model, or None when it can."""
@@ -91,14 +93,18 @@ class ArchitectureAdapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return self.decoder(model).norm
 
-    def linear_names(self) -> tuple[str, ...]:
-        """Dotted names of a block's linear layers, relative to the block."""
+    def linear_names(self, block: nn.Module | None = None) -> tuple[str, ...]:
+        """Dotted names of a block's linear layers, relative to the block.
+
+        Hybrid families (Qwen 3.5) have blocks of several kinds; given a block, the names in
+        that block; without one, every name any block of the family has.
+        """
         return tuple(f"self_attn.{n}" for n in ATTENTION_LINEARS) + tuple(
             f"mlp.{n}" for n in MLP_LINEARS
         )
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return {name: block.get_submodule(name) for name in self.linear_names()}
+        return {name: block.get_submodule(name) for name in self.linear_names(block)}
 
     # -- renumbering after block removal ---------------------------------
     def remove_blocks(self, model: nn.Module, remove: list[int] | set[int]) -> list[int]:

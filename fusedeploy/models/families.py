@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ArchitectureAdapter
+from torch import nn
+
+from .base import ATTENTION_LINEARS, MLP_LINEARS, ArchitectureAdapter
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,41 @@ class Gemma3TextAdapter(ArchitectureAdapter):
         if layer_types:  # per block, so a model with blocks removed keeps each block's attention kind
             extra["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in layer_types]
         return extra
+
+
+# Qwen 3.5's block kinds (`config.layer_types`) and the linears each kind's mixer has.
+QWEN35_MIXER_LINEARS = {
+    # Gated DeltaNet (linear attention): its conv1d, A_log, dt_bias and gated norm are not linears
+    "linear_attention": tuple(f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_b",
+                                                             "in_proj_a", "out_proj")),
+    # gated softmax attention: q_proj is twice as wide (query and output gate)
+    "full_attention": tuple(f"self_attn.{n}" for n in ATTENTION_LINEARS),
+}
+
+
+@dataclass(frozen=True)
+class Qwen35TextAdapter(ArchitectureAdapter):
+    """Qwen 3.5 text (`Qwen3_5ForCausalLM`): a hybrid of Gated DeltaNet (linear attention) blocks
+    and gated full-attention blocks, one kind per block in `layer_types` (shrunk by removal, so
+    the cache transformers builds from the config has one layer of the right kind per block).
+
+    Fusion grafts a removed block's MLP into every neighbour and its attention only into
+    neighbours of the same kind (names and shapes match); see `attach_fusion`.
+    """
+
+    model_type = "qwen3_5_text"
+    family = "Qwen 3.5"
+    # the checkpoint's multi-token-prediction head (`mtp.*`) predicts from the last block's hidden
+    # state; transformers drops it on load and it would not fit a model with blocks removed, so
+    # llama.cpp's converter is told there is none
+    gguf_converter_options = {"no_mtp": True}
+    # builder 0.18 names only the VLM, Qwen3_5ForConditionalGeneration, whose text part it builds
+    onnx_builder_architecture = "Qwen3_5ForConditionalGeneration"
+
+    def block_kind(self, block: nn.Module) -> str:
+        return "linear_attention" if hasattr(block, "linear_attn") else "full_attention"
+
+    def linear_names(self, block: nn.Module | None = None) -> tuple[str, ...]:
+        kinds = [self.block_kind(block)] if block is not None else list(QWEN35_MIXER_LINEARS)
+        mixers = tuple(n for kind in kinds for n in QWEN35_MIXER_LINEARS[kind])
+        return mixers + tuple(f"mlp.{n}" for n in MLP_LINEARS)
