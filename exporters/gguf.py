@@ -155,7 +155,7 @@ def _family(config):
 def check_exportable(config) -> None:
     """One clear error before conversion where the adapter says llama.cpp's converter cannot take the family."""
     adapter = _family(config)
-    refusal = adapter.export_refusal(config, "gguf") if adapter else None
+    refusal = adapter.refusal(config, "gguf") if adapter else None
     if refusal:
         raise UserError(f"cannot export {adapter.family} ({config.model_type}) to GGUF: {refusal}")
 

@@ -15,7 +15,7 @@ What this module adds is only what the builder does not do for our inputs:
   `eos_token_id`/`pad_token_id`; a checkpoint whose config leaves them unset
   gets the tokenizer's.
 - **Family facts from the adapter.** A family the builder cannot take is
-  refused before building (`export_refusal`); one it builds under another
+  refused before building (`refusal`); one it builds under another
   architecture name is dispatched as that (`onnx_builder_architecture`); one
   whose graph matches PyTorch only up to some length gets that context
   (`onnx_context_limit`) in genai_config.json; where the builder's RoPE
@@ -188,7 +188,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         raise
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
-    refusal = adapter.export_refusal(config, "onnx")
+    refusal = adapter.refusal(config, "onnx")
     if refusal:
         raise UserError(f"cannot export {adapter.family} ({config.model_type}) to ONNX: {refusal}")
 

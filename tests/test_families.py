@@ -177,3 +177,43 @@ def test_qwen35_onnx_after_removal(tokenizer, ids, tmp_path):
     out = export_onnx(tmp_path / "hf", tmp_path / "onnx")
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 4
     assert rel_err(OnnxRuntimeBackend(out).logits(ids), TorchBackend(model).logits(ids)) <= REL
+
+
+# ---------------------------------------------------------------- Mistral 4 (refused)
+
+
+def _tiny_mistral4(tokenizer, folder: Path) -> Path:
+    from transformers import AutoConfig
+    from transformers.models.mistral4.modeling_mistral4 import Mistral4ForCausalLM  # (no Auto class maps it)
+
+    config = AutoConfig.for_model("mistral4", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                  q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                  v_head_dim=16, max_position_embeddings=256)
+    Mistral4ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_mistral4_is_refused_in_one_line(tokenizer, tmp_path, run_cli, capsys):
+    from fusedeploy.models import adapter_for
+
+    folder = _tiny_mistral4(tokenizer, tmp_path / "m4")
+    from transformers import AutoConfig
+
+    with pytest.raises(UserError, match="Mistral 4 .* fusion and the fold into dense weights are not defined"):
+        adapter_for(AutoConfig.from_pretrained(folder))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text " * 2000)
+    capsys.readouterr()  # (the save's progress bar)
+    code, out, err = run_cli("compress", "--model", folder, "--sparsity", "0.25", "--calib", calib,
+                             "--out", tmp_path / "out", "--recipe", "quick")
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [next(l for l in err.splitlines() if "error:" in l)]
+    assert "Mistral 4" in err and not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="Mistral 4"):
+        export_onnx(folder, tmp_path / "onnx")
+    # llama.cpp's converter takes Mistral 4 only inside the Mistral 3 VLM checkpoint, not a text one
+    with pytest.raises(UserError, match="does not know it"):
+        export_gguf(folder, tmp_path / "m4.gguf", "f32")

@@ -22,18 +22,18 @@ class ArchitectureAdapter:
 
     model_type: ClassVar[str]
     family: ClassVar[str]
-    # -- which exporters take the family, and how (read by exporters/) ----------
-    # {"gguf" | "onnx": why the pinned converter/builder cannot take this family}; absent: supported.
-    unsupported_exports: ClassVar[dict[str, str]] = {}
+    # -- which steps take the family, and how (read by compress and exporters/) ----------
+    # {"compress" | "gguf" | "onnx": why that step cannot take this family}; absent: supported.
+    unsupported: ClassVar[dict[str, str]] = {}
     # The architecture ONNX Runtime GenAI's builder must dispatch on, when it has no entry for the
     # checkpoint's own `architectures[0]` but builds the same graph under another name; None: the own.
     onnx_builder_architecture: ClassVar[str | None] = None
     # Class attributes set on llama.cpp's converter class before it runs (its command-line switches).
     gguf_converter_options: ClassVar[dict[str, object]] = {}
 
-    def export_refusal(self, config, exporter: str) -> str | None:
-        """Why `exporter` ("gguf", "onnx") cannot export this model, or None when it can."""
-        return self.unsupported_exports.get(exporter)
+    def refusal(self, config, step: str) -> str | None:
+        """Why `step` ("compress", "gguf", "onnx") cannot take this model, or None when it can."""
+        return self.unsupported.get(step)
 
     def onnx_rope_inv_freq(self, config):
         """PyTorch's RoPE inverse frequencies where ONNX Runtime GenAI's builder computes others, else None.
