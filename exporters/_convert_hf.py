@@ -9,13 +9,17 @@ model folder, the output file and type, the model name, optionally a JSON
 list of `tokenizer.*` keys (from the GGUF the model was converted from) that
 replace the converter's vocabulary, and extra key/value pairs (provenance,
 per-block facts) that are written after the converter's own, replacing a key
-of the same name. The outcome is written as
+of the same name, and `class_options`: attributes set on the converter class
+as its command-line switches would (Qwen 3.5: `no_mtp`, i.e. `--no-mtp`). The outcome is written as
 JSON to SPEC["result"]: {"ok": true, "arch": ...} or {"error": kind, ...}.
 
 The converter's classes are used as llama.cpp's own `main()` uses them; the
 one subclass here only adds to `set_gguf_parameters`, `set_vocab` and
 `prepare_metadata` (to report the per-block facts it is about to write),
-hooks every converter model class has.
+hooks every converter model class has. A converter class that only wraps
+another and delegates to it (`self.impl`: Mistral 3's, which picks Ministral 3
+or Mistral 4 by model_type) gets the same hooks on the delegate, which is the
+one that writes.
 """
 
 from __future__ import annotations
@@ -111,28 +115,37 @@ def convert(spec: dict) -> dict:
     extra = spec.get("kv", [])
     facts: dict = {}
 
-    class FuseDeployModel(base):  # type: ignore[misc,valid-type]
-        model_arch = base.model_arch
+    def with_our_hooks(cls):
+        class FuseDeployModel(cls):  # type: ignore[misc,valid-type]
+            model_arch = cls.model_arch
 
-        def set_gguf_parameters(self):
-            super().set_gguf_parameters()
-            for key, kind, value in extra:
-                _add_kv(self.gguf_writer, gguf, key.replace("{arch}", self.gguf_writer.arch), kind, value)
+            def set_gguf_parameters(self):
+                super().set_gguf_parameters()
+                for key, kind, value in extra:
+                    _add_kv(self.gguf_writer, gguf, key.replace("{arch}", self.gguf_writer.arch), kind, value)
 
-        def prepare_metadata(self, vocab_only: bool):
-            super().prepare_metadata(vocab_only)
-            facts.update(_facts(self.gguf_writer, gguf, spec.get("per_block_keys", [])))
+            def prepare_metadata(self, vocab_only: bool):
+                super().prepare_metadata(vocab_only)
+                facts.update(_facts(self.gguf_writer, gguf, spec.get("per_block_keys", [])))
 
-        def set_vocab(self):
-            if tokenizer_kv:
-                _add_tokenizer(self.gguf_writer, gguf, tokenizer_kv)
-            else:
-                super().set_vocab()
+            def set_vocab(self):
+                if tokenizer_kv:
+                    _add_tokenizer(self.gguf_writer, gguf, tokenizer_kv)
+                else:
+                    super().set_vocab()
+
+        FuseDeployModel.__name__ = FuseDeployModel.__qualname__ = f"FuseDeploy{cls.__name__}"
+        return FuseDeployModel
 
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[spec["outtype"]]
     with torch.inference_mode():
-        model = FuseDeployModel(model_dir, ftype, Path(spec["outfile"]), model_name=spec.get("model_name"))
+        for name, value in spec.get("class_options", {}).items():  # as the converter's switches set them
+            setattr(base, name, value)
+        model = with_our_hooks(base)(model_dir, ftype, Path(spec["outfile"]), model_name=spec.get("model_name"))
+        impl = getattr(model, "impl", None)
+        if isinstance(impl, ModelBase):  # a wrapper that delegates everything to a per-model_type converter
+            impl.__class__ = with_our_hooks(type(impl))  # (Mistral 3: Ministral 3 or Mistral 4 inside)
         model.write()
     return {"ok": True, "hf_arch": arch, "facts": facts}
 

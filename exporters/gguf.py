@@ -143,7 +143,28 @@ def _extra_kv(config, meta: dict) -> list[tuple[str, str, object]]:
     return kv
 
 
-def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv, tokenizer_kv: Path | None) -> dict:
+def _family(config):
+    """The family's adapter, or None: the GGUF exporter also serves models FuseDeploy does not compress."""
+    from fusedeploy.models import ADAPTERS
+
+    return ADAPTERS.get(getattr(config, "model_type", None))
+
+
+def check_exportable(config) -> None:
+    """One clear error before conversion where the adapter says llama.cpp's converter cannot take the family."""
+    adapter = _family(config)
+    refusal = adapter.refusal(config, "gguf") if adapter else None
+    if refusal:
+        raise UserError(f"cannot export {adapter.family} ({config.model_type}) to GGUF: {refusal}")
+
+
+def _converter_options(config) -> dict:
+    adapter = _family(config)
+    return dict(adapter.gguf_converter_options) if adapter else {}
+
+
+def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv, tokenizer_kv: Path | None,
+               class_options: dict | None = None) -> dict:
     """Run llama.cpp's converter on `folder` into `out` (f32/f16/bf16/q8_0).
 
     Returns the written file's per-block facts (as `per_block_facts`), which
@@ -157,7 +178,7 @@ def convert_hf(folder: Path, out: Path, outtype: str, model_name: str, extra_kv,
         spec_path.write_text(json.dumps({
             "converter": str(conv), "model_dir": str(folder), "outfile": str(out), "outtype": outtype,
             "model_name": model_name, "kv": extra_kv, "result": str(result_path), "scratch": str(Path(tmp) / "view"),
-            "per_block_keys": PER_BLOCK_KEYS,
+            "per_block_keys": PER_BLOCK_KEYS, "class_options": class_options or {},
             "tokenizer_kv": str(tokenizer_kv) if tokenizer_kv else None,
             "verbose": log.isEnabledFor(logging.DEBUG)}), encoding="utf-8")
         proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_convert_hf.py")), str(spec_path)],
@@ -349,6 +370,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     folder = Path(source.location)
     t0 = time.perf_counter()
     config = _load_config(folder)
+    check_exportable(config)
     _check_weights(folder)
     meta = {"source_model": str(model_dir), "provenance": provenance(folder, str(model_dir)), "export_type": qtype}
     if imatrix_text is not None:
@@ -356,7 +378,8 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     name = re.sub(r"[^\w.-]+", "-", folder.name)
     origin = _tokenizer_origin(source, folder)
     tokenizer_kv = tokenizer_keys(origin, int(config.vocab_size)) if origin else None
-    convert = dict(model_name=name, extra_kv=_extra_kv(config, meta), tokenizer_kv=tokenizer_kv)
+    convert = dict(model_name=name, extra_kv=_extra_kv(config, meta), tokenizer_kv=tokenizer_kv,
+                   class_options=_converter_options(config))
     with atomic_path(out) as tmp:
         if direct:
             check_per_block(convert_hf(folder, tmp, qtype, **convert), config)

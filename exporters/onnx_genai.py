@@ -14,6 +14,14 @@ What this module adds is only what the builder does not do for our inputs:
 - **Missing special-token ids.** `genai_config.json` needs numeric
   `eos_token_id`/`pad_token_id`; a checkpoint whose config leaves them unset
   gets the tokenizer's.
+- **Family facts from the adapter.** A family the builder cannot take is
+  refused before building (`refusal`); one it builds under another
+  architecture name is dispatched as that (`onnx_builder_architecture`); one
+  whose graph matches PyTorch only up to some length gets that context
+  (`onnx_context_limit`) in genai_config.json; where the builder's RoPE
+  frequencies are not PyTorch's (its YaRN does not truncate the correction
+  range, transformers' does), its cos/sin tables get PyTorch's
+  (`onnx_rope_inv_freq`).
 - Provenance (`fusedeploy.*` in `model.onnx`'s `metadata_props`) and the
   atomic output folder every exporter uses.
 
@@ -87,12 +95,57 @@ def _fill_token_ids(out: Path, folder: Path) -> None:
     path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
-def _stamp(path: Path, meta: dict[str, str]) -> None:
-    """Provenance into metadata_props; the weights stay where the builder put them (external data untouched)."""
+def _limit_context(out: Path, limit: int | None) -> None:
+    """Cap genai_config.json's context where the adapter says the graph stops matching PyTorch."""
+    if not limit:
+        return
+    path = out / CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["model"]["context_length"] = min(int(config["model"]["context_length"]), limit)
+    config["search"]["max_length"] = min(int(config["search"]["max_length"]), limit)
+    path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+
+
+def _rope_tables(model, inv_freq, base_dir: Path) -> None:
+    """Recompute the builder's `cos_cache`/`sin_cache` [positions, rotary/2] from `inv_freq` (in place).
+
+    The builder's tables are cos/sin(position * inv_freq) times its attention scale, which is
+    the value at position 0 of the cos table; only the frequencies are replaced.
+    """
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    tables = {t.name: t for t in model.graph.initializer if t.name in ("cos_cache", "sin_cache")}
+    if set(tables) != {"cos_cache", "sin_cache"}:
+        raise UserError("the ONNX graph has no cos_cache/sin_cache to correct the builder's RoPE frequencies in")
+    for name, fn in (("cos_cache", torch.cos), ("sin_cache", torch.sin)):
+        tensor = tables[name]
+        if uses_external_data(tensor):  # becomes an inline tensor; the external bytes are left unused
+            load_external_data_for_tensor(tensor, str(base_dir))
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        shape = tuple(tensor.dims)
+        if shape[1] != inv_freq.numel():
+            raise UserError(f"the builder's {name} has {shape[1]} frequencies, PyTorch's RoPE {inv_freq.numel()}")
+        if name == "cos_cache":
+            scale = float(numpy_helper.to_array(tensor)[0, 0])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        table = fn(torch.outer(torch.arange(shape[0], dtype=torch.float32), inv_freq.float()))
+        new = numpy_helper.from_array(np.asarray(table.numpy() * scale, dtype=dtype), name)
+        tensor.CopyFrom(new)
+
+
+def _stamp(path: Path, meta: dict[str, str], inv_freq=None) -> None:
+    """Provenance into metadata_props (and PyTorch's RoPE tables where given); other weights stay external."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     set_metadata_props(model, meta)
+    if inv_freq is not None:
+        _rope_tables(model, inv_freq, path.parent)
     onnx.save_model(model, str(path))
 
 
@@ -147,11 +200,15 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     try:
         from transformers import AutoConfig
 
-        adapter = adapter_for(AutoConfig.from_pretrained(folder))  # supported families only, one clear error otherwise
+        config = AutoConfig.from_pretrained(folder)
+        adapter = adapter_for(config)  # our supported families only, one clear error otherwise
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
+    refusal = adapter.refusal(config, "onnx")
+    if refusal:
+        raise UserError(f"cannot export {adapter.family} ({config.model_type}) to ONNX: {refusal}")
 
     options = []
     if quantized:
@@ -178,6 +235,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         log.debug("builder output:\n%s", chatter.getvalue())
         _fill_token_ids(tmp, folder)
+        _limit_context(tmp, adapter.onnx_context_limit(config))
         meta = {f"fusedeploy.{k}": (",".join(map(str, v)) if isinstance(v, list) else str(v))
                 for k, v in provenance(folder, str(model_dir)).items()}
         meta["fusedeploy.export_type"] = precision
@@ -185,7 +243,7 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         meta["fusedeploy.execution_provider"] = provider
         if quantized:
             meta[f"fusedeploy.{precision}"] = " ".join(options)
-        _stamp(tmp / MODEL_FILE, meta)
+        _stamp(tmp / MODEL_FILE, meta, adapter.onnx_rope_inv_freq(config))
         smoke_check(formats.ONNXRUNTIME, tmp, f"ONNX {precision} export")
     log.info("built %s (%s, %s) in %.1f s", out, precision, provider, time.perf_counter() - t0)
     return out

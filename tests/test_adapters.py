@@ -26,7 +26,8 @@ def test_remove_blocks_round_trips_through_stock_transformers(model_type, tmp_pa
 
     blocks = adapter.blocks(model)
     assert len(blocks) == 4 and model.config.num_hidden_layers == 4
-    assert [b.self_attn.layer_idx for b in blocks] == [0, 1, 2, 3]
+    # every module of a block that knows its index (attention, linear attention) has the new one
+    assert [sorted({m.layer_idx for m in b.modules() if hasattr(m, "layer_idx")}) for b in blocks] == [[0], [1], [2], [3]]
 
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -42,6 +43,26 @@ def test_gemma3_layer_types_follow_the_kept_blocks():
     adapter_for(model).remove_blocks(model, [0, 5])
     assert model.config.layer_types == original[1:5]
     assert [b.self_attn.layer_type for b in adapter_for(model).blocks(model)] == original[1:5]
+
+
+def test_qwen35_hybrid_layer_types_and_cache_follow_the_kept_blocks():
+    """Removing blocks 1 and 4 of [lin, full, lin, full, lin, full] keeps [lin, lin, full, full], cache included."""
+    from transformers import DynamicCache
+
+    model = tiny_model("qwen3_5_text", vocab_size=256)
+    adapter = adapter_for(model)
+    original = list(model.config.layer_types)
+    adapter.remove_blocks(model, [1, 4])
+    assert model.config.layer_types == [original[i] for i in (0, 2, 3, 5)] == \
+        ["linear_attention", "linear_attention", "full_attention", "full_attention"]
+    assert [adapter.block_kind(b) for b in adapter.blocks(model)] == model.config.layer_types
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a cached decode (one cache layer of each block's kind) equals the full forward
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :6], cache=cache, use_cache=True)
+        step = torch.cat([model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(6, 10)], 1)
+    torch.testing.assert_close(step, full[:, 6:], rtol=1e-4, atol=1e-4)
 
 
 def test_qwen2_max_window_layers_counts_kept_leading_blocks():
@@ -71,8 +92,16 @@ def test_linear_names_resolve_in_every_family():
     for model_type in TINY_TYPES:
         model = tiny_model(model_type, vocab_size=64)
         adapter = adapter_for(model)
-        linears = adapter.block_linears(adapter.blocks(model)[0])
-        assert len(linears) == 7 and all(isinstance(m, torch.nn.Linear) for m in linears.values())
+        seen = set()
+        for block in adapter.blocks(model):
+            linears = adapter.block_linears(block)
+            assert all(isinstance(m, torch.nn.Linear) for m in linears.values())
+            assert {f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")} <= set(linears)
+            # every linear layer of the block is named (a missed one would be neither fused nor folded)
+            assert set(linears) == {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+            seen |= set(linears)
+        assert seen == set(adapter.linear_names())
+        assert len(seen) == (12 if model_type == "qwen3_5_text" else 7)  # hybrid: both mixers' linears
         assert tiny_config(model_type, 64).model_type == model_type
 
 

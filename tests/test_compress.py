@@ -20,7 +20,7 @@ from fusedeploy.models.loading import load_tokenizer, resolve_model
 from .tiny import save_tiny_model, tiny_model
 
 VOCAB = 300
-TYPES = ["llama", "gemma3_text", "qwen2"]
+TYPES = ["llama", "gemma3_text", "qwen2", "ministral3", "qwen3_5_text"]
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +124,7 @@ def test_cached_mi_equals_bruteforce(model_type):
     assert max(abs(a - b) for a, b in zip(mi_scores(cache), brute2)) < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text", "ministral3"])
 def test_fusion_init_then_training_then_fold_matches(model_type, tmp_path):
     model = tiny_model(model_type, VOCAB).requires_grad_(False)
     ids = _ids(8, 24, seed=1)
@@ -198,7 +198,7 @@ def test_distillation_reduces_loss_and_rolls_back_divergence():
             assert float(m.fusion_B[0].abs().max()) == 0.0  # rolled back to the init
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "ministral3", "qwen3_5_text"])
 def test_compress_end_to_end_reloads_with_stock_transformers(model_type, tiny_dirs, calib_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -214,8 +214,9 @@ def test_compress_end_to_end_reloads_with_stock_transformers(model_type, tiny_di
     assert "loss_before" in it0 and "loss_after" in it0 and saved["seed"] == 0
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.num_hidden_layers == 4 and len(reloaded.model.layers) == 4
-    assert [l.self_attn.layer_idx for l in reloaded.model.layers] == [0, 1, 2, 3]
-    if model_type == "gemma3_text":
+    assert [sorted({m.layer_idx for m in l.modules() if hasattr(m, "layer_idx")}) for l in reloaded.model.layers] \
+        == [[0], [1], [2], [3]]
+    if model_type in ("gemma3_text", "qwen3_5_text"):
         orig_types = tiny_model(model_type, VOCAB).config.layer_types
         kept = saved["kept_blocks"]
         assert reloaded.config.layer_types == [orig_types[i] for i in kept]

@@ -30,7 +30,7 @@ from .tiny import tiny_model
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
 WIKITEXT_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text"]
 REMOVED = (1, 3)  # of the tiny models' 6 blocks
 
 
@@ -65,8 +65,9 @@ def save_tiny(mt, tokenizer, folder: Path, remove=(), qk_scale: float = 1.0, **o
     model = tiny_model(mt, len(tokenizer), **overrides)
     with torch.no_grad():
         for block in model.model.layers:
-            block.self_attn.q_proj.weight.mul_(qk_scale)
-            block.self_attn.k_proj.weight.mul_(qk_scale)
+            if hasattr(block, "self_attn"):  # (Qwen 3.5's linear-attention blocks have none)
+                block.self_attn.q_proj.weight.mul_(qk_scale)
+                block.self_attn.k_proj.weight.mul_(qk_scale)
     if remove:
         ADAPTERS[mt].remove_blocks(model, list(remove))
     model.save_pretrained(folder)

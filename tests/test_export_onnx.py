@@ -27,7 +27,7 @@ from fusedeploy.models.loading import resolve_model, save_tokenizer
 
 from .tiny import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text"]
 
 
 def _optimum_usable() -> bool:

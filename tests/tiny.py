@@ -17,6 +17,13 @@ _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_a
                tie_word_embeddings=False)
 
 
+# Weights scaled so that activations have the size they have at the real width: a linear layer's
+# output shrinks with sqrt(hidden) at the same init std, and Qwen 3.5's linear attention feeds its
+# q/k/v through epsilon-guarded norms, where 64-wide activations sit near the epsilon that 4096-wide
+# ones are far from (sqrt(4096 / 64) = 8).
+_REAL_MAGNITUDE = {"qwen3_5_text": {"linear_attn.in_proj_qkv.weight": 8.0}}
+
+
 def tiny_config(model_type: str, vocab_size: int, **overrides):
     from transformers import AutoConfig
 
@@ -26,6 +33,22 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
         "qwen2": {},
         "qwen3": {"head_dim": 16},
         "gemma3_text": {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16},
+        # YaRN as Ministral 3 ships it, scaled down: a 64-token original context, so that Llama 4's
+        # query temperature (floor(pos / 64)) acts inside a 100-token test sequence, and beta_fast 4
+        # so that YaRN's correction range (dims 0.5..1.4 of 8) lies inside the tiny head as 20..37 of
+        # 64 does in the real one
+        "ministral3": {"head_dim": 16, "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 64,
+            "max_position_embeddings": 1024, "beta_fast": 4.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
+            "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
+        # full attention every 2nd block (the real one: every 4th), so that removing blocks 1 and 4
+        # keeps both kinds; Gated DeltaNet heads scaled down like the rest; interleaved MRoPE on a
+        # quarter of the head as the real config has it ([11, 11, 10] of 64 rotary dims there)
+        "qwen3_5_text": {"head_dim": 32, "full_attention_interval": 2, "linear_key_head_dim": 16,
+                         "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                                             "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                             "mrope_interleaved": True}},
     }[model_type]
     kwargs = {**_COMMON, **extra, "vocab_size": vocab_size, **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
@@ -42,6 +65,9 @@ def tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            for suffix, scale in _REAL_MAGNITUDE.get(model_type, {}).items():
+                if name.endswith(suffix):
+                    p.mul_(scale)
     return model.eval()
 
 

@@ -57,12 +57,18 @@ REPAIRS: dict[str, Repair] = {
 }
 
 
-def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, repair: Repair, settings: CompressSettings) -> None:
+def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, repair: Repair,
+                  settings: CompressSettings) -> list[str]:
     """Wrap the neighbours' linears and add p's terms as the repair says.
 
     Earlier iterations were already folded into plain weights, so an already-fused neighbour's
     earlier terms and an already-fused p's own terms are materialized frozen matrices here
     (FUSEGPT.md §3 allows this; the function is unchanged).
+
+    A term needs a neighbour linear of the same name and shape. In a hybrid family (Qwen 3.5:
+    linear- and full-attention blocks) p's attention goes only into neighbours of its own kind;
+    the names of p's linears that no neighbour took are returned (their weights are dropped
+    with p, as its norms and other non-linear parameters are in every family).
     """
     adapter, blocks = runner.adapter, runner.blocks
     p_lin = {name: effective_linear(lin) for name, lin in adapter.block_linears(blocks[p]).items()}
@@ -70,14 +76,19 @@ def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, repair: Repair,
     coef = settings.static_coefficient
     if coef is None:
         coef = 1.0 / max(1, len(neighbours))
+    taken: set[str] = set()
     for i in neighbours:
         layers = wrap_block(adapter, blocks[i], settings.lora_rank if repair.lora else 0, settings.lora_scale)
         if repair.fusion is None:
             continue
         for name, fl in layers.items():
+            if name not in p_lin or p_lin[name][0].shape != fl.base.weight.shape:
+                continue
             w_p, b_p = p_lin[name]
             fl.add_fusion(w_p, b_p, settings.fusion_rank,
                           static_coefficient=coef if repair.fusion == "static" else None)
+            taken.add(name)
+    return sorted(set(p_lin) - taken) if repair.fusion is not None else []
 
 
 def _param_groups(runner: BlockRunner, neighbours: list[int], repair: Repair, settings: CompressSettings,
@@ -138,10 +149,13 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
     if batch < 2:
         raise ValueError("local distillation needs at least 2 sequences per mini-batch")
     y = target if target is not None else runner.run_range_batched(lo, hi, x, batch)  # teacher: the group with p
-    attach_fusion(runner, lo, hi, p, repair, settings)
+    unfused = attach_fusion(runner, lo, hi, p, repair, settings)
     neighbours = [i for i in range(lo, hi) if i != p]
     loss_before = _eval_loss(runner, lo, hi, p, x, y, batch)
     record = {"loss_before": loss_before, "loss_after": loss_before, "attempts": []}
+    if unfused:  # p's linears no neighbour has (another kind of attention): dropped, said in compression.json
+        record["unfused"] = unfused
+        log.info("block %d: no neighbour of its kind within the group for %s; dropped", p, ", ".join(unfused))
     if not repair.trains or settings.epochs == 0:
         return record
     snapshot = {i: {k: v.detach().to("cpu", copy=True) for k, v in runner.blocks[i].state_dict().items()}

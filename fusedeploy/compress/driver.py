@@ -178,6 +178,24 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
     return report
 
 
+def _check_family(location: Path) -> None:
+    """A family FuseDeploy cannot compress is refused from its config.json, before any weights load."""
+    from ..models import adapter_for
+
+    if not (location.is_dir() and (location / "config.json").is_file()):
+        return  # a GGUF file: its family is known once loaded
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception:  # noqa: BLE001 - load_model reports unreadable configs in its own words
+        return
+    adapter = adapter_for(config)
+    refusal = adapter.refusal(config, "compress")
+    if refusal:
+        raise UserError(f"cannot compress {adapter.family} ({config.model_type}): {refusal}")
+
+
 def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, device, dtype, force,
            calib_part=None) -> _Run:
     from ..data import load_text, sample_sequences, text_part, tokenize
@@ -189,6 +207,7 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
         raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
     out = Path(out_dir)
     location = preflight.model_location(model_spec)
+    _check_family(location)
     outputs.check_separate(out, [location, None if calib == SELF else calib])
     outputs.check_replaceable(out, force)
     preflight.check_writable(out, preflight.weights_bytes(location), folder=True)

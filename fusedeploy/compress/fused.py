@@ -188,7 +188,7 @@ def effective_linear(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 def fold_block(adapter, block: nn.Module) -> int:
     """Merge every FusedLinear of a block into a plain nn.Linear; returns how many were merged."""
     count = 0
-    for name in adapter.linear_names():
+    for name in adapter.linear_names(block):
         lin = block.get_submodule(name)
         if isinstance(lin, FusedLinear):
             parent, _, child = name.rpartition(".")

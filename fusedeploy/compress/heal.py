@@ -38,7 +38,7 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
 def _block_linear_names(model: nn.Module, adapter) -> list[str]:
     blocks = adapter.blocks(model)
     prefix = next(name for name, mod in model.named_modules() if mod is blocks)
-    return [f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in adapter.linear_names()]
+    return [f"{prefix}.{i}.{name}" for i, block in enumerate(blocks) for name in adapter.linear_names(block)]
 
 
 def heal(model: nn.Module, adapter, ids: torch.Tensor, dense_final: ActivationStore, settings: CompressSettings,

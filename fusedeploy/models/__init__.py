@@ -14,6 +14,8 @@ from .base import ArchitectureAdapter
 from .families import (
     Gemma3TextAdapter,
     LlamaAdapter,
+    Ministral3Adapter,
+    Qwen35TextAdapter,
     MistralAdapter,
     Qwen2Adapter,
     Qwen3Adapter,
@@ -21,7 +23,21 @@ from .families import (
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     a.model_type: a
-    for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter())
+    for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter(),
+              Ministral3Adapter(), Qwen35TextAdapter())
+}
+
+
+# Families FuseDeploy knows and declines, with why: one `error:` line (exit 2) instead of a wrong model.
+REFUSED: dict[str, str] = {
+    # MoE blocks (routed experts stacked in 3-D parameters, a router per block) with multi-head latent
+    # attention (low-rank q/kv factor pairs with a norm between them). FuseGPT grafts a removed block's
+    # linears into the same-named linears of its neighbours; expert e of one block is not expert e of
+    # another (each router sends other tokens to it), and a sum of latent factor products is not a
+    # product of summed factors, so neither the fusion nor its fold into dense weights is defined.
+    "mistral4": "Mistral 4 (MoE with latent attention) cannot be compressed by block fusion: its routed "
+                "experts and low-rank latent attention factors have no same-named neighbour to graft into, "
+                "so fusion and the fold into dense weights are not defined",
 }
 
 
@@ -33,6 +49,8 @@ def adapter_for(config_or_model) -> ArchitectureAdapter:
     """The adapter for a config (or a model carrying one); a UserError otherwise."""
     config = getattr(config_or_model, "config", config_or_model)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise UserError(f"unsupported architecture {model_type!r}: {REFUSED[model_type]}")
     try:
         return ADAPTERS[model_type]
     except KeyError:
@@ -41,4 +59,4 @@ def adapter_for(config_or_model) -> ArchitectureAdapter:
         ) from None
 
 
-__all__ = ["ADAPTERS", "ArchitectureAdapter", "adapter_for", "supported_architectures"]
+__all__ = ["ADAPTERS", "REFUSED", "ArchitectureAdapter", "adapter_for", "supported_architectures"]

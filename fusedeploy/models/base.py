@@ -22,6 +22,37 @@ class ArchitectureAdapter:
 
     model_type: ClassVar[str]
     family: ClassVar[str]
+    # -- which steps take the family, and how (read by compress and exporters/) ----------
+    # {"compress" | "gguf" | "onnx": why that step cannot take this family}; absent: supported.
+    unsupported: ClassVar[dict[str, str]] = {}
+    # The architecture ONNX Runtime GenAI's builder must dispatch on, when it has no entry for the
+    # checkpoint's own `architectures[0]` but builds the same graph under another name; None: the own.
+    onnx_builder_architecture: ClassVar[str | None] = None
+    # Class attributes set on llama.cpp's converter class before it runs (its command-line switches).
+    gguf_converter_options: ClassVar[dict[str, object]] = {}
+
+    def refusal(self, config, step: str) -> str | None:
+        """Why `step` ("compress", "gguf", "onnx") cannot take this model, or None when it can."""
+        return self.unsupported.get(step)
+
+    def onnx_rope_inv_freq(self, config):
+        """PyTorch's RoPE inverse frequencies where ONNX Runtime GenAI's builder computes others, else None.
+
+        Builder 0.18 implements YaRN without truncating the correction range (GPT-OSS's
+        `truncate: false`); transformers truncates it by default, so for such a config the
+        builder's cos/sin tables are replaced by these frequencies (exporters/onnx_genai.py).
+        """
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type") != "yarn" or rope.get("truncate", True) is False:
+            return None
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")[0]
+
+    def onnx_context_limit(self, config) -> int | None:
+        """Tokens up to which the builder's graph computes what PyTorch does (None: the whole context)."""
+        return None
+
     # -- GGUF facts llama.cpp's converter does not write itself (read by exporters/gguf.py) --
     def gguf_extra_metadata(self, config) -> dict:
         """Family-specific `<arch>.*` keys beyond the common ones: {key suffix: value}."""
@@ -29,7 +60,10 @@ class ArchitectureAdapter:
 
     # -- ONNX Runtime GenAI's builder ------------------------------------------
     def adapt_for_genai_builder(self, config) -> None:
-        """Rewrite, in place, the builder's copy of the config where the builder reads an older layout."""
+        """Rewrite, in place, the builder's copy of the config into what the builder reads: its class name
+        for this family's graph (`onnx_builder_architecture`), or an older layout of a field."""
+        if self.onnx_builder_architecture:
+            config.architectures = [self.onnx_builder_architecture]
 
     # -- attention shape and logits -----------------------------------------
     def head_dim(self, config) -> int:
@@ -66,14 +100,18 @@ class ArchitectureAdapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return self.decoder(model).norm
 
-    def linear_names(self) -> tuple[str, ...]:
-        """Dotted names of a block's linear layers, relative to the block."""
+    def linear_names(self, block: nn.Module | None = None) -> tuple[str, ...]:
+        """Dotted names of a block's linear layers, relative to the block.
+
+        Hybrid families (Qwen 3.5) have blocks of several kinds; given a block, the names in
+        that block; without one, every name any block of the family has.
+        """
         return tuple(f"self_attn.{n}" for n in ATTENTION_LINEARS) + tuple(
             f"mlp.{n}" for n in MLP_LINEARS
         )
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return {name: block.get_submodule(name) for name in self.linear_names()}
+        return {name: block.get_submodule(name) for name in self.linear_names(block)}
 
     # -- renumbering after block removal ---------------------------------
     def remove_blocks(self, model: nn.Module, remove: list[int] | set[int]) -> list[int]:
