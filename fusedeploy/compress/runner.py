@@ -59,9 +59,9 @@ class BlockRunner:
         hooks = []
         for i, block in enumerate(blocks):
             def hook(mod, args, kwargs, i=i):
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                kw["past_key_values"] = None
-                kw.pop("past_key_value", None)
+                # No KV cache on replay: drop it under every name transformers has used (5.x: `cache`).
+                kw = {k: v for k, v in kwargs.items()
+                      if k not in ("hidden_states", "cache", "past_key_values", "past_key_value")}
                 kw["use_cache"] = False
                 store[i] = _detach(kw)
                 if len(args) > 1:
