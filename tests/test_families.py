@@ -281,3 +281,16 @@ def test_gemma4_refuses_removing_a_block_whose_kv_others_read():
     # removing every reader is fine: the storing blocks just have no readers left
     adapter.remove_blocks(model, [4, 5])
     assert model.config.num_kv_shared_layers == 0 and model.config.kv_sharing_modes == [None, None, "store", "store"]
+
+
+def test_gemma4_compress_is_refused_in_one_line(tokenizer, tmp_path, run_cli, capsys):
+    save(tiny_model("gemma4_text", len(tokenizer)), tokenizer, tmp_path / "g4")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text " * 2000)
+    capsys.readouterr()  # (the save's progress bar)
+    code, out, err = run_cli("compress", "--model", tmp_path / "g4", "--sparsity", "0.25", "--calib", calib,
+                             "--out", tmp_path / "out", "--recipe", "quick")
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [next(l for l in err.splitlines() if "error:" in l)]
+    assert "cannot compress Gemma 4 (gemma4_text): not supported yet: each block takes a per-layer input" in err
+    assert not (tmp_path / "out").exists()

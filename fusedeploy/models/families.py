@@ -159,10 +159,19 @@ class Gemma4TextAdapter(ArchitectureAdapter):
       their attention kind stores. Removing a reader lowers N by one; removing a storing block is refused
       (a reader would silently read another block's K/V). The decoder's cached
       `first_kv_shared_layer_idx`, `unique_layer_types` and load-ignore list follow.
+
+    Compression is refused: each block takes a per-layer input computed from the token ids, and the
+    readers take K/V that the storing blocks produce in the same forward; the block runner replays
+    kwargs captured from one forward of zero ids, so it would feed them the wrong ones.
     """
 
     model_type = "gemma4_text"
     family = "Gemma 4"
+    unsupported = {
+        "compress": "not supported yet: each block takes a per-layer input computed from the token ids, and "
+                    "the last blocks read K/V that earlier blocks store in the same forward; the block runner "
+                    "replays inputs captured from one forward and carries neither",
+    }
 
     def logit_softcap(self, config) -> float | None:
         return getattr(config, "final_logit_softcapping", None) or None
