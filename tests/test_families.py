@@ -294,3 +294,15 @@ def test_gemma4_compress_is_refused_in_one_line(tokenizer, tmp_path, run_cli, ca
     assert [line for line in err.splitlines() if line.strip()] == [next(l for l in err.splitlines() if "error:" in l)]
     assert "cannot compress Gemma 4 (gemma4_text): not supported yet: each block takes a per-layer input" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma4_gguf_and_onnx_are_refused_in_one_line_before_any_work(tokenizer, tmp_path):
+    folder = save(tiny_model("gemma4_text", len(tokenizer)), tokenizer, tmp_path / "g4", remove=(1, 4))
+    with pytest.raises(UserError, match=r"cannot export Gemma 4 \(gemma4_text\) to GGUF: not supported yet: "
+                                        r"llama.cpp's converter writes Gemma4ForCausalLM .* 0.4-1.4% relative") as err:
+        export_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert "\n" not in str(err.value) and not (tmp_path / "m.gguf").exists()
+    with pytest.raises(UserError, match=r"cannot export Gemma 4 \(gemma4_text\) to ONNX: not supported: .* neither "
+                                        r"per-layer input embeddings nor K/V shared between blocks") as err:
+        export_onnx(folder, tmp_path / "onnx")
+    assert "\n" not in str(err.value) and not (tmp_path / "onnx").exists()

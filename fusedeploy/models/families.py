@@ -160,8 +160,8 @@ class Gemma4TextAdapter(ArchitectureAdapter):
       (a reader would silently read another block's K/V). The decoder's cached
       `first_kv_shared_layer_idx`, `unique_layer_types` and load-ignore list follow.
 
-    Compression is refused: each block takes a per-layer input computed from the token ids, and the
-    readers take K/V that the storing blocks produce in the same forward; the block runner replays
+    Compression, GGUF and ONNX export are refused (`unsupported`). Compression: each block takes a
+    per-layer input computed from the token ids, and the readers take K/V that the storing blocks produce in the same forward; the block runner replays
     kwargs captured from one forward of zero ids, so it would feed them the wrong ones.
     """
 
@@ -171,6 +171,15 @@ class Gemma4TextAdapter(ArchitectureAdapter):
         "compress": "not supported yet: each block takes a per-layer input computed from the token ids, and "
                     "the last blocks read K/V that earlier blocks store in the same forward; the block runner "
                     "replays inputs captured from one forward and carries neither",
+        # measured with llama-cpp-python 0.3.36 on tiny random models (docs/support.md, Gemma 4 notes)
+        "gguf": "not supported yet: llama.cpp's converter writes Gemma4ForCausalLM and llama.cpp 0.3.36 loads it, but "
+                "its f32 logits differ from PyTorch's by 0.4-1.4% relative (above the 1e-3 FuseDeploy accepts) even "
+                "with no block removed, no per-layer inputs and no K/V sharing, and the cause is not found",
+        # onnxruntime_genai/models/builder.py 0.18: Gemma4ForConditionalGeneration -> Gemma4MoEModel,
+        # Gemma4UnifiedForConditionalGeneration -> Gemma4Model; builders/gemma.py has no per-layer inputs
+        "onnx": "not supported: ONNX Runtime GenAI 0.18's builder knows Gemma 4 only as its VLM classes, whose text "
+                "graphs have neither per-layer input embeddings nor K/V shared between blocks, so it would build "
+                "another function",
     }
 
     def logit_softcap(self, config) -> float | None:
