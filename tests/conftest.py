@@ -17,7 +17,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
 WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
 PTB_TEST = SHARED_DATA / "ptb" / "test.txt"
-TINY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text"]
+TINY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text", "gemma4_text"]
 
 
 @pytest.fixture(scope="session")

@@ -101,14 +101,15 @@ def test_linear_names_resolve_in_every_family():
             assert set(linears) == {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
             seen |= set(linears)
         assert seen == set(adapter.linear_names())
-        assert len(seen) == (12 if model_type == "qwen3_5_text" else 7)  # hybrid: both mixers' linears
+        # hybrid: both mixers' linears; Gemma 4: also each block's per-layer input gate and projection
+        assert len(seen) == {"qwen3_5_text": 12, "gemma4_text": 9}.get(model_type, 7)
         assert tiny_config(model_type, 64).model_type == model_type
 
 
 @pytest.mark.parametrize("model_type", TINY_TYPES)
 def test_adapter_logits_are_the_models_own(model_type):
     """`adapter.logits` (final norm, LM head, Gemma's soft-cap) reproduces the model's forward exactly."""
-    overrides = {"final_logit_softcapping": 2.0} if model_type == "gemma3_text" else {}
+    overrides = {"final_logit_softcapping": 2.0} if model_type in ("gemma3_text", "gemma4_text") else {}
     model = tiny_model(model_type, vocab_size=128, **overrides)
     adapter = adapter_for(model)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))

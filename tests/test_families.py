@@ -217,3 +217,92 @@ def test_mistral4_is_refused_in_one_line(tokenizer, tmp_path, run_cli, capsys):
     # llama.cpp's converter takes Mistral 4 only inside the Mistral 3 VLM checkpoint, not a text one
     with pytest.raises(UserError, match="does not know it"):
         export_gguf(folder, tmp_path / "m4.gguf", "f32")
+
+
+# ---------------------------------------------------------------- Gemma 4 (per-layer inputs, shared K/V)
+
+
+def test_gemma4_removal_slices_per_layer_inputs_and_renumbers_everything(tmp_path):
+    """Tiny: [s, f, s, f, s, f], blocks 2/3 store K/V, 4/5 read it. Removing 1 (full) and 4 (a sliding reader)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+    model = tiny_model("gemma4_text", 256)
+    adapter = ADAPTERS["gemma4_text"]
+    decoder = model.model
+    table, proj = decoder.embed_tokens_per_layer.weight.clone(), decoder.per_layer_model_projection.weight.clone()
+    assert model.config.kv_sharing_modes == [None, None, "store", "store", "reuse", "reuse"]
+    kept = adapter.remove_blocks(model, [1, 4])
+    assert kept == [0, 2, 3, 5]
+    config = model.config
+    # each kept block keeps its own slice of the per-layer table and projection (8 wide per block)
+    cols = [c for i in kept for c in range(8 * i, 8 * i + 8)]
+    assert torch.equal(decoder.embed_tokens_per_layer.weight, table[:, cols])
+    assert torch.equal(decoder.per_layer_model_projection.weight, proj[cols])
+    assert config.layer_types == ["sliding_attention", "sliding_attention", "full_attention", "full_attention"]
+    assert config.num_kv_shared_layers == 1 and decoder.first_kv_shared_layer_idx == 3
+    assert config.kv_sharing_modes == [None, "store", "store", "reuse"]
+    assert [b.self_attn.is_kv_shared_layer for b in decoder.layers] == [False, False, False, True]
+    # full-attention head_dim (per_layer_config) renumbered onto the kept full blocks
+    assert [config.per_layer_config[i].head_dim for i in range(4)] == [16, 16, 32, 32]
+    assert [b.self_attn.head_dim for b in decoder.layers] == [16, 16, 32, 32]
+    model.save_pretrained(tmp_path)
+    saved = AutoConfig.from_pretrained(tmp_path)
+    assert saved.num_hidden_layers == 4 and saved.num_kv_shared_layers == 1
+    assert [saved.per_layer_config[i].head_dim for i in range(4)] == [16, 16, 32, 32]
+
+    # the per-layer inputs depend on the token ids: ids of the whole vocabulary, and a cached decode
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    reference = tiny_model("gemma4_text", 256)  # the unpruned model with blocks 1 and 4 made identities
+    for i in (1, 4):
+        reference.model.layers[i].forward = lambda hidden_states, *args, **kwargs: hidden_states
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        after = model(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, after, rtol=0, atol=0)
+        cache = DynamicCache(config=reloaded.config)
+        reloaded(ids[:, :30], cache=cache, use_cache=True)
+        step = torch.cat([reloaded(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(30, 40)], 1)
+        torch.testing.assert_close(step, after[:, 30:], rtol=1e-4, atol=1e-4)
+        # each kept block got its own per-layer input and read the K/V of its own storing block
+        torch.testing.assert_close(reference(ids).logits, after, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(tiny_model("gemma4_text", 256)(ids).logits, after)
+
+
+def test_gemma4_refuses_removing_a_block_whose_kv_others_read():
+    model = tiny_model("gemma4_text", 128)
+    adapter = ADAPTERS["gemma4_text"]
+    with pytest.raises(UserError, match=r"cannot remove Gemma 4 block\(s\) \[3\]: they store the K/V that block\(s\) "
+                                        r"\[5\] read") as err:
+        adapter.remove_blocks(model, [3])
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"last kept block \(4\) would be sliding_attention"):
+        adapter.remove_blocks(model, [5])
+    assert len(adapter.blocks(model)) == 6 and model.config.num_hidden_layers == 6  # nothing was touched
+    # removing every reader is fine: the storing blocks just have no readers left
+    adapter.remove_blocks(model, [4, 5])
+    assert model.config.num_kv_shared_layers == 0 and model.config.kv_sharing_modes == [None, None, "store", "store"]
+
+
+def test_gemma4_compress_is_refused_in_one_line(tokenizer, tmp_path, run_cli, capsys):
+    save(tiny_model("gemma4_text", len(tokenizer)), tokenizer, tmp_path / "g4")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text " * 2000)
+    capsys.readouterr()  # (the save's progress bar)
+    code, out, err = run_cli("compress", "--model", tmp_path / "g4", "--sparsity", "0.25", "--calib", calib,
+                             "--out", tmp_path / "out", "--recipe", "quick")
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [next(l for l in err.splitlines() if "error:" in l)]
+    assert "cannot compress Gemma 4 (gemma4_text): not supported yet: each block takes a per-layer input" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma4_gguf_and_onnx_are_refused_in_one_line_before_any_work(tokenizer, tmp_path):
+    folder = save(tiny_model("gemma4_text", len(tokenizer)), tokenizer, tmp_path / "g4", remove=(1, 4))
+    with pytest.raises(UserError, match=r"cannot export Gemma 4 \(gemma4_text\) to GGUF: not supported yet: "
+                                        r"llama.cpp's converter writes Gemma4ForCausalLM .* 0.4-1.4% relative") as err:
+        export_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert "\n" not in str(err.value) and not (tmp_path / "m.gguf").exists()
+    with pytest.raises(UserError, match=r"cannot export Gemma 4 \(gemma4_text\) to ONNX: not supported: .* neither "
+                                        r"per-layer input embeddings nor K/V shared between blocks") as err:
+        export_onnx(folder, tmp_path / "onnx")
+    assert "\n" not in str(err.value) and not (tmp_path / "onnx").exists()

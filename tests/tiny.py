@@ -49,7 +49,21 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
                                              "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
                                              "mrope_interleaved": True}},
+        # Gemma 4 E2B's text model scaled down: per-layer input embeddings (8 wide per block; 256 there),
+        # sliding/full attention with wider full-attention heads and fewer KV heads (per_layer_config),
+        # the last blocks reusing earlier blocks' K/V (2 of 6; 20 of 35 there). layer_types
+        # [s, f, s, f, s, f] with blocks 4 and 5 sharing: blocks 2 and 3 store K/V, blocks 4 and 5 read it,
+        # so removing blocks 1 and 4 is well defined (see the adapter)
+        "gemma4_text": {"head_dim": 16, "global_head_dim": 32,
+                        "sliding_window": 32, "hidden_size_per_layer_input": 8, "num_kv_shared_layers": 2,
+                        "layer_types": ["sliding_attention", "full_attention"] * 3,
+                        "rope_parameters": {
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                               "rope_theta": 1000000.0}}},
     }[model_type]
+    if model_type == "gemma4_text":
+        extra = {**extra, "vocab_size_per_layer_input": vocab_size}
     kwargs = {**_COMMON, **extra, "vocab_size": vocab_size, **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 

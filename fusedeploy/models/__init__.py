@@ -13,6 +13,7 @@ from ..errors import UserError
 from .base import ArchitectureAdapter
 from .families import (
     Gemma3TextAdapter,
+    Gemma4TextAdapter,
     LlamaAdapter,
     Ministral3Adapter,
     Qwen35TextAdapter,
@@ -24,7 +25,7 @@ from .families import (
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     a.model_type: a
     for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), Gemma3TextAdapter(),
-              Ministral3Adapter(), Qwen35TextAdapter())
+              Ministral3Adapter(), Qwen35TextAdapter(), Gemma4TextAdapter())
 }
 
 

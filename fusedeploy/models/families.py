@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .base import ATTENTION_LINEARS, MLP_LINEARS, ArchitectureAdapter
@@ -142,3 +143,115 @@ class Qwen35TextAdapter(ArchitectureAdapter):
         kinds = [self.block_kind(block)] if block is not None else list(QWEN35_MIXER_LINEARS)
         mixers = tuple(n for kind in kinds for n in QWEN35_MIXER_LINEARS[kind])
         return mixers + tuple(f"mlp.{n}" for n in MLP_LINEARS)
+
+
+@dataclass(frozen=True)
+class Gemma4TextAdapter(ArchitectureAdapter):
+    """Gemma 4 text (`Gemma4ForCausalLM`, `gemma4_text`). Block removal keeps four per-block things consistent:
+
+    - per-layer input embeddings: `embed_tokens_per_layer` (columns) and `per_layer_model_projection` (rows)
+      hold one `hidden_size_per_layer_input` slice per block; the removed blocks' slices are dropped
+      (`per_layer_projection_norm` acts on one slice and is shared by all blocks, so it stays);
+    - `layer_types` (sliding/full attention) shrinks, and the last block must stay full attention
+      (transformers forces that on load, which would change the kept block);
+    - `per_layer_config` (the full-attention blocks' head_dim, keyed by block index) is renumbered;
+    - KV sharing (`num_kv_shared_layers`): the last N blocks read the K/V that the last earlier block of
+      their attention kind stores. Removing a reader lowers N by one; removing a storing block is refused
+      (a reader would silently read another block's K/V). The decoder's cached
+      `first_kv_shared_layer_idx`, `unique_layer_types` and load-ignore list follow.
+
+    Compression, GGUF and ONNX export are refused (`unsupported`). Compression: each block takes a
+    per-layer input computed from the token ids, and the readers take K/V that the storing blocks produce in the same forward; the block runner replays
+    kwargs captured from one forward of zero ids, so it would feed them the wrong ones.
+    """
+
+    model_type = "gemma4_text"
+    family = "Gemma 4"
+    unsupported = {
+        "compress": "not supported yet: each block takes a per-layer input computed from the token ids, and "
+                    "the last blocks read K/V that earlier blocks store in the same forward; the block runner "
+                    "replays inputs captured from one forward and carries neither",
+        # measured with llama-cpp-python 0.3.36 on tiny random models (docs/support.md, Gemma 4 notes)
+        "gguf": "not supported yet: llama.cpp's converter writes Gemma4ForCausalLM and llama.cpp 0.3.36 loads it, but "
+                "its f32 logits differ from PyTorch's by 0.4-1.4% relative (above the 1e-3 FuseDeploy accepts) even "
+                "with no block removed, no per-layer inputs and no K/V sharing, and the cause is not found",
+        # onnxruntime_genai/models/builder.py 0.18: Gemma4ForConditionalGeneration -> Gemma4MoEModel,
+        # Gemma4UnifiedForConditionalGeneration -> Gemma4Model; builders/gemma.py has no per-layer inputs
+        "onnx": "not supported: ONNX Runtime GenAI 0.18's builder knows Gemma 4 only as its VLM classes, whose text "
+                "graphs have neither per-layer input embeddings nor K/V shared between blocks, so it would build "
+                "another function",
+    }
+
+    def logit_softcap(self, config) -> float | None:
+        return getattr(config, "final_logit_softcapping", None) or None
+
+    def head_dim(self, config) -> int:
+        """The global (sliding-attention) head_dim; full-attention blocks have their own in per_layer_config."""
+        get = getattr(config, "_getattr_without_heterogeneous_validation", None)
+        return int(get("head_dim") if get else config.head_dim)
+
+    def linear_names(self, block: nn.Module | None = None) -> tuple[str, ...]:
+        """Blocks that reuse K/V have no k/v projections; with `attention_k_eq_v` full blocks have no v_proj.
+        Every block has its per-layer input gate and projection."""
+        attn = [f"self_attn.{n}" for n in ATTENTION_LINEARS]
+        if block is not None:
+            attn = [n for n in attn if isinstance(_submodule(block, n), nn.Linear)]
+        return tuple(attn) + tuple(f"mlp.{n}" for n in MLP_LINEARS) + (
+            "per_layer_input_gate", "per_layer_projection")
+
+    def check_removal(self, config, remove: set[int]) -> None:
+        from ..errors import UserError
+
+        n = config.num_hidden_layers
+        kept = [i for i in range(n) if i not in remove]
+        modes = config.kv_sharing_modes
+        stores = sorted(i for i in remove if 0 <= i < n and modes[i] == "store")
+        if stores:
+            readers = [i for i in range(n) if modes[i] == "reuse" and i not in remove
+                       and config.layer_types[i] in {config.layer_types[s] for s in stores}]
+            raise UserError(f"cannot remove Gemma 4 block(s) {stores}: they store the K/V that block(s) {readers} "
+                            f"read (num_kv_shared_layers={config.num_kv_shared_layers}); remove readers or "
+                            f"earlier blocks instead")
+        if kept and config.layer_types[kept[-1]] != "full_attention":
+            raise UserError(f"cannot remove Gemma 4 block(s) {sorted(remove)}: the last kept block ({kept[-1]}) would "
+                            f"be {config.layer_types[kept[-1]]}, and transformers makes a Gemma 4's last block full "
+                            f"attention")
+
+    def remove_blocks(self, model: nn.Module, remove) -> list[int]:
+        remove = set(remove)
+        if all(0 <= i < len(self.blocks(model)) for i in remove) and len(remove) < len(self.blocks(model)):
+            self.check_removal(model.config, remove)
+        kept = super().remove_blocks(model, remove)
+        decoder = self.decoder(model)
+        width = model.config.hidden_size_per_layer_input
+        if width:
+            cols = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept])
+            table, proj = decoder.embed_tokens_per_layer, decoder.per_layer_model_projection
+            table.weight = nn.Parameter(table.weight.data[:, cols].clone(), requires_grad=table.weight.requires_grad)
+            table.embedding_dim = len(cols)
+            proj.weight = nn.Parameter(proj.weight.data[cols].clone(), requires_grad=proj.weight.requires_grad)
+            proj.out_features = len(cols)
+        decoder.first_kv_shared_layer_idx = model.config.num_hidden_layers - model.config.num_kv_shared_layers
+        decoder.unique_layer_types = set(model.config.layer_types)
+        decoder._keys_to_ignore_on_load_unexpected = [
+            f"layers.{i}.self_attn.{name}" for i, b in enumerate(self.blocks(model)) if b.self_attn.is_kv_shared_layer
+            for name in ("k_proj", "v_proj", "k_norm", "v_norm")]
+        return kept
+
+    def update_config(self, config, kept, old_count):
+        overrides = {}
+        if getattr(config, "is_heterogeneous", False):
+            overrides = config._heterogeneity_spec.per_layer_overrides
+        first_shared = old_count - config.num_kv_shared_layers
+        super().update_config(config, kept, old_count)
+        config.num_kv_shared_layers = sum(1 for i in kept if i >= first_shared)
+        # re-registered under the new block numbers (a view object: it is assigned, not edited)
+        renumbered = {new: dict(overrides[old]) for new, old in enumerate(kept) if overrides.get(old)}
+        config.per_layer_config = renumbered or None
+
+
+def _submodule(block: nn.Module, name: str):
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
