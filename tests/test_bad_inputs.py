@@ -72,6 +72,14 @@ CASES = [
     ("compress-set-without-equals", "compress --model {m} --set epochs --out {w}/c", "key=value"),
     ("compress-set-negative-epochs", "compress --model {m} --set epochs=-1 --out {w}/c", "bad compression setting"),
     ("compress-set-unknown-key", "compress --model {m} --set nope=1 --out {w}/c", "bad compression setting"),
+    ("compress-set-lr-inf", "compress --model {m} --set lr_fusion=inf --out {w}/c", "finite number"),
+    ("compress-set-lr-minus-inf", "compress --model {m} --set lr_other=-inf --out {w}/c", "finite number"),
+    ("compress-set-heal-lr-nan", "compress --model {m} --set heal_lr=nan --out {w}/c", "finite number"),
+    ("compress-set-beta-nan", "compress --model {m} --set beta1=nan --out {w}/c", "finite number"),
+    ("compress-set-lora-scale-inf", "compress --model {m} --set lora_scale=inf --out {w}/c", "finite number"),
+    ("compress-config-yaml-inf", "compress --model {m} --config {w}/inf-lr.yaml --out {w}/c", "finite number"),
+    ("compress-nan-weights", "compress --model {w}/nanmodel --recipe quick --calib {w}/text.txt --out {w}/c",
+     "NaN or Inf weights"),
     ("compress-out-is-input", "compress --model {m} --recipe quick --out {m} --force", "is the input"),
     ("compress-out-inside-input", "compress --model {m} --recipe quick --out {m}/sub", "inside the input"),
     ("compress-out-contains-input", "compress --model {m} --recipe quick --out {w} --force", "contains the input"),
@@ -169,6 +177,7 @@ def world(tmp_path_factory, smol_tokenizer):
     (w / "invalid.yaml").write_text("epochs: [1,\n")
     (w / "list.yaml").write_text("- 1\n- 2\n")
     (w / "unknown.yaml").write_text("nope: 1\n")
+    (w / "inf-lr.yaml").write_text("lr_fusion: .inf\n")
     profile = _edge_profile()
     (w / "inf.yaml").write_text(yaml.safe_dump({**profile, "memory_bandwidth_gbps": float("inf"),
                                                 "compute_tflops": float("inf")}))
@@ -179,6 +188,7 @@ def world(tmp_path_factory, smol_tokenizer):
     for f in ("config.json", "model.safetensors", "generation_config.json"):
         if (m / f).exists():
             shutil.copy(m / f, w / "notok" / f)
+    _copy_with_a_nan_weight(m, w / "nanmodel")
     (w / "llama-nomt").mkdir()  # transformers would guess "llama" from this name
     cfg = json.loads((m / "config.json").read_text())
     cfg.pop("model_type")
@@ -206,6 +216,17 @@ def world(tmp_path_factory, smol_tokenizer):
     writer.write_tensors_to_file()
     writer.close()
     return w
+
+
+def _copy_with_a_nan_weight(model: Path, dest: Path) -> None:
+    """A copy of the model with one NaN in a block's weight (a checkpoint broken by an earlier diverged run)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, dest)
+    weights = load_file(dest / "model.safetensors")
+    name = next(k for k in sorted(weights) if ".layers.2." in k and k.endswith("proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from fusedeploy import outputs
 
@@ -180,6 +181,51 @@ def test_verify_fails_nan_logits_with_its_reason(tiny_model_dir, tmp_path, monke
     result = verify.verify_artifact(artifact, str(model), "builtin", ctx=64, max_windows=2)
     assert not result.passed
     assert any("NaN or infinite" in f for f in result.failures), result.failures
+
+
+def _nan_start(*a, **k):
+    return float("nan")
+
+
+def _fold_into_inf(real):
+    def fold(runner, lo, hi, p, x, batch):
+        error = real(runner, lo, hi, p, x, batch)
+        with torch.no_grad():
+            next(runner.blocks[lo].parameters()).view(-1)[0] = float("inf")
+        return error
+
+    return fold
+
+
+# (id, extra compress arguments, (module, attribute, replacement factory) or None, text of the error line)
+DIVERGENCE_CASES = [
+    ("healing-loss-becomes-nan", ["--set", "heal_steps=2", "--set", "heal_lr=1e30"], None, "healing pass diverged"),
+    ("distillation-loss-nan-before-training", [], ("fusedeploy.compress.distill", "_eval_loss", lambda real: _nan_start),
+     "local distillation cannot start"),
+    ("group-weights-become-inf", [], ("fusedeploy.compress.driver", "fold_group", _fold_into_inf),
+     "holds NaN or Inf weights"),
+]
+
+
+@pytest.mark.parametrize("case_id,extra,patch,expected", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
+def test_a_diverged_compression_fails_in_one_line_and_writes_no_output(run_cli, tiny_model_dir, tmp_path,
+                                                                        monkeypatch, case_id, extra, patch, expected):
+    import importlib
+
+    if patch is not None:
+        module = importlib.import_module(patch[0])
+        monkeypatch.setattr(module, patch[1], patch[2](getattr(module, patch[1])))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "c"
+    code, _, err = run_cli("compress", "--model", tiny_model_dir("llama"), "--recipe", "quick", "--sparsity", "0.34",
+                           "--calib", text, "--out", out, *extra)
+    assert "Traceback" not in err, err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]  # after the progress bars of the work done
+    assert code == 2 and len(errors) == 1 and expected in errors[0], err
+    assert err.rstrip().splitlines()[-1] == errors[0], err
+    assert not out.exists() and _temporaries(tmp_path) == []  # nothing that looks like a finished output
+    assert text.read_text().startswith("The quick")
 
 
 def test_signoff_and_planner_fail_non_finite_figures():

@@ -75,6 +75,24 @@ def _discard_state(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+def non_finite_weight(modules: list[torch.nn.Module]) -> str | None:
+    """The name of the first weight holding NaN or Inf, else None (a cheap scan of the tensors)."""
+    for module in modules:
+        for name, prm in module.named_parameters():
+            if not bool(torch.isfinite(prm).all()):
+                return name
+    return None
+
+
+def require_finite(modules: list[torch.nn.Module], what: str) -> None:
+    """One line, and no output, when training left NaN or Inf in any weight."""
+    name = non_finite_weight(modules)
+    if name is not None:
+        raise UserError(f"{what} holds NaN or Inf weights ({name}); the run diverged and nothing was "
+                        "written -- lower the learning rates (--set lr_fusion=..., lr_other=..., "
+                        "heal_lr=...) and start over with --force")
+
+
 @dataclass
 class _Run:
     """Everything one compression run holds; the phases below fill it in."""
@@ -168,6 +186,7 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
         run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
                                run.compute_dtype, progress)
         run.model.to("cpu")
+    require_finite([run.model], "the compressed model")  # nothing non-finite is ever written as an output
     report = _report(run, resume, stats)
     if run.ranks.main:
         write_output(run.model, run.tokenizer, report, run.out,
@@ -207,6 +226,9 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     # fp32 master weights everywhere; bf16/fp16 compute on CUDA through autocast.
     run.model, run.tokenizer, _ = load_model(model_spec, device="cpu", dtype="float32")
     run.model.requires_grad_(False)
+    broken = non_finite_weight([run.model])
+    if broken is not None:  # would surface as NaN scores, a sampler crash or a NaN loss much later
+        raise UserError(f"the model {model_spec} holds NaN or Inf weights ({broken}); it cannot be compressed")
     run.adapter = adapter_for(run.model)
     run.n_blocks = len(run.adapter.blocks(run.model))
     run.n_remove = blocks_to_remove(run.n_blocks, sparsity)
@@ -350,6 +372,9 @@ def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0
         rec.update(distill_group(runner, lo, hi, p, x, run.repair, settings, seed=settings.seed * 7919 + it,
                                  progress=progress, ranks=run.ranks, target=target))
         rec["fold_error"] = fold_group(runner, lo, hi, p, x, settings.score_batch)
+        # checked before the state is saved: a resumable state never holds NaN/Inf weights
+        require_finite([runner.blocks[i] for i in range(lo, hi)],
+                       f"the group around block {run.original[p]} after its distillation")
         del x
         rec["time_distill_s"] = round(time.time() - t_d, 3)
     runner.remove(p)
