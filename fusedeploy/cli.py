@@ -461,12 +461,10 @@ def bench_serve_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Load-test an OpenAI-compatible server: requests/s, output tokens/s, TTFT and per-token latency p50/p95/p99."""
+    from .preflight import bench_serve_levels
     from .serve.bench import bench_serve
 
-    try:
-        levels = [int(x) for x in concurrency.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,4,16") from None
+    levels = bench_serve_levels(concurrency, duration, max_tokens)
     result = bench_serve(url, levels, duration, max_tokens=max_tokens,
                          progress=None if as_json else lambda n: console.print(f"{n} clients for {duration:g} s ..."))
     if as_json:

@@ -130,6 +130,18 @@ CASES = [
     ("plan-unknown-quant", "profiles plan edge-8gb --model {m} --quant q3", "is not offered"),
     ("plan-infinite-profile", "profiles plan {w}/inf.yaml --model {m}", "finite"),
     ("plan-no-model-type", "profiles plan edge-8gb --model {w}/llama-nomt", "has no model_type"),
+    # bench-serve (checked before any connection: the server address is closed)
+    ("bench-duration-inf", "bench-serve http://127.0.0.1:1 --duration inf", "--duration must be a positive, finite"),
+    ("bench-duration-nan", "bench-serve http://127.0.0.1:1 --duration nan", "--duration must be a positive, finite"),
+    ("bench-duration-zero", "bench-serve http://127.0.0.1:1 --duration 0", "--duration must be a positive, finite"),
+    ("bench-duration-negative", "bench-serve http://127.0.0.1:1 --duration -5", "--duration must be a positive, finite"),
+    ("bench-concurrency-empty-item", "bench-serve http://127.0.0.1:1 --concurrency 1,,2", "item 2 is empty"),
+    ("bench-concurrency-trailing-comma", "bench-serve http://127.0.0.1:1 --concurrency 1,2,", "item 3 is empty"),
+    ("bench-concurrency-not-integer", "bench-serve http://127.0.0.1:1 --concurrency 1,2.5", "item 2 is '2.5'"),
+    ("bench-concurrency-zero", "bench-serve http://127.0.0.1:1 --concurrency 0,4", "item 1 is '0'"),
+    ("bench-concurrency-negative", "bench-serve http://127.0.0.1:1 --concurrency 4,-1", "item 2 is '-1'"),
+    ("bench-concurrency-5000-digits", "bench-serve http://127.0.0.1:1 --concurrency " + DIGITS, "item 1 is"),
+    ("bench-max-tokens-zero", "bench-serve http://127.0.0.1:1 --max-tokens 0", "--max-tokens must be at least 1"),
     # build
     ("build-unknown-profile", "build --profile nope --model {m} --out {w}/b", "unknown profile"),
     ("build-unknown-recipe", "build --profile edge-8gb --model {m} --recipe turbo --out {w}/b", "unknown --recipe"),
@@ -276,4 +288,5 @@ def test_bad_input_is_one_clean_error(run_cli, world, case_id, line, expected):
 
 def test_the_table_is_big_enough():
     commands = {c[1].split()[0] for c in CASES}
-    assert len(CASES) >= 60 and commands >= {"eval", "info", "compress", "export", "verify", "profiles", "build"}
+    assert len(CASES) >= 60 and commands >= {"eval", "info", "compress", "export", "verify", "profiles", "build",
+                                             "bench-serve"}
