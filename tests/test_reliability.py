@@ -106,6 +106,72 @@ def test_compress_clears_a_killed_final_write_and_uses_the_umask(run_cli, tiny_m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+@pytest.fixture(scope="module")
+def interrupted_state(tiny_model_dir, tmp_path_factory):
+    """(model, the state folder of a `--keep-steps` compress stopped after its first removed block)."""
+    from fusedeploy.compress import compress_model, load_recipe
+
+    model = tiny_model_dir("llama")
+    out = tmp_path_factory.mktemp("interrupted") / "c"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_one(kind, done, total, status=""):
+        if kind == "iteration" and done == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        compress_model(str(model), out, 0.2, method="shortgpt", settings=load_recipe("quick"), keep_steps=True,
+                       progress=stop_after_one)
+    state = out.with_name("c.state")
+    assert (state / "state.json").is_file() and list((state / "steps").glob("step-1.*"))
+    return model, state
+
+
+# (id, files someone put in the state folder while the run was stopped); the resumed run must keep them
+STATE_PLANTS = [
+    ("nothing-planted", []),
+    ("notes-in-state", ["notes.txt"]),
+    ("notes-in-steps", ["steps/mine.txt"]),
+    ("tmp-named-file", ["draft.tmp"]),
+    ("state-like-name-in-a-folder", ["backup/state.json"]),
+]
+
+
+@pytest.mark.parametrize("case_id,planted", STATE_PLANTS, ids=[c[0] for c in STATE_PLANTS])
+def test_resume_removes_only_its_own_state(run_cli, interrupted_state, tmp_path, caplog, case_id, planted):
+    model, state = interrupted_state
+    shutil.copytree(state, tmp_path / "c.state")
+    for name in planted:
+        (tmp_path / "c.state" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c.state" / name).write_text(f"the user's {name}\n")
+    code, _, err = run_cli("compress", "--model", model, "--sparsity", "0.2", "--method", "shortgpt", "--recipe",
+                           "quick", "--keep-steps", "--resume", "--out", tmp_path / "c")
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "c" / "compression.json").read_text())["resumed"]
+    assert sorted(p.name for p in (tmp_path / "c" / "steps").iterdir()) == \
+        ["step-1.json", "step-1.safetensors", "step-2.json", "step-2.safetensors"]  # no user file published
+    warnings = [r.getMessage() for r in caplog.records if "did not write" in r.getMessage()]
+    if not planted:
+        assert not (tmp_path / "c.state").exists() and not warnings
+        return
+    left = sorted(str(p.relative_to(tmp_path / "c.state")) for p in (tmp_path / "c.state").rglob("*") if p.is_file())
+    assert left == sorted(planted)  # the user's files, and nothing of the run's state
+    assert all((tmp_path / "c.state" / n).read_text() == f"the user's {n}\n" for n in planted)
+    assert len(warnings) == 1 and "kept" in warnings[0] and planted[0].split("/")[0] in warnings[0]
+
+
+def test_force_refuses_a_state_folder_with_foreign_files_in_its_steps(run_cli, interrupted_state, tmp_path):
+    model, state = interrupted_state
+    shutil.copytree(state, tmp_path / "c.state")
+    (tmp_path / "c.state" / "steps" / "mine.txt").write_text("mine")
+    code, _, err = run_cli("compress", "--model", model, "--sparsity", "0.2", "--method", "shortgpt", "--recipe",
+                           "quick", "--keep-steps", "--force", "--out", tmp_path / "c")
+    assert code == 2 and "did not write" in err and "steps/mine.txt" in err, err
+    assert (tmp_path / "c.state" / "steps" / "mine.txt").read_text() == "mine" and not (tmp_path / "c").exists()
+
+
 def test_output_equal_to_input_is_refused_before_any_work(run_cli, tiny_model_dir, tmp_path, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), model)
