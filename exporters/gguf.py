@@ -248,7 +248,21 @@ def check_tokenization(gguf_path: Path, folder: Path, text: str | None = None) -
 # ---------------------------------------------------------------- importance matrix and quantization
 
 
-def compute_imatrix(model, gguf_arch: str, text: str, tokenizer, ctx: int = 512,
+IMATRIX_CTX = 512  # tokens per window of the importance-matrix text
+
+
+def check_imatrix_text(source, text: str, ctx: int = IMATRIX_CTX) -> None:
+    """The importance-matrix text fills at least one window, checked before the converter runs."""
+    from fusedeploy.data import tokenize
+    from fusedeploy.models.loading import load_tokenizer
+
+    n = tokenize(load_tokenizer(source), text).numel() if text.strip() else 0
+    if n < ctx:
+        raise UserError(f"the importance-matrix text (--imatrix-data) has {n} tokens, fewer than one window of "
+                        f"{ctx}; give more text")
+
+
+def compute_imatrix(model, gguf_arch: str, text: str, tokenizer, ctx: int = IMATRIX_CTX,
                     max_windows: int = 16) -> dict[str, np.ndarray]:
     """Per-input-column mean of squared activations for every linear layer, keyed by GGUF name.
 
@@ -352,6 +366,8 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     t0 = time.perf_counter()
     config = _load_config(folder)
     _check_weights(folder)
+    if imatrix_text is not None:
+        check_imatrix_text(source, imatrix_text)
     meta = {"source_model": str(model_dir), "provenance": provenance(folder, str(model_dir)), "export_type": qtype}
     if imatrix_text is not None:
         meta["provenance"]["imatrix"] = "pytorch-hooks"

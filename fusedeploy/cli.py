@@ -228,14 +228,13 @@ def export_gguf_cmd(
     from exporters.gguf import export_gguf
 
     from . import outputs, preflight
-    from .data import load_text
 
     types = formats.precision_names(formats.LLAMA_CPP.name)
     if qtype.lower() not in types:  # option values first, before the model is even looked at
         raise UserError(f"unknown GGUF type {qtype!r}; choose from {', '.join(types)}")
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source))
-    text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
+    text = preflight.check_text_source(imatrix_data, "calib", "--imatrix-data") if imatrix_data else None
     t0 = time.perf_counter()
     with outputs.claim(out), console.status(f"exporting {model} to GGUF {qtype}"):
         path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)

@@ -154,6 +154,16 @@ def prepare_output(out: str | os.PathLike, force: bool, inputs: list, need_bytes
     check_writable(out, need_bytes, folder=False)
 
 
+def check_text_source(spec: str, purpose: str, flag: str) -> str:
+    """The text of a source named by `flag`, refused in one line when it holds no text at all."""
+    from .data import load_text
+
+    text = load_text(spec, purpose=purpose)
+    if not text.strip():
+        raise UserError(f"{flag} {spec} holds no text; give a file (or folder) with text in it")
+    return text
+
+
 def bench_serve_levels(concurrency: str, duration: float, max_tokens: int) -> list[int]:
     """`bench-serve`'s options checked before any connection: the client counts of its levels.
 

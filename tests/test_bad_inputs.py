@@ -101,6 +101,8 @@ CASES = [
     ("gguf-from-gguf", "export gguf --model {w}/ours.gguf --out {w}/o.gguf", "not a .gguf file"),
     ("gguf-out-unwritable", "export gguf --model {m} --out /sys/fusedeploy-test/o.gguf", "cannot write"),
     ("gguf-imatrix-direct-type", "export gguf --model {m} --out {w}/o.gguf --type f16 --imatrix-data {w}/text.txt", "importance matrix"),
+    ("gguf-imatrix-empty", "export gguf --model {m} --out {w}/o.gguf --type q4_0 --imatrix-data {w}/empty.txt", "holds no text"),
+    ("gguf-imatrix-one-window-short", "export gguf --model {m} --out {w}/o.gguf --type q4_0 --imatrix-data {w}/short.txt", "fewer than one window"),
     ("gguf-unsupported-architecture", "export gguf --model {w}/gpt2 --out {w}/o.gguf", "unsupported architecture"),
     ("gguf-out-under-a-file", "export gguf --model {m} --out {w}/afile/o.gguf", "is a file"),
     # export onnx
@@ -160,6 +162,15 @@ CASES = [
     ("build-eval-data-missing", "build --profile edge-8gb --model {m} --eval-data {w}/missing.txt --out {w}/b", "text source not found"),
     ("build-unknown-quant", "build --profile edge-8gb --model {m} --quant q3 --out {w}/b", "is not offered"),
     ("build-model-without-tokenizer", "build --profile edge-8gb --model {w}/notok --out {w}/b", "tokenizer"),
+    ("build-eval-tasks-empty-data", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-empty --out {w}/b", "is empty"),
+    ("build-eval-tasks-blank-data", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-blank/tiny.yaml --out {w}/b", "is empty"),
+    ("build-eval-tasks-data-not-json", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-badjson --out {w}/b", "not valid JSON"),
+    ("build-eval-tasks-csv-header-only", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-csv --out {w}/b", "no rows"),
+    ("build-accuracy-drop-without-tasks", "build --profile edge-8gb --model {m} --max-accuracy-drop 0.02 --out {w}/b", "add --eval-tasks"),
+    ("build-profile-accuracy-budget-without-tasks", "build --profile {w}/accuracy.yaml --model {m} --out {w}/b", "budgets.max_accuracy_drop"),
+    ("build-calib-empty", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/empty.txt --out {w}/b", "holds no text"),
+    ("build-calib-blank-jsonl", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/blank.jsonl --out {w}/b", "holds no text"),
+    ("build-eval-data-empty", "build --profile edge-8gb --model {m} --eval-data {w}/empty.txt --out {w}/b", "holds no text"),
     ("build-out-too-long", "build --profile edge-8gb --model {m} --out {w}/" + LONG, "longer than the file system allows"),
 ]
 
@@ -180,6 +191,15 @@ def world(tmp_path_factory, smol_tokenizer):
     m = save_tiny_model("llama", smol_tokenizer, w / "model")
     (w / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
     (w / "short.txt").write_text("Too short.")
+    (w / "empty.txt").write_text("")
+    (w / "blank.jsonl").write_text("\n  \n")
+    task = "task: tiny\ndataset_path: {kind}\ndataset_kwargs:\n  data_files:\n    test: {data}\noutput_type: multiple_choice\n"
+    for name, kind, data, content in (("task-empty", "json", "data.jsonl", ""), ("task-blank", "json", "data.jsonl", "\n\n"),
+                                      ("task-badjson", "json", "data.jsonl", '{"query": "a"}\n{"query": \n'),
+                                      ("task-csv", "csv", "data.csv", "query,label\n")):
+        (w / name).mkdir()
+        (w / name / data).write_text(content)
+        (w / name / "tiny.yaml").write_text(task.format(kind=kind, data=data))
     (w / "list.jsonl").write_text('{"text": "fine"}\n[1, 2, 3]\n')
     (w / "num.jsonl").write_text("3\n")
     (w / "badjson.jsonl").write_text('{"text": "unterminated\n')
@@ -193,6 +213,8 @@ def world(tmp_path_factory, smol_tokenizer):
     profile = _edge_profile()
     (w / "inf.yaml").write_text(yaml.safe_dump({**profile, "memory_bandwidth_gbps": float("inf"),
                                                 "compute_tflops": float("inf")}))
+    (w / "accuracy.yaml").write_text(yaml.safe_dump({**profile, "budgets": {**profile["budgets"],
+                                                                            "max_accuracy_drop": 0.02}}))
     (w / "zero.yaml").write_text(yaml.safe_dump({**profile, "compute_tflops": 0}))
     (w / "nan.yaml").write_text(yaml.safe_dump({**profile, "memory_bandwidth_gbps": float("nan")}))
     (w / "latin1-profile.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
