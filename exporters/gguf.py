@@ -15,7 +15,10 @@ no converter does for FuseDeploy:
   check that every per-block fact in the file matches the block count;
 - provenance keys (`fusedeploy.*`);
 - a tokenization check after conversion: llama.cpp must tokenize a probe
-  text exactly as the Hugging Face tokenizer does, or the export fails;
+  text exactly as the tokenizer the model was trained with (the folder's
+  SentencePiece model when llama.cpp read its vocabulary from one, else the
+  Hugging Face tokenizer), or the export fails; a Hugging Face tokenizer
+  that differs from the SentencePiece model is a warning;
 - the importance matrix, collected with PyTorch hooks (llama-cpp-python has
   the quantizer's imatrix input but not the collecting tool), and the
   quantizer itself, `llama_model_quantize`, for the types the converter does
@@ -240,34 +243,120 @@ def probe_text() -> str:
     return _PROBE + load_text("builtin")[:20000]
 
 
-def _llama_cpp_ids(gguf_path: Path, text: str) -> list[int]:
+def _llama_cpp_tokenize(gguf_path: Path, text: str) -> tuple[list[int], str | None]:
+    """(llama.cpp's ids for `text`, the file's `tokenizer.ggml.model`: "llama" for SentencePiece, "gpt2" ...)."""
+    import contextlib
+    import io
+
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    # llama-cpp-python prints llama.cpp's warnings about the (unused) context of a vocabulary-only
+    # load to sys.stderr even when not verbose; they are kept only if the load fails.
+    noise = io.StringIO()
     try:
-        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        with contextlib.redirect_stderr(noise):
+            llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    except Exception:
+        sys.stderr.write(noise.getvalue())
+        raise
+    try:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return ids, llm.metadata.get("tokenizer.ggml.model")
     finally:
         llm.close()
 
 
+def _sentencepiece_ids(folder: Path, text: str) -> list[int] | None:
+    """The folder's own SentencePiece model's ids for `text`, as llama.cpp's converter configures it; None when
+    the folder has no real SentencePiece model.
+
+    A `tokenizer.model` that starts with b"GGUF" is a GGUF copy transformers left there, not
+    SentencePiece; one SentencePiece cannot parse is not a reference either. The converter takes
+    the leading-space rule from an explicit `add_prefix_space` in tokenizer_config.json over the
+    model's own `add_dummy_prefix`, so the reference does the same.
+    """
+    model = folder / "tokenizer.model"
+    if not model.is_file():
+        return None
+    raw = model.read_bytes()
+    if raw[:4] == b"GGUF":
+        return None
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(raw)
+        if not proto.pieces:
+            return None
+        try:
+            explicit = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("add_prefix_space")
+        except (OSError, ValueError, AttributeError):
+            explicit = None
+        if isinstance(explicit, bool):
+            proto.normalizer_spec.add_dummy_prefix = explicit
+        processor = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError, SentencePiece's RuntimeError: not a SentencePiece model
+        return None
+    return processor.encode(text)
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def check_tokenization(gguf_path: Path, folder: Path, text: str | None = None) -> None:
-    """llama.cpp tokenizes `text` (default: the probe) exactly as the folder's Hugging Face tokenizer."""
+    """llama.cpp tokenizes `text` (default: the probe) exactly as the tokenizer the model was trained with.
+
+    That reference is the folder's SentencePiece model when the GGUF carries a SentencePiece
+    vocabulary read from a real `tokenizer.model` (llama.cpp reimplements SentencePiece, and a
+    Hugging Face fast tokenizer converted from it may differ, e.g. in the leading space), else the
+    Hugging Face tokenizer. A Hugging Face tokenizer that differs from the SentencePiece reference
+    is a warning: the GGUF is faithful to the model, the folder's fast tokenizer is not.
+    """
     from transformers import AutoTokenizer
 
     text = probe_text() if text is None else text
-    want = AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
-    got = _llama_cpp_ids(gguf_path, text)
-    if got != want:
-        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    got, vocab = _llama_cpp_tokenize(gguf_path, text)
+    hf = AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+    spm = _sentencepiece_ids(folder, text) if vocab == "llama" else None
+    if spm is not None:
+        if got != spm:
+            at = _first_difference(got, spm)
+            raise UserError(f"llama.cpp tokenizes differently from the SentencePiece model {folder}/tokenizer.model "
+                            f"(first difference at token {at}: llama.cpp {got[at:at + 4]}, SentencePiece "
+                            f"{spm[at:at + 4]}); the GGUF would not be faithful")
+        if hf != spm:
+            at = _first_difference(hf, spm)
+            log.warning("the Hugging Face tokenizer in %s tokenizes differently from its SentencePiece model "
+                        "tokenizer.model (first difference at token %d: Hugging Face %s, SentencePiece %s); the "
+                        "GGUF follows the SentencePiece model", folder, at, hf[at:at + 4], spm[at:at + 4])
+        return
+    if got != hf:
+        at = _first_difference(got, hf)
         raise UserError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer in {folder} "
                         f"(first difference at token {at}: llama.cpp {got[at:at + 4]}, Hugging Face "
-                        f"{want[at:at + 4]}); the GGUF would not be faithful")
+                        f"{hf[at:at + 4]}); the GGUF would not be faithful")
 
 
 # ---------------------------------------------------------------- importance matrix and quantization
 
 
-def compute_imatrix(model, gguf_arch: str, text: str, tokenizer, ctx: int = 512,
+IMATRIX_CTX = 512  # tokens per window of the importance-matrix text
+
+
+def check_imatrix_text(source, text: str, ctx: int = IMATRIX_CTX) -> None:
+    """The importance-matrix text fills at least one window, checked before the converter runs."""
+    from fusedeploy.data import tokenize
+    from fusedeploy.models.loading import load_tokenizer
+
+    n = tokenize(load_tokenizer(source), text).numel() if text.strip() else 0
+    if n < ctx:
+        raise UserError(f"the importance-matrix text (--imatrix-data) has {n} tokens, fewer than one window of "
+                        f"{ctx}; give more text")
+
+
+def compute_imatrix(model, gguf_arch: str, text: str, tokenizer, ctx: int = IMATRIX_CTX,
                     max_windows: int = 16) -> dict[str, np.ndarray]:
     """Per-input-column mean of squared activations for every linear layer, keyed by GGUF name.
 
@@ -372,6 +461,8 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, qtype
     config = _load_config(folder)
     check_exportable(config)
     _check_weights(folder)
+    if imatrix_text is not None:
+        check_imatrix_text(source, imatrix_text)
     meta = {"source_model": str(model_dir), "provenance": provenance(folder, str(model_dir)), "export_type": qtype}
     if imatrix_text is not None:
         meta["provenance"]["imatrix"] = "pytorch-hooks"

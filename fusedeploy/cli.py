@@ -259,7 +259,6 @@ def export_gguf_cmd(
     from exporters.gguf import export_gguf
 
     from . import outputs, preflight
-    from .data import load_text
 
     types = formats.precision_names(formats.LLAMA_CPP.name)
     if qtype.lower() not in types:  # option values first, before the model is even looked at
@@ -267,7 +266,7 @@ def export_gguf_cmd(
     model = _with_revision(model, revision)
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source, imatrix_data], 2 * preflight.weights_bytes(source))
-    text = load_text(imatrix_data, purpose="calib") if imatrix_data else None
+    text = preflight.check_text_source(imatrix_data, "calib", "--imatrix-data") if imatrix_data else None
     t0 = time.perf_counter()
     with outputs.claim(out), console.status(f"exporting {model} to GGUF {qtype}"):
         path = export_gguf(model, out, qtype=qtype, imatrix_text=text, force=force)
@@ -509,12 +508,10 @@ def bench_serve_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Load-test an OpenAI-compatible server: requests/s, output tokens/s, TTFT and per-token latency p50/p95/p99."""
+    from .preflight import bench_serve_levels
     from .serve.bench import bench_serve
 
-    try:
-        levels = [int(x) for x in concurrency.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,4,16") from None
+    levels = bench_serve_levels(concurrency, duration, max_tokens)
     result = bench_serve(url, levels, duration, max_tokens=max_tokens,
                          progress=None if as_json else lambda n: console.print(f"{n} clients for {duration:g} s ..."))
     if as_json:

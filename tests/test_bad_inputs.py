@@ -72,6 +72,14 @@ CASES = [
     ("compress-set-without-equals", "compress --model {m} --set epochs --out {w}/c", "key=value"),
     ("compress-set-negative-epochs", "compress --model {m} --set epochs=-1 --out {w}/c", "bad compression setting"),
     ("compress-set-unknown-key", "compress --model {m} --set nope=1 --out {w}/c", "bad compression setting"),
+    ("compress-set-lr-inf", "compress --model {m} --set lr_fusion=inf --out {w}/c", "finite number"),
+    ("compress-set-lr-minus-inf", "compress --model {m} --set lr_other=-inf --out {w}/c", "finite number"),
+    ("compress-set-heal-lr-nan", "compress --model {m} --set heal_lr=nan --out {w}/c", "finite number"),
+    ("compress-set-beta-nan", "compress --model {m} --set beta1=nan --out {w}/c", "finite number"),
+    ("compress-set-lora-scale-inf", "compress --model {m} --set lora_scale=inf --out {w}/c", "finite number"),
+    ("compress-config-yaml-inf", "compress --model {m} --config {w}/inf-lr.yaml --out {w}/c", "finite number"),
+    ("compress-nan-weights", "compress --model {w}/nanmodel --recipe quick --calib {w}/text.txt --out {w}/c",
+     "NaN or Inf weights"),
     ("compress-out-is-input", "compress --model {m} --recipe quick --out {m} --force", "is the input"),
     ("compress-out-inside-input", "compress --model {m} --recipe quick --out {m}/sub", "inside the input"),
     ("compress-out-contains-input", "compress --model {m} --recipe quick --out {w} --force", "contains the input"),
@@ -93,6 +101,8 @@ CASES = [
     ("gguf-from-gguf", "export gguf --model {w}/ours.gguf --out {w}/o.gguf", "not a .gguf file"),
     ("gguf-out-unwritable", "export gguf --model {m} --out /sys/fusedeploy-test/o.gguf", "cannot write"),
     ("gguf-imatrix-direct-type", "export gguf --model {m} --out {w}/o.gguf --type f16 --imatrix-data {w}/text.txt", "importance matrix"),
+    ("gguf-imatrix-empty", "export gguf --model {m} --out {w}/o.gguf --type q4_0 --imatrix-data {w}/empty.txt", "holds no text"),
+    ("gguf-imatrix-one-window-short", "export gguf --model {m} --out {w}/o.gguf --type q4_0 --imatrix-data {w}/short.txt", "fewer than one window"),
     ("gguf-unsupported-architecture", "export gguf --model {w}/gpt2 --out {w}/o.gguf", "unsupported architecture"),
     ("gguf-out-under-a-file", "export gguf --model {m} --out {w}/afile/o.gguf", "is a file"),
     # export onnx
@@ -122,6 +132,18 @@ CASES = [
     ("plan-unknown-quant", "profiles plan edge-8gb --model {m} --quant q3", "is not offered"),
     ("plan-infinite-profile", "profiles plan {w}/inf.yaml --model {m}", "finite"),
     ("plan-no-model-type", "profiles plan edge-8gb --model {w}/llama-nomt", "has no model_type"),
+    # bench-serve (checked before any connection: the server address is closed)
+    ("bench-duration-inf", "bench-serve http://127.0.0.1:1 --duration inf", "--duration must be a positive, finite"),
+    ("bench-duration-nan", "bench-serve http://127.0.0.1:1 --duration nan", "--duration must be a positive, finite"),
+    ("bench-duration-zero", "bench-serve http://127.0.0.1:1 --duration 0", "--duration must be a positive, finite"),
+    ("bench-duration-negative", "bench-serve http://127.0.0.1:1 --duration -5", "--duration must be a positive, finite"),
+    ("bench-concurrency-empty-item", "bench-serve http://127.0.0.1:1 --concurrency 1,,2", "item 2 is empty"),
+    ("bench-concurrency-trailing-comma", "bench-serve http://127.0.0.1:1 --concurrency 1,2,", "item 3 is empty"),
+    ("bench-concurrency-not-integer", "bench-serve http://127.0.0.1:1 --concurrency 1,2.5", "item 2 is '2.5'"),
+    ("bench-concurrency-zero", "bench-serve http://127.0.0.1:1 --concurrency 0,4", "item 1 is '0'"),
+    ("bench-concurrency-negative", "bench-serve http://127.0.0.1:1 --concurrency 4,-1", "item 2 is '-1'"),
+    ("bench-concurrency-5000-digits", "bench-serve http://127.0.0.1:1 --concurrency " + DIGITS, "item 1 is"),
+    ("bench-max-tokens-zero", "bench-serve http://127.0.0.1:1 --max-tokens 0", "--max-tokens must be at least 1"),
     # build
     ("build-unknown-profile", "build --profile nope --model {m} --out {w}/b", "unknown profile"),
     ("build-unknown-recipe", "build --profile edge-8gb --model {m} --recipe turbo --out {w}/b", "unknown --recipe"),
@@ -140,6 +162,15 @@ CASES = [
     ("build-eval-data-missing", "build --profile edge-8gb --model {m} --eval-data {w}/missing.txt --out {w}/b", "text source not found"),
     ("build-unknown-quant", "build --profile edge-8gb --model {m} --quant q3 --out {w}/b", "is not offered"),
     ("build-model-without-tokenizer", "build --profile edge-8gb --model {w}/notok --out {w}/b", "tokenizer"),
+    ("build-eval-tasks-empty-data", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-empty --out {w}/b", "is empty"),
+    ("build-eval-tasks-blank-data", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-blank/tiny.yaml --out {w}/b", "is empty"),
+    ("build-eval-tasks-data-not-json", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-badjson --out {w}/b", "not valid JSON"),
+    ("build-eval-tasks-csv-header-only", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-csv --out {w}/b", "no rows"),
+    ("build-accuracy-drop-without-tasks", "build --profile edge-8gb --model {m} --max-accuracy-drop 0.02 --out {w}/b", "add --eval-tasks"),
+    ("build-profile-accuracy-budget-without-tasks", "build --profile {w}/accuracy.yaml --model {m} --out {w}/b", "budgets.max_accuracy_drop"),
+    ("build-calib-empty", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/empty.txt --out {w}/b", "holds no text"),
+    ("build-calib-blank-jsonl", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/blank.jsonl --out {w}/b", "holds no text"),
+    ("build-eval-data-empty", "build --profile edge-8gb --model {m} --eval-data {w}/empty.txt --out {w}/b", "holds no text"),
     ("build-out-too-long", "build --profile edge-8gb --model {m} --out {w}/" + LONG, "longer than the file system allows"),
 ]
 
@@ -160,6 +191,15 @@ def world(tmp_path_factory, smol_tokenizer):
     m = save_tiny_model("llama", smol_tokenizer, w / "model")
     (w / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
     (w / "short.txt").write_text("Too short.")
+    (w / "empty.txt").write_text("")
+    (w / "blank.jsonl").write_text("\n  \n")
+    task = "task: tiny\ndataset_path: {kind}\ndataset_kwargs:\n  data_files:\n    test: {data}\noutput_type: multiple_choice\n"
+    for name, kind, data, content in (("task-empty", "json", "data.jsonl", ""), ("task-blank", "json", "data.jsonl", "\n\n"),
+                                      ("task-badjson", "json", "data.jsonl", '{"query": "a"}\n{"query": \n'),
+                                      ("task-csv", "csv", "data.csv", "query,label\n")):
+        (w / name).mkdir()
+        (w / name / data).write_text(content)
+        (w / name / "tiny.yaml").write_text(task.format(kind=kind, data=data))
     (w / "list.jsonl").write_text('{"text": "fine"}\n[1, 2, 3]\n')
     (w / "num.jsonl").write_text("3\n")
     (w / "badjson.jsonl").write_text('{"text": "unterminated\n')
@@ -169,9 +209,12 @@ def world(tmp_path_factory, smol_tokenizer):
     (w / "invalid.yaml").write_text("epochs: [1,\n")
     (w / "list.yaml").write_text("- 1\n- 2\n")
     (w / "unknown.yaml").write_text("nope: 1\n")
+    (w / "inf-lr.yaml").write_text("lr_fusion: .inf\n")
     profile = _edge_profile()
     (w / "inf.yaml").write_text(yaml.safe_dump({**profile, "memory_bandwidth_gbps": float("inf"),
                                                 "compute_tflops": float("inf")}))
+    (w / "accuracy.yaml").write_text(yaml.safe_dump({**profile, "budgets": {**profile["budgets"],
+                                                                            "max_accuracy_drop": 0.02}}))
     (w / "zero.yaml").write_text(yaml.safe_dump({**profile, "compute_tflops": 0}))
     (w / "nan.yaml").write_text(yaml.safe_dump({**profile, "memory_bandwidth_gbps": float("nan")}))
     (w / "latin1-profile.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
@@ -179,6 +222,7 @@ def world(tmp_path_factory, smol_tokenizer):
     for f in ("config.json", "model.safetensors", "generation_config.json"):
         if (m / f).exists():
             shutil.copy(m / f, w / "notok" / f)
+    _copy_with_a_nan_weight(m, w / "nanmodel")
     (w / "llama-nomt").mkdir()  # transformers would guess "llama" from this name
     cfg = json.loads((m / "config.json").read_text())
     cfg.pop("model_type")
@@ -206,6 +250,17 @@ def world(tmp_path_factory, smol_tokenizer):
     writer.write_tensors_to_file()
     writer.close()
     return w
+
+
+def _copy_with_a_nan_weight(model: Path, dest: Path) -> None:
+    """A copy of the model with one NaN in a block's weight (a checkpoint broken by an earlier diverged run)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, dest)
+    weights = load_file(dest / "model.safetensors")
+    name = next(k for k in sorted(weights) if ".layers.2." in k and k.endswith("proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -255,4 +310,5 @@ def test_bad_input_is_one_clean_error(run_cli, world, case_id, line, expected):
 
 def test_the_table_is_big_enough():
     commands = {c[1].split()[0] for c in CASES}
-    assert len(CASES) >= 60 and commands >= {"eval", "info", "compress", "export", "verify", "profiles", "build"}
+    assert len(CASES) >= 60 and commands >= {"eval", "info", "compress", "export", "verify", "profiles", "build",
+                                             "bench-serve"}

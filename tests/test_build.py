@@ -180,10 +180,11 @@ def test_task_accuracy_is_reported_and_budgeted(run_cli, quick_build, tmp_path):
     assert check["figure"] == pytest.approx(t["drop"]) and check["result"] == "PASS" and code == 0
     assert "| tiny_choice | acc | 6 |" in (out / "report" / "report.md").read_text()
 
-    # an accuracy budget with no tasks to judge it cannot pass
+    # an accuracy budget with no tasks to judge it could only fail: refused before any stage runs
+    before = (out / "report" / "report.json").read_bytes()
     code, stdout, err = run_cli(*args[:-2], "--max-accuracy-drop", "0.5")
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert code == 1 and "give --eval-tasks" in report["signoff"]["budgets"]["max_accuracy_drop"]["reason"]
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and "--eval-tasks" in err
+    assert (out / "report" / "report.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("make, match", [

@@ -254,6 +254,110 @@ def test_tokenization_check_fails_on_a_mismatch(tiny_f32, spm_tokenizer, tmp_pat
         check_tokenization(path, tmp_path)
 
 
+# ---------------------------------------------------------------- SentencePiece as the reference
+
+
+def _llama2_sentencepiece(folder: Path, vocab_size: int = 600) -> Path:
+    """A small byte-fallback BPE SentencePiece model with Llama 2's settings, trained from ~30 KB in about a second."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text(load_text("builtin")[:30000])
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "train.txt"), model_prefix=str(folder / "m"), model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return folder / "m.model"
+
+
+def _llama2_checkpoint(spm_model: Path, folder: Path, tokenizer_config: dict, tokenizer_json_from: dict) -> Path:
+    """A tiny Llama-2-style checkpoint: the SentencePiece model as tokenizer.model, beside a fast tokenizer.json
+    converted from it by transformers (with `tokenizer_json_from` settings) and `tokenizer_config`."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    convert = folder.with_name(folder.name + "-convert")
+    convert.mkdir(parents=True)
+    shutil.copy(spm_model, convert / "tokenizer.model")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (convert / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **specials,
+                                                               **tokenizer_json_from}))
+    fast = AutoTokenizer.from_pretrained(convert)
+    save_tiny("llama", fast, folder)
+    shutil.copy(spm_model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**specials, **tokenizer_config}))
+    return folder
+
+
+# (id, tokenizer_config.json, settings the fast tokenizer.json was converted with, warning expected)
+SPM_CASES = [
+    ("fast-tokenizer-agrees", {"tokenizer_class": "LlamaTokenizer"}, {}, None),
+    # tokenizer.json converted without the leading "▁" while nothing in the config says so: llama.cpp's
+    # converter takes the SentencePiece model's own add_dummy_prefix, as the model was trained
+    ("fast-tokenizer-lost-the-leading-space", {"tokenizer_class": "PreTrainedTokenizerFast"},
+     {"add_prefix_space": False}, "first difference at token 0"),
+    # an explicit add_prefix_space: the converter, the fast tokenizer and the reference all follow it
+    ("config-turns-the-leading-space-off", {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False},
+     {"add_prefix_space": False}, None),
+]
+
+
+@pytest.fixture(scope="module")
+def llama2_spm(tmp_path_factory):
+    return _llama2_sentencepiece(tmp_path_factory.mktemp("llama2-spm"))
+
+
+@pytest.mark.parametrize("case_id,config,converted,warning", SPM_CASES, ids=[c[0] for c in SPM_CASES])
+def test_sentencepiece_is_the_reference_of_the_tokenization_check(run_cli, llama2_spm, tmp_path, caplog, case_id,
+                                                                   config, converted, warning):
+    import sentencepiece as spm
+
+    from exporters.gguf import _llama_cpp_tokenize, probe_text
+
+    from .test_bad_inputs import tree_digest
+
+    folder = _llama2_checkpoint(llama2_spm, tmp_path / "hf", config, converted)
+    before = tree_digest(folder)
+    code, _, err = run_cli("export", "gguf", "--model", folder, "--out", tmp_path / "m.gguf", "--type", "f32")
+    assert code == 0 and "Traceback" not in err and "error:" not in err, err
+    assert tree_digest(folder) == before
+    warned = [r.getMessage() for r in caplog.records if "tokenizes differently" in r.getMessage()]
+    if warning is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warning in warned[0] and "Hugging Face" in warned[0], warned
+    if "add_prefix_space" not in config:  # llama.cpp tokenizes as SentencePiece itself, on the probe and on prose
+        sp = spm.SentencePieceProcessor(model_file=str(llama2_spm))
+        for text in (probe_text(), load_text("builtin")[-5000:]):
+            assert _llama_cpp_tokenize(tmp_path / "m.gguf", text)[0] == sp.encode(text)
+
+
+def test_llama_cpp_disagreeing_with_sentencepiece_is_refused(run_cli, llama2_spm, tmp_path, monkeypatch):
+    import exporters.gguf as gguf_exporter
+
+    from .test_bad_inputs import tree_digest
+
+    folder = _llama2_checkpoint(llama2_spm, tmp_path / "hf", {"tokenizer_class": "LlamaTokenizer"}, {})
+    real = gguf_exporter._sentencepiece_ids
+    monkeypatch.setattr(gguf_exporter, "_sentencepiece_ids", lambda f, t: [3, *real(f, t)])  # a reference one token off
+    before = tree_digest(tmp_path)
+    code, _, err = run_cli("export", "gguf", "--model", folder, "--out", tmp_path / "m.gguf", "--type", "f32")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "SentencePiece" in lines[0] and "first difference at token 0" in lines[0]
+    assert tree_digest(tmp_path) == before  # no output, no temporary, nothing of the folder changed
+
+    other = _llama2_sentencepiece(tmp_path / "other-spm", vocab_size=500)  # a real, different SentencePiece model
+    monkeypatch.setattr(gguf_exporter, "_sentencepiece_ids", real)
+    assert run_cli("export", "gguf", "--model", folder, "--out", tmp_path / "m.gguf", "--type", "f32")[0] == 0
+    import shutil
+
+    shutil.copy(other, folder / "tokenizer.model")
+    with pytest.raises(UserError, match="SentencePiece model"):
+        check_tokenization(tmp_path / "m.gguf", folder)
+
+
 # ---------------------------------------------------------------- RoPE scaling
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from fusedeploy import outputs
 
@@ -105,6 +106,72 @@ def test_compress_clears_a_killed_final_write_and_uses_the_umask(run_cli, tiny_m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+@pytest.fixture(scope="module")
+def interrupted_state(tiny_model_dir, tmp_path_factory):
+    """(model, the state folder of a `--keep-steps` compress stopped after its first removed block)."""
+    from fusedeploy.compress import compress_model, load_recipe
+
+    model = tiny_model_dir("llama")
+    out = tmp_path_factory.mktemp("interrupted") / "c"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_one(kind, done, total, status=""):
+        if kind == "iteration" and done == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        compress_model(str(model), out, 0.2, method="shortgpt", settings=load_recipe("quick"), keep_steps=True,
+                       progress=stop_after_one)
+    state = out.with_name("c.state")
+    assert (state / "state.json").is_file() and list((state / "steps").glob("step-1.*"))
+    return model, state
+
+
+# (id, files someone put in the state folder while the run was stopped); the resumed run must keep them
+STATE_PLANTS = [
+    ("nothing-planted", []),
+    ("notes-in-state", ["notes.txt"]),
+    ("notes-in-steps", ["steps/mine.txt"]),
+    ("tmp-named-file", ["draft.tmp"]),
+    ("state-like-name-in-a-folder", ["backup/state.json"]),
+]
+
+
+@pytest.mark.parametrize("case_id,planted", STATE_PLANTS, ids=[c[0] for c in STATE_PLANTS])
+def test_resume_removes_only_its_own_state(run_cli, interrupted_state, tmp_path, caplog, case_id, planted):
+    model, state = interrupted_state
+    shutil.copytree(state, tmp_path / "c.state")
+    for name in planted:
+        (tmp_path / "c.state" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c.state" / name).write_text(f"the user's {name}\n")
+    code, _, err = run_cli("compress", "--model", model, "--sparsity", "0.2", "--method", "shortgpt", "--recipe",
+                           "quick", "--keep-steps", "--resume", "--out", tmp_path / "c")
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "c" / "compression.json").read_text())["resumed"]
+    assert sorted(p.name for p in (tmp_path / "c" / "steps").iterdir()) == \
+        ["step-1.json", "step-1.safetensors", "step-2.json", "step-2.safetensors"]  # no user file published
+    warnings = [r.getMessage() for r in caplog.records if "did not write" in r.getMessage()]
+    if not planted:
+        assert not (tmp_path / "c.state").exists() and not warnings
+        return
+    left = sorted(str(p.relative_to(tmp_path / "c.state")) for p in (tmp_path / "c.state").rglob("*") if p.is_file())
+    assert left == sorted(planted)  # the user's files, and nothing of the run's state
+    assert all((tmp_path / "c.state" / n).read_text() == f"the user's {n}\n" for n in planted)
+    assert len(warnings) == 1 and "kept" in warnings[0] and planted[0].split("/")[0] in warnings[0]
+
+
+def test_force_refuses_a_state_folder_with_foreign_files_in_its_steps(run_cli, interrupted_state, tmp_path):
+    model, state = interrupted_state
+    shutil.copytree(state, tmp_path / "c.state")
+    (tmp_path / "c.state" / "steps" / "mine.txt").write_text("mine")
+    code, _, err = run_cli("compress", "--model", model, "--sparsity", "0.2", "--method", "shortgpt", "--recipe",
+                           "quick", "--keep-steps", "--force", "--out", tmp_path / "c")
+    assert code == 2 and "did not write" in err and "steps/mine.txt" in err, err
+    assert (tmp_path / "c.state" / "steps" / "mine.txt").read_text() == "mine" and not (tmp_path / "c").exists()
+
+
 def test_output_equal_to_input_is_refused_before_any_work(run_cli, tiny_model_dir, tmp_path, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), model)
@@ -180,6 +247,51 @@ def test_verify_fails_nan_logits_with_its_reason(tiny_model_dir, tmp_path, monke
     result = verify.verify_artifact(artifact, str(model), "builtin", ctx=64, max_windows=2)
     assert not result.passed
     assert any("NaN or infinite" in f for f in result.failures), result.failures
+
+
+def _nan_start(*a, **k):
+    return float("nan")
+
+
+def _fold_into_inf(real):
+    def fold(runner, lo, hi, p, x, batch):
+        error = real(runner, lo, hi, p, x, batch)
+        with torch.no_grad():
+            next(runner.blocks[lo].parameters()).view(-1)[0] = float("inf")
+        return error
+
+    return fold
+
+
+# (id, extra compress arguments, (module, attribute, replacement factory) or None, text of the error line)
+DIVERGENCE_CASES = [
+    ("healing-loss-becomes-nan", ["--set", "heal_steps=2", "--set", "heal_lr=1e30"], None, "healing pass diverged"),
+    ("distillation-loss-nan-before-training", [], ("fusedeploy.compress.distill", "_eval_loss", lambda real: _nan_start),
+     "local distillation cannot start"),
+    ("group-weights-become-inf", [], ("fusedeploy.compress.driver", "fold_group", _fold_into_inf),
+     "holds NaN or Inf weights"),
+]
+
+
+@pytest.mark.parametrize("case_id,extra,patch,expected", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
+def test_a_diverged_compression_fails_in_one_line_and_writes_no_output(run_cli, tiny_model_dir, tmp_path,
+                                                                        monkeypatch, case_id, extra, patch, expected):
+    import importlib
+
+    if patch is not None:
+        module = importlib.import_module(patch[0])
+        monkeypatch.setattr(module, patch[1], patch[2](getattr(module, patch[1])))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "c"
+    code, _, err = run_cli("compress", "--model", tiny_model_dir("llama"), "--recipe", "quick", "--sparsity", "0.34",
+                           "--calib", text, "--out", out, *extra)
+    assert "Traceback" not in err, err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]  # after the progress bars of the work done
+    assert code == 2 and len(errors) == 1 and expected in errors[0], err
+    assert err.rstrip().splitlines()[-1] == errors[0], err
+    assert not out.exists() and _temporaries(tmp_path) == []  # nothing that looks like a finished output
+    assert text.read_text().startswith("The quick")
 
 
 def test_signoff_and_planner_fail_non_finite_figures():

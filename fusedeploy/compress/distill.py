@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .activations import ActivationStore
 from .fused import FusedLinear, effective_linear, fold_block, wrap_block
 from .parallel import Ranks
@@ -152,6 +153,10 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
     unfused = attach_fusion(runner, lo, hi, p, repair, settings)
     neighbours = [i for i in range(lo, hi) if i != p]
     loss_before = _eval_loss(runner, lo, hi, p, x, y, batch)
+    if not math.isfinite(loss_before):  # no learning rate repairs NaN/Inf in the inputs or the weights
+        raise UserError(f"local distillation cannot start: the group's loss is {loss_before} before any "
+                        "training, so the model's weights or its activations hold NaN or Inf; check the model "
+                        "(fusedeploy eval) and the calibration text")
     record = {"loss_before": loss_before, "loss_after": loss_before, "attempts": []}
     if unfused:  # p's linears no neighbour has (another kind of attention): dropped, said in compression.json
         record["unfused"] = unfused

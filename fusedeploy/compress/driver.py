@@ -12,10 +12,12 @@ written to a temporary folder beside `out_dir` and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -64,16 +66,70 @@ def has_resumable_state(out_dir) -> bool:
     return saved_state.exists(state_dir(out_dir))
 
 
+# What this module and steps.py write in a state folder: the state, its weights, the kept steps,
+# and the temporaries of their atomic writes (`<name>.<random>.tmp`, see state._atomic_write).
+_STATE_FILES = re.compile(r"(state\.json|blocks-\d+\.safetensors)(\.[A-Za-z0-9_]+\.tmp)?")
+_STEP_FILES = re.compile(r"step-\d+\.(json|safetensors)(\.[A-Za-z0-9_]+\.tmp)?")
+
+
+def _state_entries(folder: Path) -> tuple[list[Path], list[str]]:
+    """(files FuseDeploy wrote, names of everything else) in a state folder, its steps/ folder included."""
+    ours, foreign = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == steps_mod.FOLDER and entry.is_dir() and not entry.is_symlink():
+            for step in sorted(entry.iterdir()):
+                plain = step.is_file() and not step.is_symlink()
+                (ours if plain and _STEP_FILES.fullmatch(step.name) else foreign).append(step)
+        elif entry.is_file() and not entry.is_symlink() and _STATE_FILES.fullmatch(entry.name):
+            ours.append(entry)
+        else:
+            foreign.append(entry)
+    return ours, [str(p.relative_to(folder)) for p in foreign]
+
+
 def _discard_state(folder: Path) -> None:
-    """--force: remove a state folder, only if every entry in it is one this module writes."""
-    ours = {saved_state.STATE_FILE, steps_mod.FOLDER}
-    foreign = [p.name for p in folder.iterdir()
-               if p.name not in ours and not (p.name.startswith("blocks-") and p.suffix == ".safetensors")
-               and not p.name.endswith(".tmp")]
+    """--force: remove a state folder, only if every entry in it is one FuseDeploy writes."""
+    _, foreign = _state_entries(folder)
     if foreign:
-        raise UserError(f"{folder} holds files FuseDeploy did not write ({', '.join(sorted(foreign)[:3])}); "
+        raise UserError(f"{folder} holds files FuseDeploy did not write ({', '.join(foreign[:3])}); "
                         "move them away, then run again")
     shutil.rmtree(folder)
+
+
+def _remove_state(folder: Path) -> None:
+    """A finished run's state goes: our files, then the folders if that left them empty.
+
+    Anything else someone put there stays, with the folder, and one warning line says so.
+    """
+    if not folder.is_dir():
+        return
+    ours, foreign = _state_entries(folder)
+    for f in ours:
+        f.unlink(missing_ok=True)
+    for d in (folder / steps_mod.FOLDER, folder):
+        with contextlib.suppress(OSError):  # not empty (or not there): kept
+            d.rmdir()
+    if foreign:
+        log.warning("kept %s: it holds files FuseDeploy did not write (%s); only the run's own state was removed",
+                    folder, ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else ""))
+
+
+def non_finite_weight(modules: list[torch.nn.Module]) -> str | None:
+    """The name of the first weight holding NaN or Inf, else None (a cheap scan of the tensors)."""
+    for module in modules:
+        for name, prm in module.named_parameters():
+            if not bool(torch.isfinite(prm).all()):
+                return name
+    return None
+
+
+def require_finite(modules: list[torch.nn.Module], what: str) -> None:
+    """One line, and no output, when training left NaN or Inf in any weight."""
+    name = non_finite_weight(modules)
+    if name is not None:
+        raise UserError(f"{what} holds NaN or Inf weights ({name}); the run diverged and nothing was "
+                        "written -- lower the learning rates (--set lr_fusion=..., lr_other=..., "
+                        "heal_lr=...) and start over with --force")
 
 
 @dataclass
@@ -169,11 +225,12 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
         run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
                                run.compute_dtype, progress)
         run.model.to("cpu")
+    require_finite([run.model], "the compressed model")  # nothing non-finite is ever written as an output
     report = _report(run, resume, stats)
     if run.ranks.main:
         write_output(run.model, run.tokenizer, report, run.out,
                       steps_dir=run.state_folder / steps_mod.FOLDER if keep_steps else None)
-        shutil.rmtree(run.state_folder, ignore_errors=True)
+        _remove_state(run.state_folder)
     run.ranks.barrier()
     return report
 
@@ -227,6 +284,9 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
     # fp32 master weights everywhere; bf16/fp16 compute on CUDA through autocast.
     run.model, run.tokenizer, _ = load_model(model_spec, device="cpu", dtype="float32")
     run.model.requires_grad_(False)
+    broken = non_finite_weight([run.model])
+    if broken is not None:  # would surface as NaN scores, a sampler crash or a NaN loss much later
+        raise UserError(f"the model {model_spec} holds NaN or Inf weights ({broken}); it cannot be compressed")
     run.adapter = adapter_for(run.model)
     run.n_blocks = len(run.adapter.blocks(run.model))
     run.n_remove = blocks_to_remove(run.n_blocks, sparsity)
@@ -370,6 +430,9 @@ def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0
         rec.update(distill_group(runner, lo, hi, p, x, run.repair, settings, seed=settings.seed * 7919 + it,
                                  progress=progress, ranks=run.ranks, target=target))
         rec["fold_error"] = fold_group(runner, lo, hi, p, x, settings.score_batch)
+        # checked before the state is saved: a resumable state never holds NaN/Inf weights
+        require_finite([runner.blocks[i] for i in range(lo, hi)],
+                       f"the group around block {run.original[p]} after its distillation")
         del x
         rec["time_distill_s"] = round(time.time() - t_d, 3)
     runner.remove(p)
@@ -419,7 +482,9 @@ def write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | No
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
         if steps_dir is not None:
-            shutil.copytree(steps_dir, tmp / steps_mod.FOLDER)
+            shutil.copytree(steps_dir, tmp / steps_mod.FOLDER,  # the steps only, nobody else's files
+                            ignore=lambda _, names: [n for n in names if not _STEP_FILES.fullmatch(n)
+                                                     or n.endswith(".tmp")])
         (tmp / "compression.json").write_text(json.dumps(report, indent=2))
         if out.exists():  # --force: swap the old output away only once the new one is complete
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))

@@ -16,12 +16,14 @@ checkpoint stays a stock one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .activations import ActivationStore
 from .distill import lr_factor
 from .runner import autocast_for
@@ -81,7 +83,11 @@ def heal(model: nn.Module, adapter, ids: torch.Tensor, dense_final: ActivationSt
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # read every step anyway for the progress line
+        if not math.isfinite(losses[-1]):  # the step already wrote NaN/Inf into the LoRA: nothing to keep
+            raise UserError(f"the healing pass diverged: its loss became {losses[-1]} at step {step + 1} of "
+                            f"{steps}; lower heal_lr (now {settings.heal_lr:g}) or set heal_steps=0, then start "
+                            "over with --force")
         if progress:
             progress("heal", step + 1, steps, f"loss {losses[-1]:.4g} (start {losses[0]:.4g})")
     student.merge_and_unload()  # folds the LoRA into the base weights of `model` itself

@@ -16,7 +16,9 @@ from ..errors import UserError
 class CompressSettings(BaseModel):
     """All knobs of a compression run. Defaults are FUSEGPT.md's (the `paper` recipe)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite or NaN learning rate, beta or scale would only surface as a
+    # diverged run much later; every float setting must be a finite number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     seed: int = 0
     # data

@@ -48,9 +48,53 @@ def _resolved(path: Path) -> dict:
         full = (path.parent / f).resolve() if not Path(f).is_absolute() else Path(f)
         if not full.is_file():
             raise UserError(f"{path}: data file {f} of task {cfg['task']!r} not found (looked at {full})")
+        _check_data_file(path, cfg["task"], cfg["dataset_path"], full)
         fixed[split] = str(full)
     cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": fixed}
     return cfg
+
+
+def _check_data_file(task_file: Path, task: str, kind: str, data: Path) -> None:
+    """A task's data file holds at least one record of its format; else lm-eval would fail after the build's work.
+
+    JSON: JSON Lines (one object per line) or one JSON document; CSV: a header and a row; text: a
+    line; Parquet: the format's magic bytes.
+    """
+    where = f"{task_file}: data file {data.name} of task {task!r}"
+    try:
+        raw = data.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    if kind == "parquet":
+        if not (raw.startswith(b"PAR1") and raw.endswith(b"PAR1")):
+            raise UserError(f"{where} is not a Parquet file; give one with the task's records")
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; save it as UTF-8") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{where} is empty; give it the task's records")
+    if kind == "csv" and len(lines) < 2:
+        raise UserError(f"{where} has a header but no rows; give it the task's records")
+    if kind == "json":
+        import json
+
+        try:
+            json.loads(text)  # one JSON document (a list of records, or records under a field)
+            return
+        except ValueError:
+            pass
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise UserError(f"{where}, line {lineno}: not valid JSON; each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}, line {lineno}: a JSON {type(record).__name__}, not an object")
 
 
 @contextlib.contextmanager
@@ -91,8 +135,20 @@ def task_accuracy(model, tokenizer, tasks: str | Path, limit: int | None = None,
     return results
 
 
-def check_tasks(tasks: str | Path) -> list[str]:
-    """The task names at `tasks`, or one-line errors for a missing or malformed file, before any compute."""
+def check_tasks(tasks: str | Path | None, accuracy_budget: float | None = None,
+                budget_flag: bool = False) -> list[str]:
+    """The task names at `tasks`, or one-line errors for a missing or malformed file, before any compute.
+
+    `accuracy_budget` is the build's `max_accuracy_drop` (from `--max-accuracy-drop` when
+    `budget_flag`, else from the profile): with no tasks to measure it the build could only fail
+    at its end, so it is refused here.
+    """
+    if tasks is None:
+        if accuracy_budget is not None:
+            given = "--max-accuracy-drop" if budget_flag else "the profile's budgets.max_accuracy_drop"
+            raise UserError(f"{given} budgets task accuracy, but no tasks are given to measure it; "
+                            "add --eval-tasks TASK.yaml (lm-eval tasks on local data)")
+        return []
     return [_resolved(p)["task"] for p in _task_files(Path(tasks))]
 
 

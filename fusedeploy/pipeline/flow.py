@@ -140,14 +140,14 @@ def _in_build(root: Path, recorded: str) -> Path:
 def _preflight(opts: BuildOptions, source, model_dir: Path, n_targets: int = 2) -> None:
     """Inputs readable (texts parse, the tokenizer loads), the build folder writable with room, before any compute."""
     from ..compress.calibration import SELF
-    from ..data import HF_DATASETS, load_text
+    from ..data import HF_DATASETS
     from ..models.loading import load_tokenizer
 
     for path in (opts.model, opts.calib, opts.eval_data, model_dir, opts.eval_tasks):
         preflight.check_readable(path)
     for spec, purpose in ((opts.calib, "calib"), (opts.eval_data, "eval")):
         if spec not in HF_DATASETS and spec != SELF:  # a dataset name would need the network; self is generated
-            load_text(spec, purpose=purpose)
+            preflight.check_text_source(spec, purpose, "--calib" if purpose == "calib" else "--eval-data")
     load_tokenizer(source)
     outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data, opts.eval_tasks])
     preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + n_targets), folder=True)
@@ -190,10 +190,9 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     input_model = {"model": model_dir / source.gguf_file if source.gguf_file else model_dir}
     levels = _curve_levels(shape, opts)
     plan(shape, profile, sparsity=levels[-1] if levels else opts.sparsity, quant=opts.quant)  # fails before any write
-    if opts.eval_tasks is not None:
-        from ..evaluate.tasks import check_tasks
+    from ..evaluate.tasks import check_tasks
 
-        check_tasks(opts.eval_tasks)
+    check_tasks(opts.eval_tasks, profile.budgets.max_accuracy_drop, opts.max_accuracy_drop is not None)
     _preflight(opts, source, model_dir, 2 * len(runtimes))
     with outputs.claim(out):
         outputs.claim_build_folder(out, STAGES, force=opts.force)
