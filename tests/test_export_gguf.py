@@ -25,18 +25,16 @@ from fusedeploy.evaluate import LlamaCppBackend, TorchBackend, perplexity
 from fusedeploy.models import ADAPTERS
 from fusedeploy.models.loading import resolve_model
 
+from .conftest import SAMPLE_TEXT
 from .tiny import tiny_model
 
-WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
-WIKITEXT_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 REMOVED = (1, 3)  # of the tiny models' 6 blocks
 
 
 def wikitext(chars: int) -> str:
-    if WIKITEXT.is_file():
-        return WIKITEXT.read_text(encoding="utf-8")[:chars]
-    return load_text("builtin")[:chars]
+    """WikiText-style text (tests/data, with `<unk>` and ` @-@ `), then the built-in corpus, cut at `chars`."""
+    return (SAMPLE_TEXT.read_text(encoding="utf-8") + load_text("builtin"))[:chars]
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +173,14 @@ def test_stale_per_block_fact_is_refused(tiny_f32):
 
 
 def train_sentencepiece(folder: Path, name: str, **settings) -> Path:
-    """A SentencePiece BPE model trained here on WikiText-2 valid with Llama 2's trainer settings."""
+    """A SentencePiece BPE model trained here on the tests' text with Llama 2's trainer settings."""
     import sentencepiece as spm
 
+    corpus = folder / "corpus.txt"
+    if not corpus.is_file():
+        corpus.write_text(wikitext(10**7), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(WIKITEXT_VALID), model_prefix=str(folder / name), model_type="bpe", vocab_size=2000,
+        input=str(corpus), model_prefix=str(folder / name), model_type="bpe", vocab_size=2000,
         character_coverage=0.99995, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
         num_threads=1, minloglevel=2, **settings)
@@ -191,8 +192,6 @@ def spm_tokenizers(tmp_path_factory):
     """{"llama2": Llama 2's settings and tokenizer.json layout, "gemma": the same without a dummy prefix}."""
     from transformers import GemmaTokenizerFast, LlamaTokenizerFast
 
-    if not WIKITEXT_VALID.is_file():
-        pytest.skip("needs ../shared/data/wikitext-2/valid.txt")
     folder = tmp_path_factory.mktemp("spm")
     llama2 = train_sentencepiece(folder, "llama2", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     gemma = train_sentencepiece(folder, "gemma", add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
