@@ -37,6 +37,7 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
     assert signoff["result"] == ("PASS" if expected else "FAIL")
     html = (out / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<script" not in html
+    assert html.count("<table>") == 4 and "|---" not in html and "<pre>" not in html  # budgets, projection, artifacts, plan
     md = (out / "report" / "report.md").read_text()
     assert "sign-off" in md and "Planner candidates" in md and "| chosen |" in md
 
