@@ -18,36 +18,38 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .budgets import BY_NAME, PROJECTED
+
 
 def quality_check(budget: float, deployed: dict, dense: dict | None) -> dict:
     """The perplexity ratio of the deployed artifact to the dense one, both as measured in their runtime."""
-    from ..judge import at_most, finite, reason
+    from ..judge import finite, reason
 
     if dense is None:  # nothing was compressed: the deployed artifact is the dense model
         ratio, note = 1.0, "not compressed: the deployed artifact is the dense model"
     else:
         ratio = deployed["verify"]["ppl_artifact"] / dense["verify"]["ppl_artifact"]
         note = f"{deployed['name']} vs {dense['name']}"
-    ok = at_most(ratio, budget)
-    check = {"figure": ratio, "op": "<=", "budget": budget, "basis": "measured",
+    b = BY_NAME["max_perplexity_ratio"]
+    ok = b.meets(ratio, budget)
+    check = {"figure": ratio, "op": b.op, "budget": budget, "basis": b.basis,
              "result": "PASS" if ok else "FAIL", "note": note}
     if not ok:
         check["reason"] = (f"the compressed model's perplexity is {ratio:.2f}x the dense model's, over {budget:g}x"
-                           if finite(ratio) else reason("perplexity ratio", ratio, "<=", budget))
+                           if finite(ratio) else reason("perplexity ratio", ratio, b.op, budget))
     return check
 
 
 def accuracy_check(budget: float, tasks: dict | None) -> dict:
     """The largest accuracy drop (dense - compressed) over the build's tasks; no tasks given is a FAIL."""
-    from ..judge import at_most
-
+    b = BY_NAME["max_accuracy_drop"]
     if not tasks:
-        return {"figure": float("nan"), "op": "<=", "budget": budget, "basis": "measured", "result": "FAIL",
+        return {"figure": float("nan"), "op": b.op, "budget": budget, "basis": b.basis, "result": "FAIL",
                 "reason": "the profile budgets task accuracy but the build ran no tasks; give --eval-tasks"}
     worst = max(tasks, key=lambda t: tasks[t]["drop"])
     drop = tasks[worst]["drop"]
-    ok = at_most(drop, budget)
-    check = {"figure": drop, "op": "<=", "budget": budget, "basis": "measured", "result": "PASS" if ok else "FAIL",
+    ok = b.meets(drop, budget)
+    check = {"figure": drop, "op": b.op, "budget": budget, "basis": b.basis, "result": "PASS" if ok else "FAIL",
              "note": f"worst task: {worst} ({tasks[worst]['metric']})"}
     if not ok:
         check["reason"] = (f"{worst}: {tasks[worst]['metric']} fell from {tasks[worst]['dense']:.3f} to "
@@ -86,9 +88,10 @@ PROJECTION_TOLERANCE = 0.15
 
 def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict:
     """Served output tokens/s at the budget's client count, projected onto the profile as decode speed is."""
-    from ..judge import at_least, finite, reason
+    from ..judge import finite, reason
 
-    check = {"figure": float("nan"), "op": ">=", "budget": budget, "basis": "projected", "concurrency": concurrency}
+    b = BY_NAME["min_serving_tokens_per_s"]
+    check = {"figure": float("nan"), "op": b.op, "budget": budget, "basis": b.basis, "concurrency": concurrency}
     level = measured = None
     if serving is not None:
         level = next((lv for lv in serving["projected"]["levels"] if lv["concurrency"] == concurrency), None)
@@ -96,7 +99,7 @@ def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict
     if level is None or measured is None:
         return {**check, "result": "FAIL", "reason": f"no serving load test at {concurrency} clients was run"}
     fig, ratio = level["output_tokens_per_s"], serving["projected"]["bandwidth_ratio"]
-    ok = at_least(fig, budget)
+    ok = b.meets(fig, budget)
     check.update(figure=fig, result="PASS" if ok else "FAIL", measured=measured["output_tokens_per_s"],
                  bandwidth_ratio=ratio,
                  note=f"{serving.get('artifact', 'deployed artifact')} served to {concurrency} clients: "
@@ -105,7 +108,7 @@ def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict
     if not ok:
         check["reason"] = (f"served output {fig:.4g} tokens/s at {concurrency} clients (projected; "
                            f"{measured['output_tokens_per_s']:.4g} measured on this host) is under {budget:g}"
-                           if finite(fig) else reason("served output tokens/s", fig, ">=", budget))
+                           if finite(fig) else reason("served output tokens/s", fig, b.op, budget))
         if measured["errors"]:
             check["reason"] += (f"; {measured['errors']} of {measured['requests_started']} requests failed "
                                 f"({measured['first_error']})")
@@ -119,22 +122,18 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | N
     A measurement taken on a busy host, or one whose runs spread widely, is
     flagged in `measurement.warnings` rather than signed off silently.
     """
-    from ..judge import at_least, at_most, finite, reason
+    from ..judge import finite, reason
 
     b = profile["budgets"]
     p = deployed["projected"]
-    checks = {
-        "max_memory_gb": (p["memory_gb"], "<=", b["max_memory_gb"], at_most),
-        "min_decode_tokens_per_s": (p["decode_tokens_per_s"], ">=", b["min_decode_tokens_per_s"], at_least),
-        "max_time_to_first_token_s": (p["time_to_first_token_s"], "<=", b["max_time_to_first_token_s"], at_most),
-    }
     budgets = {}
-    for name, (fig, op, lim, test) in checks.items():
-        ok = test(fig, lim)
-        budgets[name] = {"figure": fig, "op": op, "budget": lim, "basis": "projected",
-                         "result": "PASS" if ok else "FAIL"}
+    for budget in PROJECTED:  # memory and speed: the profiler's figures projected onto the target
+        fig, lim = p[budget.figure], b[budget.name]
+        ok = budget.meets(fig, lim)
+        budgets[budget.name] = {"figure": fig, "op": budget.op, "budget": lim, "basis": budget.basis,
+                                "result": "PASS" if ok else "FAIL"}
         if not ok:
-            budgets[name]["reason"] = reason(name, fig, op, lim)
+            budgets[budget.name]["reason"] = reason(budget.name, fig, budget.op, lim)
     if b.get("max_perplexity_ratio") is not None:
         budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
     if b.get("max_accuracy_drop") is not None:
