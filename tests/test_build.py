@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fusedeploy.pipeline import BuildOptions, build
-from fusedeploy.pipeline import flow
+from fusedeploy.pipeline.stages import export as export_stage
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
 def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, monkeypatch):
     opts, _, out = quick_build
     calls = []
-    real_export = flow._export
-    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
+    real_export = export_stage.export_artifact
+    monkeypatch.setattr(export_stage, "export_artifact", lambda *a: calls.append(a) or real_export(*a))
     build(opts)
     assert calls == []  # nothing changed: every stage skipped
 
@@ -62,7 +62,7 @@ def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, 
         build(changed)
     assert (out / "profile" / "manifest.json").is_file()  # the finished older stage is intact
     monkeypatch.undo()
-    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
+    monkeypatch.setattr(export_stage, "export_artifact", lambda *a: calls.append(a) or real_export(*a))
     report = build(changed)
     assert calls == []  # export was not redone
     assert report["stages"]["export"]["skipped"] and not report["stages"]["profile"]["skipped"]
