@@ -27,7 +27,6 @@ _state = {"debug": False}
 PYTORCH = "pytorch"  # `eval` can also run the model itself; not an export target, so not a runtime of formats
 EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
 GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
-ONNX_TYPES = ", ".join(formats.precision_names(formats.ONNXRUNTIME.name))
 
 
 def _version(value: bool) -> None:
@@ -58,7 +57,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Architecture, block count, sizes and parameter count of a model."""
-    from .inspect import model_info
+    from .model_facts import model_info
 
     facts = model_info(model)
     if as_json:
@@ -509,7 +508,8 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`.
+        # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`, so no
+        # `except typer.Exit` below: it could never fire.
         code = app(standalone_mode=False)
         if _state.get("terminated"):
             console.print("terminated")
@@ -528,8 +528,6 @@ def main() -> None:
             raise
         where = exc.filename if exc.filename is not None else "a path"
         _fail(escape(f"{where}: {exc.strerror or exc}; check the path and its permissions"))
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except typer.Abort:
         console.print("terminated" if _state.get("terminated") else "aborted")
         sys.exit(143 if _state.get("terminated") else 130)
