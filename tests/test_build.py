@@ -82,7 +82,7 @@ def test_cli_build_reports_and_exits_by_signoff(run_cli, quick_build):
 
 def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stages(run_cli, quick_build, tmp_path,
                                                                                   monkeypatch):
-    """Issue 9: the profile and report stages keyed on the profile's name, so new budgets gave the old PASS."""
+    """New budgets under the same profile name re-run plan, profile and report: stages key on content, not names."""
     import shutil
     from dataclasses import replace
 

@@ -1,4 +1,4 @@
-"""Partial groups, learnable fusion into the neighbours, and local KL distillation (FUSEGPT.md §2-4)."""
+"""Partial groups, learnable fusion into the neighbours, local KL distillation (docs/algorithm.md, 2-4)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, repair: Repair,
 
     Earlier iterations were already folded into plain weights, so an already-fused neighbour's
     earlier terms and an already-fused p's own terms are materialized frozen matrices here
-    (FUSEGPT.md §3 allows this; the function is unchanged).
+    (docs/algorithm.md, step 3, allows this; the function is unchanged).
     """
     adapter, blocks = runner.adapter, runner.blocks
     p_lin = {name: effective_linear(lin) for name, lin in adapter.block_linears(blocks[p]).items()}

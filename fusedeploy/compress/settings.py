@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import UserError
 
 class CompressSettings(BaseModel):
-    """All knobs of a compression run. Defaults are FUSEGPT.md's (the `paper` recipe)."""
+    """All knobs of a compression run. Defaults are the paper's (the `paper` recipe; docs/algorithm.md)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
