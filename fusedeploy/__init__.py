@@ -1,6 +1,6 @@
 """FuseDeploy: compress a decoder-only LM with FuseGPT and ship it to a small device.
 
-Where things live (dependencies point down; ../shared/DESIGN.md has the whole map):
+Where things live (dependencies point down; docs/design.md has the whole map):
 - `cli` -- the `fusedeploy` command: parses, calls the library, prints.
 - `pipeline/` -- `fusedeploy build`: the stages and the resumable stage runner.
 - `formats` -- the one catalogue of runtimes and precisions, and the `Artifact` stages exchange.
@@ -9,7 +9,7 @@ Where things live (dependencies point down; ../shared/DESIGN.md has the whole ma
 - `data/` -- text sources and token sampling.
 - `evaluate/` -- perplexity behind one interface for PyTorch, llama.cpp and ONNX Runtime.
 - `profiling/` -- hardware profiles, the planner, measurement, projection, the report.
-- `builtin` (shipped models), `errors` (UserError), `console`, `hub`, `inspect` (`fusedeploy info`).
+- `builtin` (shipped models), `errors` (UserError), `console`, `hub`, `model_facts` (`fusedeploy info`).
 The exporters (GGUF, ONNX, verify) are the sibling top-level package `exporters`.
 """
 

@@ -76,7 +76,7 @@ def info(
     revision: RevisionOpt = None,
 ) -> None:
     """Architecture, block count, sizes and parameter count of a model."""
-    from .inspect import model_info
+    from .model_facts import model_info
 
     model = _with_revision(model, revision)
     facts = model_info(model)
@@ -554,7 +554,8 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`.
+        # Without standalone mode, typer returns (not raises) the code of a `typer.Exit`, so no
+        # `except typer.Exit` below: it could never fire.
         code = app(standalone_mode=False)
         if _state.get("terminated"):
             console.print("terminated")
@@ -573,8 +574,6 @@ def main() -> None:
             raise
         where = exc.filename if exc.filename is not None else "a path"
         _fail(escape(f"{where}: {exc.strerror or exc}; check the path and its permissions"))
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except typer.Abort:
         console.print("terminated" if _state.get("terminated") else "aborted")
         sys.exit(143 if _state.get("terminated") else 130)

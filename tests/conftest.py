@@ -13,10 +13,9 @@ from fusedeploy.cli import _quiet_library_progress
 _quiet_library_progress()  # fixtures save and load models outside the CLI too; their bars would fill captured stderr
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
-WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
-PTB_TEST = SHARED_DATA / "ptb" / "test.txt"
+# Text the tests read ships with them (tests/data/README.md says what it is); no test reads
+# outside the repository.
+SAMPLE_TEXT = REPO / "tests" / "data" / "wikitext-style.txt"
 TINY_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text", "gemma4_text"]
 
 

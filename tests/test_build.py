@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fusedeploy.pipeline import BuildOptions, build
-from fusedeploy.pipeline import flow
+from fusedeploy.pipeline.stages import export as export_stage
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
     assert signoff["result"] == ("PASS" if expected else "FAIL")
     html = (out / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<script" not in html
+    assert html.count("<table>") == 4 and "|---" not in html and "<pre>" not in html  # budgets, projection, artifacts, plan
     md = (out / "report" / "report.md").read_text()
     assert "sign-off" in md and "Planner candidates" in md and "| chosen |" in md
 
@@ -44,8 +45,8 @@ def test_quick_build_produces_every_artifact_and_a_signoff(quick_build):
 def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, monkeypatch):
     opts, _, out = quick_build
     calls = []
-    real_export = flow._export
-    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
+    real_export = export_stage.export_artifact
+    monkeypatch.setattr(export_stage, "export_artifact", lambda *a: calls.append(a) or real_export(*a))
     build(opts)
     assert calls == []  # nothing changed: every stage skipped
 
@@ -61,7 +62,7 @@ def test_rerun_skips_finished_stages_and_interrupted_build_resumes(quick_build, 
         build(changed)
     assert (out / "profile" / "manifest.json").is_file()  # the finished older stage is intact
     monkeypatch.undo()
-    monkeypatch.setattr(flow, "_export", lambda *a: calls.append(a) or real_export(*a))
+    monkeypatch.setattr(export_stage, "export_artifact", lambda *a: calls.append(a) or real_export(*a))
     report = build(changed)
     assert calls == []  # export was not redone
     assert report["stages"]["export"]["skipped"] and not report["stages"]["profile"]["skipped"]
@@ -81,7 +82,7 @@ def test_cli_build_reports_and_exits_by_signoff(run_cli, quick_build):
 
 def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stages(run_cli, quick_build, tmp_path,
                                                                                   monkeypatch):
-    """Issue 9: the profile and report stages keyed on the profile's name, so new budgets gave the old PASS."""
+    """New budgets under the same profile name re-run plan, profile and report: stages key on content, not names."""
     import shutil
     from dataclasses import replace
 

@@ -8,7 +8,7 @@ import torch
 from fusedeploy.data import eval_windows, load_text, sample_sequences, tokenize
 from fusedeploy.errors import UserError
 
-from .conftest import WIKITEXT_VALID
+from .conftest import SAMPLE_TEXT
 
 
 def test_sampling_is_deterministic_for_a_seed():
@@ -57,7 +57,7 @@ def test_builtin_corpus_is_real_text_large_enough_to_calibrate(smol_tokenizer):
 
 
 def test_tokenize_adds_no_special_tokens(smol_tokenizer):
-    text = WIKITEXT_VALID.read_text()[:2000]
+    text = SAMPLE_TEXT.read_text()[:2000]
     ids = tokenize(smol_tokenizer, text)
     assert ids[0].item() != smol_tokenizer.bos_token_id
     assert smol_tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text

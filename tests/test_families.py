@@ -23,6 +23,7 @@ from fusedeploy.evaluate import LlamaCppBackend, OnnxRuntimeBackend, TorchBacken
 from fusedeploy.models import ADAPTERS
 from fusedeploy.models.loading import resolve_model
 
+from .conftest import SAMPLE_TEXT
 from .tiny import tiny_config, tiny_model
 
 REL = 1e-3
@@ -37,8 +38,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def ids(tokenizer):
-    text = Path("/work/shared/data/wikitext-2/test.txt")
-    text = text.read_text(encoding="utf-8")[:3000] if text.is_file() else "The tower is 324 metres tall. " * 40
+    text = SAMPLE_TEXT.read_text(encoding="utf-8")[:3000]
     return tokenizer(text, add_special_tokens=False)["input_ids"][:100]
 
 

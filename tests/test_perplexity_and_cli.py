@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from fusedeploy import __version__
 from fusedeploy.data import eval_windows, tokenize
 
-from .conftest import WIKITEXT_TEST
+from .conftest import SAMPLE_TEXT
 
 
 def _independent_ppl(model_dir, text, ctx, max_windows):
@@ -23,7 +23,7 @@ def _independent_ppl(model_dir, text, ctx, max_windows):
 
 def test_eval_ppl_equals_the_models_own_loss(run_cli, tiny_model_dir, tmp_path):
     text_file = tmp_path / "sample.txt"
-    text_file.write_text(WIKITEXT_TEST.read_text()[:20_000])
+    text_file.write_text(SAMPLE_TEXT.read_text())
     folder = tiny_model_dir("llama")
     code, out, err = run_cli("eval", "--model", folder, "--data", text_file, "--ctx", 128, "--max-windows", 5, "--json")
     assert code == 0, err
@@ -34,7 +34,7 @@ def test_eval_ppl_equals_the_models_own_loss(run_cli, tiny_model_dir, tmp_path):
 
 
 def test_real_model_ppl_is_plausible(run_cli):
-    code, out, err = run_cli("eval", "--data", WIKITEXT_TEST, "--ctx", 256, "--max-windows", 2, "--json")
+    code, out, err = run_cli("eval", "--data", SAMPLE_TEXT, "--ctx", 256, "--max-windows", 2, "--json")
     assert code == 0, err
     assert 10 < json.loads(out)["ppl"] < 80  # dense SmolLM2-135M is ~29 at ctx 512
 

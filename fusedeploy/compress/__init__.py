@@ -7,11 +7,11 @@ standalone on those activations, offloaded or not), `scores` (MI with cached pre
 `parallel` (torch.distributed split of scoring and distillation), `state` (resumable state as
 JSON + safetensors), `driver` (`compress_model`: setup, restore, iterate, write the checkpoint).
 
-Choices where FUSEGPT.md leaves room (documented here and in the modules):
+Choices where the algorithm leaves room (docs/algorithm.md; documented here and in the modules):
 - After each iteration every FusedLinear is merged into a plain dense layer. An already-fused
   neighbour's earlier terms *and its LoRA* therefore become one frozen matrix and the next
   iteration adds a fresh pair and a fresh LoRA (zero-initialised) on top; an already-fused `p`
-  is its materialized weight. The computed function never changes (FUSEGPT.md §3 allows the
+  is its materialized weight. The computed function never changes (docs/algorithm.md, step 3, allows the
   materialization), the resumable state is a plain state_dict, and the final fold is exact.
 - static-fusion uses the fixed coefficient c = 1 / (number of neighbours): each of the G
   neighbours receives an equal share of p's weights, W_n + W_p / G (settings.static_coefficient).

@@ -1,4 +1,4 @@
-"""Partial groups, learnable fusion into the neighbours, and local KL distillation (FUSEGPT.md §2-4)."""
+"""Partial groups, learnable fusion into the neighbours, local KL distillation (docs/algorithm.md, 2-4)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def attach_fusion(runner: BlockRunner, lo: int, hi: int, p: int, repair: Repair,
 
     Earlier iterations were already folded into plain weights, so an already-fused neighbour's
     earlier terms and an already-fused p's own terms are materialized frozen matrices here
-    (FUSEGPT.md §3 allows this; the function is unchanged).
+    (docs/algorithm.md, step 3, allows this; the function is unchanged).
 
     A term needs a neighbour linear of the same name and shape. In a hybrid family (Qwen 3.5:
     linear- and full-attention blocks) p's attention goes only into neighbours of its own kind;

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import UserError
 
 class CompressSettings(BaseModel):
-    """All knobs of a compression run. Defaults are FUSEGPT.md's (the `paper` recipe)."""
+    """All knobs of a compression run. Defaults are the paper's (the `paper` recipe; docs/algorithm.md)."""
 
     # allow_inf_nan=False: an infinite or NaN learning rate, beta or scale would only surface as a
     # diverged run much later; every float setting must be a finite number.

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import formats
 from ..errors import BudgetsUnmet
 from ..models.loading import save_tokenizer
 from ..outputs import remove_entry
+from ..profiling import budgets as budget_table
+from ..profiling.planner import Candidate, estimate
 
 
 @dataclass
@@ -33,23 +35,33 @@ class EvalText:
 
 @dataclass
 class CurvePoint:
+    """The planner's candidate after k removals, with its perplexity measured in the deployed runtime."""
+
     k: int
     removed_blocks: list[int]  # original numbering, in removal order
-    sparsity: float
-    precision: str
     perplexity: float
     perplexity_ratio: float
-    memory_gb: float
-    decode_tokens_per_s: float
-    time_to_first_token_s: float
-    meets: dict[str, bool]
+    candidate: Candidate  # the calibrated planner's projection at this sparsity and precision
+    meets: dict[str, bool]  # every budget the profile sets that a point has a figure for
+
+    sparsity = property(lambda self: self.candidate.sparsity)
+    precision = property(lambda self: self.candidate.quant)
+    memory_gb = property(lambda self: self.candidate.memory_gb)
+    decode_tokens_per_s = property(lambda self: self.candidate.decode_tokens_per_s)
+    time_to_first_token_s = property(lambda self: self.candidate.time_to_first_token_s)
 
     @property
     def fits(self) -> bool:
         return all(self.meets.values())
 
+    def figures(self) -> dict[str, float]:
+        return {**self.candidate.figures(), "perplexity_ratio": self.perplexity_ratio}
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits}
+        return {"k": self.k, "removed_blocks": self.removed_blocks, "sparsity": self.sparsity,
+                "precision": self.precision, "perplexity": self.perplexity, "perplexity_ratio": self.perplexity_ratio,
+                "memory_gb": self.memory_gb, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "time_to_first_token_s": self.time_to_first_token_s, "meets": dict(self.meets), "fits": self.fits}
 
 
 def runtime_perplexity(artifact: Path, tokenizer, text: EvalText) -> float:
@@ -116,33 +128,26 @@ def quality_points(run_dir: Path, runtime: str, precision: str, text: EvalText, 
 
 def project_points(rows: list[dict], shape, profile, precision: str, eff) -> list[CurvePoint]:
     """Each measured point with the calibrated planner's memory and speed, judged against every budget."""
-    from ..judge import at_most
-    from ..profiling.planner import estimate
-
-    budget = profile.budgets.max_perplexity_ratio
     points = []
     for r in rows:
         c = estimate(shape, profile, r["sparsity"], precision, eff)
-        meets = dict(c.meets)
-        if budget is not None:
-            meets["max_perplexity_ratio"] = at_most(r["perplexity_ratio"], budget)
-        points.append(CurvePoint(r["k"], r["removed_blocks"], r["sparsity"], precision, r["perplexity"],
-                                 r["perplexity_ratio"], c.memory_gb, c.decode_tokens_per_s, c.time_to_first_token_s,
-                                 meets))
+        point = CurvePoint(r["k"], r["removed_blocks"], r["perplexity"], r["perplexity_ratio"], c, {})
+        point.meets = budget_table.meets(point.figures(), profile.budgets)
+        points.append(point)
     return points
 
 
 def least_compression(points: list[CurvePoint], profile) -> CurvePoint:
     """The point with the fewest removed blocks that meets every budget; BudgetsUnmet names the closest.
 
-    The closest is the point whose worst budget is missed by the smallest ratio (planner.shortfall).
+    The rule is the planner's (budgets.least_compression); the closest is the point whose worst budget
+    is missed by the smallest ratio.
     """
-    from ..profiling.planner import shortfall
-
-    for p in sorted(points, key=lambda p: p.k):
-        if p.fits:
-            return p
-    closest = min(points, key=lambda p: (shortfall(p, profile), p.k))
+    chosen, closest = budget_table.least_compression(
+        sorted(points, key=lambda p: p.k), lambda p: p.fits,
+        lambda p: budget_table.shortfall(p.figures(), profile.budgets))
+    if chosen is not None:
+        return chosen
     missed = ", ".join(name for name, ok in closest.meets.items() if not ok)
     raise BudgetsUnmet(
         f"no point of the quality curve (0..{max(p.k for p in points)} blocks removed) meets every budget; closest is "

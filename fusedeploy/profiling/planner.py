@@ -3,8 +3,9 @@
 Each candidate (sparsity x quantization type) gets an estimated memory
 footprint and an ideal roofline projection of decode and prefill speed on the
 target profile. The planner picks the least compression -- lowest sparsity,
-then highest precision -- that meets every budget. Estimates only decide what
-to build; the sign-off uses the profiler's measured figures.
+then highest precision -- that meets every budget (budgets.py: the one table of
+budgets and the one least-compression rule). Estimates only decide what to
+build; the sign-off uses the profiler's measured figures.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import formats
 from ..errors import UserError
-from ..judge import at_least, at_most
+from . import budgets as budget_table
 from .schema import Profile
 
 GB = 1e9
@@ -80,6 +81,11 @@ class ModelShape:
 
 @dataclass
 class Candidate:
+    """One way to compress (sparsity x quantization type) with its projected figures and budget verdicts.
+
+    The quality curve's points are candidates too, with their perplexity measured (curve.CurvePoint).
+    """
+
     sparsity: float
     removed_blocks: int
     kept_blocks: int
@@ -95,6 +101,11 @@ class Candidate:
     @property
     def fits(self) -> bool:
         return all(self.meets.values())
+
+    def figures(self) -> dict[str, float]:
+        """The projected figures, named as the budget table names them."""
+        return {"memory_gb": self.memory_gb, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "time_to_first_token_s": self.time_to_first_token_s}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fits": self.fits}
@@ -164,32 +175,13 @@ def estimate(shape: ModelShape, profile: Profile, sparsity: float, quant: str, e
     decode = profile.batch_size / step_s if step_s > 0 else math.inf
     ttft = max(flops_per_token * profile.prompt_tokens / compute, bytes_per_step / bandwidth)
 
-    b = profile.budgets
-    meets = {  # NaN/Inf never meets a budget
-        "max_memory_gb": at_most(memory / GB, b.max_memory_gb),
-        "min_decode_tokens_per_s": at_least(decode, b.min_decode_tokens_per_s),
-        "max_time_to_first_token_s": at_most(ttft, b.max_time_to_first_token_s),
-    }
-    return Candidate(sparsity, removed, kept, quant, weights / GB, kv / GB, overhead / GB, memory / GB,
-                     decode, ttft, meets)
+    c = Candidate(sparsity, removed, kept, quant, weights / GB, kv / GB, overhead / GB, memory / GB, decode, ttft)
+    c.meets = budget_table.meets(c.figures(), profile.budgets)  # NaN/Inf never meets a budget
+    return c
 
 
 def _precision_order(profile: Profile) -> list[str]:
     return sorted(profile.quant_types, key=lambda q: -formats.spec(profile.runtime, q).bits)
-
-
-def shortfall(c, profile: Profile) -> float:
-    """How far the worst budget is missed, as a ratio (0 when every budget is met).
-
-    `c` is a Candidate or anything with its figures; a measured `perplexity_ratio` is judged too.
-    """
-    b = profile.budgets
-    misses = [c.memory_gb / b.max_memory_gb - 1,
-              (b.min_decode_tokens_per_s / c.decode_tokens_per_s - 1) if c.decode_tokens_per_s else math.inf,
-              c.time_to_first_token_s / b.max_time_to_first_token_s - 1]
-    if getattr(c, "perplexity_ratio", None) is not None and b.max_perplexity_ratio is not None:
-        misses.append(c.perplexity_ratio / b.max_perplexity_ratio - 1)
-    return max(0.0, *misses)
 
 
 def plan(shape: ModelShape, profile: Profile, sparsity: float | None = None, quant: str | None = None,
@@ -208,14 +200,11 @@ def plan(shape: ModelShape, profile: Profile, sparsity: float | None = None, qua
     quants = [quant] if quant else _precision_order(profile)
     candidates = [estimate(shape, profile, s, q, efficiency) for s in levels for q in quants]
     fixed = {"sparsity": sparsity, "quant": quant}
-    for c in candidates:
-        if c.fits:
-            return Plan(profile.name, c, candidates, fixed, efficiency)
-    closest = min(candidates, key=lambda c: shortfall(c, profile))
-    b = profile.budgets
-    raise UserError(
-        f"no candidate meets the {profile.name} budgets; closest is sparsity {closest.sparsity:g} + {closest.quant}: "
-        f"memory {closest.memory_gb:.2f}/{b.max_memory_gb:g} GB, decode {closest.decode_tokens_per_s:.1f}/"
-        f"{b.min_decode_tokens_per_s:g} tok/s, first token {closest.time_to_first_token_s:.2f}/"
-        f"{b.max_time_to_first_token_s:g} s (projected)"
-    )
+    chosen, closest = budget_table.least_compression(  # candidates run from least to most compressed
+        candidates, lambda c: c.fits, lambda c: budget_table.shortfall(c.figures(), profile.budgets))
+    if chosen is not None:
+        return Plan(profile.name, chosen, candidates, fixed, efficiency)
+    figures = closest.figures()
+    against = ", ".join(b.describe(figures[b.figure], getattr(profile.budgets, b.name)) for b in budget_table.PROJECTED)
+    raise UserError(f"no candidate meets the {profile.name} budgets; closest is sparsity {closest.sparsity:g} + "
+                    f"{closest.quant}: {against} (projected)")

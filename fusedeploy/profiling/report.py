@@ -14,38 +14,42 @@ import html
 import io
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from .budgets import BY_NAME, PROJECTED
 
 
 def quality_check(budget: float, deployed: dict, dense: dict | None) -> dict:
     """The perplexity ratio of the deployed artifact to the dense one, both as measured in their runtime."""
-    from ..judge import at_most, finite, reason
+    from ..judge import finite, reason
 
     if dense is None:  # nothing was compressed: the deployed artifact is the dense model
         ratio, note = 1.0, "not compressed: the deployed artifact is the dense model"
     else:
         ratio = deployed["verify"]["ppl_artifact"] / dense["verify"]["ppl_artifact"]
         note = f"{deployed['name']} vs {dense['name']}"
-    ok = at_most(ratio, budget)
-    check = {"figure": ratio, "op": "<=", "budget": budget, "basis": "measured",
+    b = BY_NAME["max_perplexity_ratio"]
+    ok = b.meets(ratio, budget)
+    check = {"figure": ratio, "op": b.op, "budget": budget, "basis": b.basis,
              "result": "PASS" if ok else "FAIL", "note": note}
     if not ok:
         check["reason"] = (f"the compressed model's perplexity is {ratio:.2f}x the dense model's, over {budget:g}x"
-                           if finite(ratio) else reason("perplexity ratio", ratio, "<=", budget))
+                           if finite(ratio) else reason("perplexity ratio", ratio, b.op, budget))
     return check
 
 
 def accuracy_check(budget: float, tasks: dict | None) -> dict:
     """The largest accuracy drop (dense - compressed) over the build's tasks; no tasks given is a FAIL."""
-    from ..judge import at_most
-
+    b = BY_NAME["max_accuracy_drop"]
     if not tasks:
-        return {"figure": float("nan"), "op": "<=", "budget": budget, "basis": "measured", "result": "FAIL",
+        return {"figure": float("nan"), "op": b.op, "budget": budget, "basis": b.basis, "result": "FAIL",
                 "reason": "the profile budgets task accuracy but the build ran no tasks; give --eval-tasks"}
     worst = max(tasks, key=lambda t: tasks[t]["drop"])
     drop = tasks[worst]["drop"]
-    ok = at_most(drop, budget)
-    check = {"figure": drop, "op": "<=", "budget": budget, "basis": "measured", "result": "PASS" if ok else "FAIL",
+    ok = b.meets(drop, budget)
+    check = {"figure": drop, "op": b.op, "budget": budget, "basis": b.basis, "result": "PASS" if ok else "FAIL",
              "note": f"worst task: {worst} ({tasks[worst]['metric']})"}
     if not ok:
         check["reason"] = (f"{worst}: {tasks[worst]['metric']} fell from {tasks[worst]['dense']:.3f} to "
@@ -84,9 +88,10 @@ PROJECTION_TOLERANCE = 0.15
 
 def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict:
     """Served output tokens/s at the budget's client count, projected onto the profile as decode speed is."""
-    from ..judge import at_least, finite, reason
+    from ..judge import finite, reason
 
-    check = {"figure": float("nan"), "op": ">=", "budget": budget, "basis": "projected", "concurrency": concurrency}
+    b = BY_NAME["min_serving_tokens_per_s"]
+    check = {"figure": float("nan"), "op": b.op, "budget": budget, "basis": b.basis, "concurrency": concurrency}
     level = measured = None
     if serving is not None:
         level = next((lv for lv in serving["projected"]["levels"] if lv["concurrency"] == concurrency), None)
@@ -94,7 +99,7 @@ def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict
     if level is None or measured is None:
         return {**check, "result": "FAIL", "reason": f"no serving load test at {concurrency} clients was run"}
     fig, ratio = level["output_tokens_per_s"], serving["projected"]["bandwidth_ratio"]
-    ok = at_least(fig, budget)
+    ok = b.meets(fig, budget)
     check.update(figure=fig, result="PASS" if ok else "FAIL", measured=measured["output_tokens_per_s"],
                  bandwidth_ratio=ratio,
                  note=f"{serving.get('artifact', 'deployed artifact')} served to {concurrency} clients: "
@@ -103,7 +108,7 @@ def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict
     if not ok:
         check["reason"] = (f"served output {fig:.4g} tokens/s at {concurrency} clients (projected; "
                            f"{measured['output_tokens_per_s']:.4g} measured on this host) is under {budget:g}"
-                           if finite(fig) else reason("served output tokens/s", fig, ">=", budget))
+                           if finite(fig) else reason("served output tokens/s", fig, b.op, budget))
         if measured["errors"]:
             check["reason"] += (f"; {measured['errors']} of {measured['requests_started']} requests failed "
                                 f"({measured['first_error']})")
@@ -117,22 +122,18 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | N
     A measurement taken on a busy host, or one whose runs spread widely, is
     flagged in `measurement.warnings` rather than signed off silently.
     """
-    from ..judge import at_least, at_most, finite, reason
+    from ..judge import finite, reason
 
     b = profile["budgets"]
     p = deployed["projected"]
-    checks = {
-        "max_memory_gb": (p["memory_gb"], "<=", b["max_memory_gb"], at_most),
-        "min_decode_tokens_per_s": (p["decode_tokens_per_s"], ">=", b["min_decode_tokens_per_s"], at_least),
-        "max_time_to_first_token_s": (p["time_to_first_token_s"], "<=", b["max_time_to_first_token_s"], at_most),
-    }
     budgets = {}
-    for name, (fig, op, lim, test) in checks.items():
-        ok = test(fig, lim)
-        budgets[name] = {"figure": fig, "op": op, "budget": lim, "basis": "projected",
-                         "result": "PASS" if ok else "FAIL"}
+    for budget in PROJECTED:  # memory and speed: the profiler's figures projected onto the target
+        fig, lim = p[budget.figure], b[budget.name]
+        ok = budget.meets(fig, lim)
+        budgets[budget.name] = {"figure": fig, "op": budget.op, "budget": lim, "basis": budget.basis,
+                                "result": "PASS" if ok else "FAIL"}
         if not ok:
-            budgets[name]["reason"] = reason(name, fig, op, lim)
+            budgets[budget.name]["reason"] = reason(budget.name, fig, budget.op, lim)
     if b.get("max_perplexity_ratio") is not None:
         budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
     if b.get("max_accuracy_drop") is not None:
@@ -181,7 +182,41 @@ def _with_serving_load(flags: dict, serving: dict | None) -> dict:
     return {**flags, "trusted": False, "warnings": flags["warnings"] + [warning]}
 
 
+@dataclass(frozen=True)
+class Table:
+    """One table of the report: written as a Markdown table in report.md and an HTML table in report.html."""
+
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+
+    def markdown(self) -> list[str]:
+        return ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)] + \
+            ["| " + " | ".join(row) + " |" for row in self.rows]
+
+    def html(self, css_class=lambda column, cell: "") -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(_td(cell, css_class(i, cell)) for i, cell in enumerate(row)) + "</tr>"
+                       for row in self.rows)
+        return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _td(cell: str, css: str) -> str:
+    return f"<td class='{css}'>{_inline(cell)}</td>" if css else f"<td>{_inline(cell)}</td>"
+
+
+def _inline(text: str) -> str:
+    """The report's Markdown inline marks (`code`, **bold**) as HTML; everything else escaped."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
 def _serving_markdown(serving: dict | None) -> list[str]:
+    """The load test's table as Markdown lines (a caption, then the table)."""
+    return _render_markdown(_serving_blocks(serving))
+
+
+def _serving_blocks(serving: dict | None) -> list:
     """The load test's table: per client count, throughput and latency percentiles (measured; tok/s also projected)."""
     if not serving:
         return []
@@ -191,18 +226,18 @@ def _serving_markdown(serving: dict | None) -> list[str]:
     def ms(d: dict, key: str) -> str:
         return "-" if d.get(key) is None else f"{d[key] * 1000:.1f}"
 
-    lines = ["", f"Serving load test: `{serving.get('artifact')}` behind `fusedeploy serve`, {m['duration_s']:g} s per "
-             f"level, {m['max_tokens']} output tokens per request; measured on this host (output tok/s also "
-             f"projected: x bandwidth ratio {p['bandwidth_ratio']:.3g}).", "",
-             "| clients | req/s | out tok/s measured | projected | TTFT p50 / p95 ms | per-token p50 / p95 / p99 ms "
-             "| done / errors |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for lv in m["levels"]:
         t, itl = lv["ttft_s"], lv["token_latency_s"]
-        lines.append(f"| {lv['concurrency']} | {lv['requests_per_s']:.2f} | {lv['output_tokens_per_s']:.1f} | "
-                     f"{projected[lv['concurrency']]['output_tokens_per_s']:.1f} | {ms(t, 'p50')} / {ms(t, 'p95')} | "
-                     f"{ms(itl, 'p50')} / {ms(itl, 'p95')} / {ms(itl, 'p99')} | "
-                     f"{lv['requests_completed']} / {lv['errors']} |")
-    return lines
+        rows.append((str(lv["concurrency"]), f"{lv['requests_per_s']:.2f}", f"{lv['output_tokens_per_s']:.1f}",
+                     f"{projected[lv['concurrency']]['output_tokens_per_s']:.1f}", f"{ms(t, 'p50')} / {ms(t, 'p95')}",
+                     f"{ms(itl, 'p50')} / {ms(itl, 'p95')} / {ms(itl, 'p99')}",
+                     f"{lv['requests_completed']} / {lv['errors']}"))
+    return [f"Serving load test: `{serving.get('artifact')}` behind `fusedeploy serve`, {m['duration_s']:g} s per "
+            f"level, {m['max_tokens']} output tokens per request; measured on this host (output tok/s also "
+            f"projected: x bandwidth ratio {p['bandwidth_ratio']:.3g}).",
+            Table(("clients", "req/s", "out tok/s measured", "projected", "TTFT p50 / p95 ms",
+                   "per-token p50 / p95 / p99 ms", "done / errors"), rows)]
 
 
 def _png(fig) -> str:
@@ -281,105 +316,143 @@ def _curve_plot(plt, curve: dict, budgets: dict) -> str:
     return png
 
 
+def _budget_table(s: dict) -> Table:
+    rows = [(name, f"{c['figure']:.3f}", c["basis"], f"{c['op']} {c['budget']:g}", c["result"])
+            for name, c in s["budgets"].items()]
+    rows.append(("verify (all artifacts)", "", "", "", s["verify"]["result"]))
+    return Table(("budget", "figure", "basis", "limit", "result"), rows)
+
+
+def _details(report: dict) -> list:
+    """The report's body after the title and the budget table: paragraphs (Markdown inline marks) and Tables."""
+    s = report["signoff"]
+    blocks: list = []
+    texts = report.get("evaluation_text")
+    if texts:
+        ev, cal = texts["evaluation"], texts["calibration"]
+        blocks.append(f"Quality and verify text: `{ev['source']}` ({ev['part']}), {ev['windows']} windows x "
+                      f"{ev['ctx']} tokens ({ev['tokens_scored']} scored); calibration read `{cal['source']}` "
+                      f"({cal['part']}).")
+    blocks += _curve_blocks(report) + _tasks_blocks(report) + _projection_blocks(report)
+    rows = []
+    for a in report["artifacts"]:
+        m = a["measured"]["metrics"]
+        rows.append((a["name"], f"{a['size_bytes'] / 1e6:.1f}", f"{a['verify']['ppl_artifact']:.2f}",
+                     f"{m['decode_tokens_per_s']['median']:.1f}", f"{a['projected']['decode_tokens_per_s']:.1f}",
+                     f"{m['time_to_first_token_s']['median']:.3f}", f"{a['projected']['time_to_first_token_s']:.3f}"))
+    blocks.append(Table(("artifact", "size MB", "PPL", "decode tok/s measured", "projected", "TTFT s measured",
+                         "projected"), rows))
+    chosen = report["plan"]["chosen"]
+    rows = []
+    for c in report["plan"]["candidates"]:
+        mark = "chosen" if (c["sparsity"], c["quant"]) == (chosen["sparsity"], chosen["quant"]) else \
+            ("yes" if c["fits"] else "no")
+        rows.append((f"{c['sparsity']:g}", str(c["kept_blocks"]), c["quant"], f"{c['memory_gb']:.3f}",
+                     f"{c['decode_tokens_per_s']:.1f}", f"{c['time_to_first_token_s']:.3f}", mark))
+    blocks += ["Planner candidates (projected before building; the chosen one is marked):",
+               Table(("sparsity", "blocks", "quant", "memory GB", "decode tok/s", "TTFT s", "fits"), rows)]
+    blocks += _serving_blocks(report.get("serving"))
+    host = report["host"]
+    blocks.append(f"Measured on {host['cpu']} ({host['cores']} cores; {host['memory_bandwidth_gbps']:.1f} GB/s copy "
+                  f"bandwidth, {host['compute_tflops']:.3f} TFLOPS fp32 matmul). Projected figures scale these by "
+                  "the profile's peak bandwidth (decode) and compute (prefill).")
+    return blocks
+
+
+def _render_markdown(blocks: list) -> list[str]:
+    lines: list[str] = []
+    for block in blocks:
+        lines += [""] + (block.markdown() if isinstance(block, Table) else [block])
+    return lines
+
+
 def _markdown(report: dict) -> str:
     s = report["signoff"]
     lines = [f"# FuseDeploy sign-off: {report['model']} on {report['profile']['name']}: **{s['result']}**", "",
              f"Deployed artifact: `{s['artifact']}`; plan: sparsity {report['plan']['chosen']['sparsity']:g}, "
-             f"{report['plan']['chosen']['quant']}.", "", "| budget | figure | basis | limit | result |",
-             "|---|---|---|---|---|"]
-    for name, c in s["budgets"].items():
-        lines.append(f"| {name} | {c['figure']:.3f} | {c['basis']} | {c['op']} {c['budget']:g} | {c['result']} |")
-    lines.append(f"| verify (all artifacts) | | | | {s['verify']['result']} |")
+             f"{report['plan']['chosen']['quant']}.", ""] + _budget_table(s).markdown()
     flags = s.get("measurement", {}).get("warnings", [])
     if flags:
         lines += ["", "**Measurement warning:** " + " ".join(flags)]
-    texts = report.get("evaluation_text")
-    if texts:
-        ev, cal = texts["evaluation"], texts["calibration"]
-        lines += ["", f"Quality and verify text: `{ev['source']}` ({ev['part']}), {ev['windows']} windows x {ev['ctx']} "
-                  f"tokens ({ev['tokens_scored']} scored); calibration read `{cal['source']}` ({cal['part']})."]
-    lines += _curve_markdown(report) + _tasks_markdown(report) + _projection_markdown(report)
-    lines += ["", "| artifact | size MB | PPL | decode tok/s measured | projected | TTFT s measured | projected |",
-              "|---|---|---|---|---|---|---|"]
-    for a in report["artifacts"]:
-        m = a["measured"]["metrics"]
-        lines.append(f"| {a['name']} | {a['size_bytes'] / 1e6:.1f} | {a['verify']['ppl_artifact']:.2f} | "
-                     f"{m['decode_tokens_per_s']['median']:.1f} | {a['projected']['decode_tokens_per_s']:.1f} | "
-                     f"{m['time_to_first_token_s']['median']:.3f} | {a['projected']['time_to_first_token_s']:.3f} |")
-    lines += ["", "Planner candidates (projected before building; the chosen one is marked):", "",
-              "| sparsity | blocks | quant | memory GB | decode tok/s | TTFT s | fits |", "|---|---|---|---|---|---|---|"]
-    chosen = report["plan"]["chosen"]
-    for c in report["plan"]["candidates"]:
-        mark = "chosen" if (c["sparsity"], c["quant"]) == (chosen["sparsity"], chosen["quant"]) else \
-            ("yes" if c["fits"] else "no")
-        lines.append(f"| {c['sparsity']:g} | {c['kept_blocks']} | {c['quant']} | {c['memory_gb']:.3f} | "
-                     f"{c['decode_tokens_per_s']:.1f} | {c['time_to_first_token_s']:.3f} | {mark} |")
-    lines += _serving_markdown(report.get("serving"))
-    host = report["host"]
-    lines += ["", f"Measured on {host['cpu']} ({host['cores']} cores; {host['memory_bandwidth_gbps']:.1f} GB/s copy "
-              f"bandwidth, {host['compute_tflops']:.3f} TFLOPS fp32 matmul). Projected figures scale these by the "
-              "profile's peak bandwidth (decode) and compute (prefill)."]
+    lines += _render_markdown(_details(report))
     return "\n".join(lines) + "\n"
 
 
-def _curve_markdown(report: dict) -> list[str]:
+def _curve_blocks(report: dict) -> list:
     curve = report.get("quality_curve")
     if not curve:
         return []
-    lines = ["", f"Quality curve (one compression run; chosen: {curve['chosen_k']} blocks removed). Perplexity "
-             "measured in the deployed runtime; speed and memory projected by the planner calibrated on this host.", "",
-             "| removed | sparsity | precision | PPL | PPL / dense | memory GB | decode tok/s | TTFT s | meets all |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for p in curve["points"]:
-        lines.append(f"| {p['k']} | {p['sparsity']:.3f} | {p['precision']} | {p['perplexity']:.2f} | "
-                     f"{p['perplexity_ratio']:.3f} | {p['memory_gb']:.3f} | {p['decode_tokens_per_s']:.1f} | "
-                     f"{p['time_to_first_token_s']:.3f} | {'yes' if p['fits'] else 'no'} |")
-    return lines
+    rows = [(str(p["k"]), f"{p['sparsity']:.3f}", p["precision"], f"{p['perplexity']:.2f}",
+             f"{p['perplexity_ratio']:.3f}", f"{p['memory_gb']:.3f}", f"{p['decode_tokens_per_s']:.1f}",
+             f"{p['time_to_first_token_s']:.3f}", "yes" if p["fits"] else "no") for p in curve["points"]]
+    return [f"Quality curve (one compression run; chosen: {curve['chosen_k']} blocks removed). Perplexity "
+            "measured in the deployed runtime; speed and memory projected by the planner calibrated on this host.",
+            Table(("removed", "sparsity", "precision", "PPL", "PPL / dense", "memory GB", "decode tok/s", "TTFT s",
+                   "meets all"), rows)]
 
 
-def _tasks_markdown(report: dict) -> list[str]:
+def _tasks_blocks(report: dict) -> list:
     tasks = report.get("task_accuracy")
     if not tasks:
         return []
-    lines = ["", "Task accuracy (lm-eval, PyTorch models):", "", "| task | metric | n | dense | compressed | drop |",
-             "|---|---|---|---|---|---|"]
-    for name, t in tasks.items():
-        lines.append(f"| {name} | {t['metric']} | {t.get('n')} | {t['dense']:.4f} | {t['compressed']:.4f} | "
-                     f"{t['drop']:+.4f} |")
-    return lines
+    rows = [(name, t["metric"], str(t.get("n")), f"{t['dense']:.4f}", f"{t['compressed']:.4f}", f"{t['drop']:+.4f}")
+            for name, t in tasks.items()]
+    return ["Task accuracy (lm-eval, PyTorch models):",
+            Table(("task", "metric", "n", "dense", "compressed", "drop"), rows)]
 
 
-def _projection_markdown(report: dict) -> list[str]:
+def _projection_blocks(report: dict) -> list:
     pj = report.get("projection")
     if not pj:
         return []
     e = pj["efficiency"]
-    lines = ["", f"Planner against profiler for the deployed artifact (efficiency on this host: decode "
-             f"{e['decode']:.2f} of copy bandwidth, prefill {e['prefill']:.2f} of matmul peak; {e['source']}):", "",
-             "| figure | planner, ideal roofline | planner, calibrated | measured, projected | calibrated error |",
-             "|---|---|---|---|---|"]
-    for key in ("decode_tokens_per_s", "time_to_first_token_s"):
-        lines.append(f"| {key} | {pj['planner_ideal'][key]:.3f} | {pj['planner_calibrated'][key]:.3f} | "
-                     f"{pj['measured_projected'][key]:.3f} | {pj['calibrated_error'][key]:+.1%} |")
-    return lines
+    rows = [(key, f"{pj['planner_ideal'][key]:.3f}", f"{pj['planner_calibrated'][key]:.3f}",
+             f"{pj['measured_projected'][key]:.3f}", f"{pj['calibrated_error'][key]:+.1%}")
+            for key in ("decode_tokens_per_s", "time_to_first_token_s")]
+    return [f"Planner against profiler for the deployed artifact (efficiency on this host: decode "
+            f"{e['decode']:.2f} of copy bandwidth, prefill {e['prefill']:.2f} of matmul peak; {e['source']}):",
+            Table(("figure", "planner, ideal roofline", "planner, calibrated", "measured, projected",
+                   "calibrated error"), rows)]
+
+
+_CSS = """
+*{box-sizing:border-box}
+body{font-family:system-ui,sans-serif;line-height:1.4;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+div.table{max-width:100%;overflow-x:auto;margin:0.6em 0 1.2em}
+table{border-collapse:collapse;max-width:100%;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:3px 7px;vertical-align:top;overflow-wrap:break-word}
+th{background:#f3f3f3;text-align:left}
+td{font-variant-numeric:tabular-nums}
+img{max-width:100%;height:auto}
+code{overflow-wrap:anywhere;background:#f6f6f6;padding:0 2px}
+p{overflow-wrap:anywhere}
+@media (max-width:700px){table{font-size:0.78em}td,th{padding:2px 4px}}
+.PASS{color:#060;font-weight:bold}.FAIL{color:#a00;font-weight:bold}
+"""
+
+
+def _result_class(column: int, cell: str) -> str:
+    return cell if cell in ("PASS", "FAIL") else ""
 
 
 def _html(report: dict, plots: dict[str, str]) -> str:
     s = report["signoff"]
-    rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{c['figure']:.3f}</td><td>{c['basis']}</td><td>{c['op']} {c['budget']:g}</td>"
-        f"<td class='{c['result']}'>{c['result']}</td></tr>" for n, c in s["budgets"].items())
-    rows += f"<tr><td>verify</td><td></td><td></td><td></td><td class='{s['verify']['result']}'>{s['verify']['result']}</td></tr>"
-    imgs = "".join(f"<h2>{html.escape(k)}</h2><img src='data:image/png;base64,{v}'>" for k, v in plots.items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>FuseDeploy sign-off</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-table{{border-collapse:collapse}}.PASS{{color:#060;font-weight:bold}}.FAIL{{color:#a00;font-weight:bold}}</style></head>
+    imgs = "".join(f"<h2>{html.escape(k)}</h2><img alt='{html.escape(k)}' src='data:image/png;base64,{v}'>"
+                   for k, v in plots.items())
+    details = "".join(block.html(_result_class) if isinstance(block, Table) else f"<p>{_inline(block)}</p>"
+                      for block in _details(report))
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>FuseDeploy sign-off</title>
+<style>{_CSS}</style></head>
 <body><h1>{html.escape(report['model'])} on {html.escape(report['profile']['name'])}:
 <span class="{s['result']}">{s['result']}</span></h1>
-{_warning_html(s)}<table><tr><th>budget</th><th>figure</th><th>basis</th><th>limit</th><th>result</th></tr>{rows}</table>
+<p>{_inline(f"Deployed artifact: `{s['artifact']}`; plan: sparsity {report['plan']['chosen']['sparsity']:g}, "
+            f"{report['plan']['chosen']['quant']}.")}</p>
+{_warning_html(s)}{_budget_table(s).html(_result_class)}
 {imgs}
-<h2>Details</h2><pre>{html.escape(_markdown(report))}</pre>
-<p>Every number is in report.json beside this file.</p></body></html>"""
+<h2>Details</h2>
+{details}
+<p>Every number is in report.json beside this file; report.md holds the same text as Markdown.</p></body></html>"""
 
 
 def _warning_html(s: dict) -> str:

@@ -1,4 +1,11 @@
-"""A resumable stage runner: each stage owns one folder of the build directory.
+"""The stages of a build and the resumable runner that runs them; each stage owns one folder of the build.
+
+One module per stage (plan, compress, curve, export, verify, tasks, profile, report), each
+declaring, as an Olive pass does, a frozen `Config`, the names of the `INPUTS` it reads, and
+`run(config, inputs, workdir) -> outputs`. `run_declared` keys the stage on (its name, the
+config, the digests of its inputs) and hands `run` those and nothing else: what a stage reads is
+what its key holds, so a stale key cannot come from forgetting to list a setting. Progress
+messages, which change no output, reach a stage through `say` / `compress_progress`.
 
 A stage is finished when `<build>/<name>/manifest.json` exists. Work happens
 in `<build>/<name>.partial/`, which is kept across interruptions (so a stage
@@ -15,9 +22,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -123,3 +133,81 @@ def _promote(build_dir: Path, name: str, partial: Path) -> dict:
     else:
         os.replace(partial, final)
     return json.loads((final / MANIFEST).read_text())
+
+
+# ---------------------------------------------------------------- declared stages
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An earlier stage's folder handed to a stage as an input: where it is and its manifest.
+
+    `skipped` says whether this build found it finished (True) or ran it (False); it changes no output.
+    """
+
+    path: Path
+    manifest: dict
+
+    @property
+    def outputs(self) -> dict:
+        return self.manifest["outputs"]
+
+    @property
+    def settings(self) -> dict:
+        return self.manifest["settings"]
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.manifest.get("skipped", False))
+
+
+def run_declared(build_dir: Path, module: ModuleType, config, inputs: dict[str, Path | dict]) -> dict:
+    """Run stage `module` (NAME, Config, INPUTS, run) on `config` and `inputs`; returns its manifest.
+
+    An input is a path (a model, a text file, a folder) or an earlier stage's manifest as `run_declared`
+    returned it; `run` gets the latter as an `Upstream`. The key is today's `Stage.key`: the stage's
+    name, `asdict(config)` and the digests of the inputs' paths.
+    """
+    if not isinstance(config, module.Config):
+        raise TypeError(f"stage {module.NAME} takes a {module.Config.__name__}, not {type(config).__name__}")
+    unknown = set(inputs) - set(module.INPUTS)
+    if unknown:
+        raise TypeError(f"stage {module.NAME} declares no input {sorted(unknown)}")
+    paths = {name: build_dir / v["stage"] if isinstance(v, dict) else Path(v) for name, v in inputs.items()}
+    handed = {name: Upstream(paths[name], v) if isinstance(v, dict) else Path(v) for name, v in inputs.items()}
+    return run_stage(build_dir, Stage(module.NAME, lambda work: module.run(config, handed, work), asdict(config),
+                                      paths))
+
+
+_say: ContextVar[Callable[[str], None]] = ContextVar("say", default=lambda msg: log.info(msg))
+_compress_progress: ContextVar[Callable | None] = ContextVar("compress_progress", default=None)
+
+
+def say(message: str) -> None:
+    """Announce a step of the running stage (the CLI prints it; a library caller may log it)."""
+    _say.get()(message)
+
+
+def compress_progress() -> Callable | None:
+    """The compression progress callback the build was given, if any."""
+    return _compress_progress.get()
+
+
+@contextmanager
+def announcing(say_: Callable[[str], None], compress_progress_: Callable | None) -> Iterator[None]:
+    tokens = _say.set(say_), _compress_progress.set(compress_progress_)
+    try:
+        yield
+    finally:
+        _say.reset(tokens[0])
+        _compress_progress.reset(tokens[1])
+
+
+def model_folder(model: Path) -> Path:
+    """The folder of a model input: the input itself, or the folder holding a GGUF file."""
+    return model.parent if model.suffix == ".gguf" else model
+
+
+def in_build(root: Path, recorded: str) -> Path:
+    """A path recorded by `relative_to_build`: relative to the build folder, or absolute."""
+    return Path(recorded) if Path(recorded).is_absolute() else root / recorded
