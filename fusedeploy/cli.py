@@ -433,22 +433,28 @@ def build(
 @app.command()
 def serve(
     artifact: Annotated[str, typer.Argument(help="A .gguf file or an ONNX Runtime GenAI folder (export onnx).")],
-    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default (no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8000,
-    ctx: Annotated[int, typer.Option(help="Context length (GGUF; an ONNX folder uses its own).")] = 2048,
+    ctx: Annotated[int, typer.Option(help="Context length per request (GGUF; an ONNX folder uses its own).")] = 2048,
     threads: Annotated[Optional[int], typer.Option(help="Compute threads (default: up to 4).")] = None,
-    parallel: Annotated[int, typer.Option(help="Requests generated at once (ONNX; the rest queue).")] = 1,
+    parallel: Annotated[int, typer.Option(help="Requests generated at once, batched (llama-server slots / og.Engine batch); the rest queue.")] = 4,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FUSEDEPLOY_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health (env FUSEDEPLOY_API_KEY).")] = None,
 ) -> None:
-    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /v1/models, /health."""
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /v1/models, /health, /metrics."""
     from .serve import serve as run_server
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port (0-65535)")
     if parallel < 1:
         raise UserError("--parallel must be at least 1")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] listening on {host}: the server has no authentication", highlight=False)
-    run_server(artifact, host=host, port=port, n_ctx=ctx, threads=threads, parallel=parallel,
+    if ctx < 16:
+        raise UserError("--ctx must be at least 16 tokens")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key or leave the option out")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who reaches it "
+                      "can use it", highlight=False)
+    run_server(artifact, host=host, port=port, n_ctx=ctx, threads=threads, parallel=parallel, api_key=api_key,
                announce=lambda line: print(line, flush=True))
 
 

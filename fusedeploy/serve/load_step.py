@@ -77,9 +77,8 @@ def served(artifact: str | os.PathLike, parallel: int = 1, ctx: int = 2048, log_
     with contextlib.ExitStack() as stack:
         if log_path is None:
             log_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusedeploy-serve-"))) / "serve.log"
-        cmd = [sys.executable, "-m", "fusedeploy", "serve", str(artifact), "--port", "0", "--ctx", str(ctx)]
-        if parallel > 1:
-            cmd += ["--parallel", str(parallel)]
+        cmd = [sys.executable, "-m", "fusedeploy", "serve", str(artifact), "--port", "0", "--ctx", str(ctx),
+               "--parallel", str(parallel)]
         with open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
