@@ -28,10 +28,12 @@ from pathlib import Path
 
 from .. import formats
 from ..errors import UserError
-from .bench import DEFAULT_PROMPT, bench_serve
+from .bench import Lengths, bench_serve
 
 STARTUP_TIMEOUT_S = 300.0  # the server loads the whole model before it answers /health
 STOP_TIMEOUT_S = 15.0  # uvicorn's graceful shutdown is 5 s; after this the server is killed
+PROMPT_LEN = "uniform:32-128"  # words per prompt of the load test
+TOKENS_PER_WORD = 4
 _ANNOUNCE = re.compile(r"^serving .* at (http://\S+?)/v1\b", re.MULTILINE)
 
 
@@ -98,12 +100,14 @@ def serving_load(artifact: str | os.PathLike, concurrency: list[int], duration_s
     time.sleep(0.3)
     others_before = before.others_cores()
     during = HostLoad()
-    # The prompt is ASCII, so at most one token per character: this context always holds prompt + output.
-    ctx = len(DEFAULT_PROMPT) + max_tokens + 16
+    # Distinct prompts (windows of the built-in corpus); at most TOKENS_PER_WORD tokens a word is generous
+    # for its English and code, so this context holds prompt + output.
+    ctx = TOKENS_PER_WORD * Lengths.parse(PROMPT_LEN, "prompt").upper + max_tokens + 16
     t0 = time.perf_counter()
     with served(artifact, parallel=parallel, ctx=ctx, log_path=log_path) as url:
         startup_s = time.perf_counter() - t0
-        result = bench_serve(url, concurrency, duration_s, max_tokens=max_tokens, progress=progress)
+        result = bench_serve(url, concurrency, duration_s, max_tokens=max_tokens, prompt_len=PROMPT_LEN,
+                             progress=progress)
     # Read after the server was reaped: its CPU time then counts as ours, not as other processes'.
     others_during = during.others_cores()
     del result["url"]  # an ephemeral port: not a property of the artifact
