@@ -8,11 +8,13 @@ CLI a user runs, so the figures are those of the server a user gets.
 Figures are measured on this host. Output tokens/s, requests/s and per-token
 latency are also projected onto the profile by the memory-bandwidth ratio,
 the basis of the single-stream decode budget (measure.project): every served
-token is a decode step, and decode is memory-bound. The projection keeps this
-server's scheduling (llama-cpp-python's server runs one request at a time; the
-GenAI app `batch_size` at a time), so it does not credit a target with the
-batching a datacenter server would add. Time to first token under load is
-queueing plus prefill (compute-bound), so it stays measured only.
+token is a decode step, and decode is memory-bound. The server batches the
+profile's `batch_size` requests at once on either runtime (llama-server's
+`--parallel` slots with continuous batching; og.Engine's batch), the
+sequences the target is sized to run together; the projection keeps that
+scheduling, so it does not credit a target with a larger batch than its
+profile gives it. Time to first token under load is queueing plus prefill
+(compute-bound), so it stays measured only.
 """
 
 from __future__ import annotations
@@ -132,13 +134,12 @@ def project_serving(measured: dict, host_bandwidth_gbps: float, profile_bandwidt
 def serving_step(artifact: str | os.PathLike, profile, host, log_path: Path | None = None, progress=None) -> dict:
     """The profile stage's load test of one artifact: measured here, projected onto `profile`.
 
-    An ONNX Runtime GenAI folder is served with `--parallel` = the profile's
-    batch size (the sequences the target runs at once); llama-cpp-python's
-    server runs one request at a time whatever is asked.
+    Served with `--parallel` = the profile's batch size (the sequences the
+    target runs at once), GGUF by llama-server and ONNX by og.Engine.
     """
     s = profile.serving
-    gguf = formats.runtime_for_path(artifact).name == "llama.cpp"
+    formats.runtime_for_path(artifact)  # an artifact no runtime serves is a UserError before a server starts
     measured = serving_load(artifact, s.concurrency, s.duration_s, s.max_tokens,
-                            parallel=1 if gguf else profile.batch_size, log_path=log_path, progress=progress)
+                            parallel=profile.batch_size, log_path=log_path, progress=progress)
     return {"measured": measured,
             "projected": project_serving(measured, host.memory_bandwidth_gbps, profile.memory_bandwidth_gbps)}
