@@ -227,8 +227,8 @@ class Metrics:
                                 registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of completed generations", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
-        self.running = Gauge(p + "requests_running", "Generations holding a slot", registry=r)
-        self.waiting = Gauge(p + "requests_waiting", "Generations queued for a slot (queue depth)", registry=r)
+        self.running = Gauge(p + "requests_running", "Generations in the running batch", registry=r)
+        self.waiting = Gauge(p + "requests_waiting", "Generations queued for the batch (queue depth)", registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Request received -> first token",
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram(p + "inter_token_latency_seconds", "Gap between consecutive tokens of a request",
@@ -236,20 +236,17 @@ class Metrics:
         info = Gauge(p + "server_info", "What this server runs", ["runtime", "model", "parallel"], registry=r)
         info.labels(runtime, model, str(parallel)).set(1)
         self.parallel = parallel
-        self._active = 0
 
-    def enter(self) -> None:
-        self._active += 1
-        self._occupancy()
+    # Queue depth as the runtime sees it: a generation waits until its first token, then runs.
+    def queued(self) -> None:
+        self.waiting.inc()
 
-    def leave(self) -> None:
-        self._active -= 1
-        self._occupancy()
+    def started(self) -> None:
+        self.waiting.dec()
+        self.running.inc()
 
-    def _occupancy(self) -> None:
-        # Generations beyond the slots wait; the runtime schedules them in arrival order.
-        self.running.set(min(self._active, self.parallel))
-        self.waiting.set(max(0, self._active - self.parallel))
+    def finished(self, started: bool) -> None:
+        (self.running if started else self.waiting).dec()
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -275,13 +272,15 @@ class TokenClock:
         self.last = now
 
 
-def add_metrics_route(app, metrics: Metrics) -> None:
+def add_metrics_route(app, metrics: Metrics, extra=None) -> None:
+    """GET /metrics; `extra`: an async callable run first, returning more Prometheus text (or "")."""
     from starlette.responses import Response
 
     @app.get("/metrics", include_in_schema=False)
     async def _metrics():
+        more = await extra() if extra else ""
         data, ctype = metrics.render()
-        return Response(data, media_type=ctype)
+        return Response(data + more.encode(), media_type=ctype)
 
 
 def protect(app, metrics: Metrics, api_key: str | None):

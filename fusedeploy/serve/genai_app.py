@@ -49,7 +49,7 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from ..errors import UserError
-from .api import (ApiError, Body, ChatBody, CompletionBody, Metrics, protect, TokenClock, add_metrics_route,
+from .api import (ApiError, Body, ChatBody, CompletionBody, Metrics, error_body, protect, TokenClock, add_metrics_route,
                   cancel_on_disconnect, install_error_handlers, refuse)
 
 CHAT_DEFAULT_MAX_TOKENS = 512
@@ -260,6 +260,7 @@ class GenAIEngine:
         # The batch the engine schedules: `parallel` sequences per step, under whichever
         # batching the folder's cache allows (a paged cache's section is kept, its size set).
         batching = "dynamic_batching" if "dynamic_batching" in raw.get("engine", {}) else "static_batching"
+        self.dynamic = batching == "dynamic_batching"  # 0.18 takes a per-request seed only then
         overlay = {"engine": {batching: {"max_batch_size": self.parallel}}}
         if threads:
             overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}
@@ -309,20 +310,24 @@ class GenAIEngine:
     async def tokens(self, ids: list[int], settings: Settings):
         """Async iterator of ("token", id) ... then ("done", finish reason); cancels its turn when closed early."""
         job = _Job(ids=ids, settings=settings, loop=asyncio.get_running_loop())
-        self.metrics.enter()
+        self.metrics.queued()
+        started = False
         self.driver.submit(job)
         try:
             while True:
                 item = await job.events.get()
                 if item[0] == "error":
                     raise ApiError(500, item[1], "server_error")
+                if not started:
+                    started = True
+                    self.metrics.started()
                 yield item
                 if item[0] == "done":
                     return
         finally:
             if not job.finished:
                 self.driver.cancel(job)
-            self.metrics.leave()
+            self.metrics.finished(started)
 
     def logprobs(self, ids: list[int], start: int, top: int) -> dict:
         """OpenAI completion logprobs for ids[start:] from one og.Generator pass over `ids` (its logits[i] -> ids[i+1])."""
@@ -388,7 +393,6 @@ async def _pieces(engine: GenAIEngine, ids: list[int], settings: Settings, stops
 _REFUSED = {
     "presence_penalty": "og.Engine has a repetition penalty, not OpenAI's presence penalty",
     "frequency_penalty": "og.Engine has a repetition penalty, not OpenAI's frequency penalty",
-    "n": "one choice per request; send several requests",
 }
 
 
@@ -422,73 +426,104 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
         if body.model not in (None, "", engine.model_id):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {engine.model_id!r}",
                            "not_found_error", "model")
+        if body.seed is not None and not engine.dynamic:
+            raise ApiError(400, "'seed' is not supported here: og.Engine takes a per-request seed only for a model "
+                                "with a paged KV cache (dynamic batching), which this folder does not have",
+                           param="seed")
 
     async def run(request: Request, body: Body, ids: list[int], max_tokens: int, chat: bool, echo: str = "",
                   logprobs: int | None = None):
+        """One request's answer: `body.n` choices, each its own engine request (batched together)."""
         received = time.perf_counter()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         stops = body.stops
         obj = "chat.completion" if chat else "text_completion"
-        settings = engine.settings(body, max_tokens)
+        base = engine.settings(body, max_tokens)
+        # Different seeds, so sampled choices differ (a fixed seed stays reproducible); greedy ones are equal.
+        settings = [base if i == 0 or base.seed is None else Settings(**{**base.__dict__, "seed": base.seed + i})
+                    for i in range(body.n)]
+        results = [{"received": received} for _ in range(body.n)]
 
-        def usage(count: int) -> dict:
+        def usage() -> dict:
+            count = sum(r.get("count", 0) for r in results)
             return {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
             return {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
                     "model": engine.model_id, "choices": [choice]}
 
         if body.stream:
             async def events():
-                if chat:
-                    yield json.dumps(chunk(None, None, first=True))
-                elif echo:
-                    yield json.dumps(chunk(echo, None))
-                result = {"received": received}
-                async for piece in _pieces(engine, ids, settings, stops, result):
-                    yield json.dumps(chunk(piece, None))
-                yield json.dumps(chunk(None, result["finish"]))
+                for i in range(body.n):
+                    if chat or echo:
+                        yield json.dumps(chunk(i, echo or None, None, first=chat))
+                merged: asyncio.Queue = asyncio.Queue()
+
+                async def pump(i: int):
+                    try:
+                        async for piece in _pieces(engine, ids, settings[i], stops, results[i]):
+                            await merged.put((i, piece))
+                        await merged.put((i, None))
+                    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                        await merged.put((i, exc))
+
+                tasks = [asyncio.create_task(pump(i)) for i in range(body.n)]
+                try:
+                    remaining = body.n
+                    while remaining:
+                        i, piece = await merged.get()
+                        if isinstance(piece, ApiError):  # the answer has begun: the error is the stream's end
+                            yield json.dumps(error_body(piece.message, piece.kind, piece.param))
+                            return
+                        if isinstance(piece, Exception):
+                            raise piece
+                        if piece is None:
+                            remaining -= 1
+                            yield json.dumps(chunk(i, None, results[i]["finish"]))
+                        else:
+                            yield json.dumps(chunk(i, piece, None))
+                finally:  # the client left (sse-starlette cancels us) or all ended: cancel what still runs
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
                 if body.include_usage:  # OpenAI's shape: a last chunk with no choices
                     yield json.dumps({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
-                                      "model": engine.model_id, "choices": [], "usage": usage(result["count"])})
+                                      "model": engine.model_id, "choices": [], "usage": usage()})
                 yield "[DONE]"
 
-            # sse-starlette cancels `events` when the client goes away; closing it cancels the turn.
             return EventSourceResponse(events(), ping=15)
 
-        async def whole():
-            result = {"received": received}
-            text = "".join([piece async for piece in _pieces(engine, ids, settings, stops, result)])
-            return text, result
+        async def whole(i: int) -> str:
+            return "".join([piece async for piece in _pieces(engine, ids, settings[i], stops, results[i])])
 
-        done = await cancel_on_disconnect(request, whole())
-        if done is None:  # the client left; nobody reads an answer
+        texts = await cancel_on_disconnect(request, asyncio.gather(*(whole(i) for i in range(body.n))))
+        if texts is None:  # the client left; nobody reads an answer
             from starlette.responses import Response
 
             return Response(status_code=499)
-        text, result = done
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": result["finish"]}
-        else:
+        choices = []
+        for i, (text, result) in enumerate(zip(texts, results)):
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                "finish_reason": result["finish"]})
+                continue
             scored = None
             if logprobs is not None:
-                generated = result["ids"]
-                whole_ids = ids + generated
-                scored = await asyncio.to_thread(engine.logprobs, whole_ids, 0 if echo else len(ids), logprobs)
+                scored = await asyncio.to_thread(engine.logprobs, ids + result["ids"], 0 if echo else len(ids),
+                                                 logprobs)
                 if stops:  # only the tokens whose text was sent (a stop string cuts the text)
                     limit = len(echo) + len(text)
                     keep = sum(1 for off in scored["text_offset"] if off < limit) if limit else 0
                     scored = {k: v[:keep] for k, v in scored.items()}
-            choice = {"index": 0, "text": echo + text, "logprobs": scored, "finish_reason": result["finish"]}
-        return {"id": rid, "object": obj, "created": created, "model": engine.model_id, "choices": [choice],
-                "usage": usage(result["count"])}
+            choices.append({"index": i, "text": echo + text, "logprobs": scored, "finish_reason": result["finish"]})
+        return {"id": rid, "object": obj, "created": created, "model": engine.model_id, "choices": choices,
+                "usage": usage()}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):

@@ -77,7 +77,7 @@ class LlamaServer:
                # one KV pool shared by the slots, each request up to n_ctx tokens
                "--kv-unified", "--kv-unified-per-slot", str(n_ctx),
                "--threads", str(threads), "--threads-batch", str(threads), "--threads-http", str(parallel + 2),
-               "--no-webui", "--offline", "--jinja"]
+               "--no-webui", "--offline", "--jinja", "--metrics"]
         self._logdir = tempfile.TemporaryDirectory(prefix="fusedeploy-llama-server-")
         self.log_path = Path(self._logdir.name) / "llama-server.log"
         preexec = None
@@ -158,7 +158,24 @@ def create_app(server: LlamaServer, api_key: str | None = None):
     app = FastAPI(title="FuseDeploy llama.cpp server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     install_error_handlers(app)
-    add_metrics_route(app, metrics)
+
+    async def upstream_metrics() -> str:
+        """llama-server's own series (llamacpp:*), and the queue gauges set from its slots."""
+        try:
+            text = (await client.get("/metrics", timeout=5)).text
+        except httpx.HTTPError:
+            return ""
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("llamacpp:requests_"):
+                name, _, value = line.partition(" ")
+                with contextlib.suppress(ValueError):
+                    values[name] = float(value)
+        metrics.running.set(values.get("llamacpp:requests_processing", 0))
+        metrics.waiting.set(values.get("llamacpp:requests_deferred", 0))
+        return text
+
+    add_metrics_route(app, metrics, upstream_metrics)
 
     @app.get("/health")
     async def health():
@@ -201,16 +218,13 @@ def create_app(server: LlamaServer, api_key: str | None = None):
         clock = TokenClock(metrics, received)
         if body.stream:  # always ask for usage (token counters); the client sees it only if it asked
             payload = {**payload, "stream_options": {"include_usage": True}}
-        metrics.enter()
         try:
             response = await client.send(client.build_request("POST", route, json=payload), stream=True)
         except httpx.HTTPError as exc:
-            metrics.leave()
             raise ApiError(502, f"llama-server does not answer ({type(exc).__name__})", "server_error") from None
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
-            metrics.leave()
             return upstream_error(response.status_code, raw)
 
         if not body.stream:
@@ -220,10 +234,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                 finally:
                     await response.aclose()
 
-            try:
-                raw = await cancel_on_disconnect(request, read())  # leaving closes the upstream connection
-            finally:
-                metrics.leave()
+            raw = await cancel_on_disconnect(request, read())  # leaving closes the upstream connection
             if raw is None:
                 from starlette.responses import Response
 
@@ -259,7 +270,6 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                     yield line + "\n"
             finally:  # also when the client disconnected: closing the connection stops llama-server's slot
                 await response.aclose()
-                metrics.leave()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
