@@ -408,3 +408,61 @@ def test_serve_bad_artifacts(tmp_path, artifacts):
     assert r.returncode == 2 and "--api-key" in (r.stdout + r.stderr)
     r = run("bench-serve", "http://127.0.0.1:1", "--concurrency", "1,x")
     assert r.returncode == 2 and "--concurrency" in (r.stdout + r.stderr)
+
+
+def test_bench_serve_rate_mode_with_prompts_from_a_file_and_goodput(server, tmp_path):
+    _, url, _ = server
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}: what comes after {i}?"}) for i in range(20)))
+    result = bench_serve(url, [], 2.0, rates=[4.0], prompts=prompts, output_len="uniform:2-4", slo_ttft_s=30,
+                         slo_itl_s=30, api_key=KEY)
+    (lv,) = result["levels"]
+    assert lv["mode"] == "rate" and lv["rate"] == 4.0 and lv["concurrency"] is None
+    assert lv["errors"] == 0, lv["first_error"]
+    assert lv["requests_started"] >= 1 and lv["wall_s"] < 2.0 + 4.5
+    assert lv["goodput_requests_per_s"] == pytest.approx(lv["requests_per_s"])  # a 30 s SLO: all completed are good
+    assert result["prompts"] == "jsonl records"
+    strict = bench_serve(url, [1], 1.5, max_tokens=3, slo_ttft_s=1e-9, api_key=KEY)["levels"][0]
+    assert strict["goodput_requests_per_s"] == 0 and (strict["requests_completed"] == 0 or strict["slo_attained"] == 0)
+
+
+def test_bench_prompts_are_distinct_and_lengths_follow_the_spec(tmp_path):
+    from fusedeploy.serve.bench import Lengths, Prompts
+
+    source = Prompts(None, Lengths.parse("uniform:8-16", "--prompt-len"), seed=1)
+    drawn = [source.draw() for _ in range(200)]
+    assert len({p.split()[0] + " " + p.split()[1] + " " + p.split()[2] for p in drawn}) > 190  # no shared prefix
+    assert all(8 <= len(p.split()) <= 16 for p in drawn)
+    import random
+
+    rng = random.Random(0)
+    assert {Lengths.parse("5", "x").draw(rng)} == {5}
+    assert all(3 <= Lengths.parse("uniform:3-6", "x").draw(rng) <= 6 for _ in range(50))
+    assert all(Lengths.parse("normal:10,3", "x").draw(rng) >= 1 for _ in range(50))
+    for bad in ("0", "uniform:5-2", "gauss:3", "normal:3", "-1", "fixed:"):
+        with pytest.raises(UserError):
+            Lengths.parse(bad, "--output-len")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        Prompts(bad_jsonl, Lengths.parse("4", "x"))
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["--concurrency", "1,,2"], "--concurrency"),
+    (["--concurrency", "1,x"], "--concurrency"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--rate", "1,,2"], "--rate"),
+    (["--rate", "inf"], "--rate"),
+    (["--rate", "-1"], "--rate"),
+    (["--duration", "nan"], "--duration"),
+    (["--duration", "inf"], "--duration"),
+    (["--duration", "0"], "--duration"),
+    (["--duration", "-3"], "--duration"),
+    (["--output-len", "uniform:9-1"], "--output-len"),
+    (["--slo-ttft", "0"], "--slo-ttft"),
+])
+def test_bench_serve_cli_refuses_malformed_arguments(run_cli, args, complaint):
+    code, out, err = run_cli("bench-serve", "http://127.0.0.1:1", *args)
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and complaint in lines[0], out + err
