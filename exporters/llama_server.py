@@ -101,6 +101,7 @@ def install(version: str | None = None, dest: Path | None = None, sdist: Path | 
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the installed server is for every user of the venv
             (staging / "bin").mkdir()
             shutil.copy2(built, staging / "bin" / TARGET)
             (staging / "SOURCE").write_text(f"{sdist.name} vendor/llama.cpp; cmake {' '.join(CMAKE_FLAGS)}; "

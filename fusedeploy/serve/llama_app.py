@@ -213,7 +213,32 @@ def create_app(server: LlamaServer, api_key: str | None = None):
             kind, status = "invalid_request_error", 400
         return JSONResponse(error_body(message, kind), status_code=status if 400 <= status < 600 else 502)
 
-    async def forward(request: Request, route: str, body: Body, payload: dict):
+    async def fan_out(request: Request, route: str, body: Body, payload: dict):
+        """n > 1, not streamed: one upstream request per choice, merged. llama-server's own n answers
+        with the first choice's usage only; separate requests give each choice's tokens (and seed + i)."""
+        import asyncio
+
+        one = {k: v for k, v in payload.items() if k != "n"}
+        parts = [{**one, "seed": one["seed"] + i} if "seed" in one else one for i in range(body.n)]
+        answers = await cancel_on_disconnect(
+            request, asyncio.gather(*(forward(request, route, body, part, watch=False) for part in parts)))
+        if answers is None:  # the client left; the upstream requests were cancelled with their connections
+            from starlette.responses import Response
+
+            return Response(status_code=499)
+        for a in answers:
+            if not isinstance(a, dict):  # an error (or the client left): the first such answer stands
+                return a
+        merged = answers[0]
+        merged["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        completion = sum(a["usage"]["completion_tokens"] for a in answers)
+        prompt = merged["usage"]["prompt_tokens"]
+        merged["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return merged
+
+    async def forward(request: Request, route: str, body: Body, payload: dict, watch: bool = True):
+        if not body.stream and payload.get("n", 1) > 1:
+            return await fan_out(request, route, body, payload)
         received = time.perf_counter()
         clock = TokenClock(metrics, received)
         if body.stream:  # always ask for usage (token counters); the client sees it only if it asked
@@ -234,7 +259,8 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                 finally:
                     await response.aclose()
 
-            raw = await cancel_on_disconnect(request, read())  # leaving closes the upstream connection
+            # A client that leaves cancels the read, which closes the upstream connection: llama-server stops.
+            raw = await (cancel_on_disconnect(request, read()) if watch else read())
             if raw is None:
                 from starlette.responses import Response
 
@@ -250,23 +276,40 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                 clock.tokens(time.perf_counter() - per_token * (n - 1))
                 for _ in range(n - 1):
                     metrics.itl.observe(per_token)
-            return JSONResponse(data)
+            return data
 
         async def events():
+            # llama-server puts usage into each choice's last chunk (completions: always, beside the choice);
+            # OpenAI sends one chunk with no choices, once, and only when asked: re-shape it so.
+            usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            last = {}
             try:
                 async for line in response.aiter_lines():
-                    if line.startswith("data:") and (data := line[5:].strip()) != "[DONE]":
-                        with contextlib.suppress(ValueError):
+                    if line.startswith("data:"):
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            metrics.prompt_tokens.inc(usage["prompt_tokens"])
+                            metrics.generation_tokens.inc(usage["completion_tokens"])
+                            if body.include_usage:
+                                total = usage["prompt_tokens"] + usage["completion_tokens"]
+                                yield "data: " + json.dumps({**last, "choices": [], "usage": {**usage,
+                                                             "total_tokens": total}}) + "\n\n"
+                            yield line + "\n"  # its blank line follows
+                            continue
+                        try:
                             chunk = json.loads(data)
-                            clock.tokens(time.perf_counter(), _stream_tokens(chunk))
-                            if chunk.get("usage") and not chunk.get("choices"):
-                                usage = chunk["usage"]
-                                metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-                                metrics.generation_tokens.inc(usage.get("completion_tokens", 0))
-                                if not body.include_usage:
-                                    continue
-                            chunk.pop("timings", None)
-                            line = "data: " + json.dumps(chunk)
+                        except ValueError:
+                            yield line + "\n"
+                            continue
+                        clock.tokens(time.perf_counter(), _stream_tokens(chunk))
+                        chunk.pop("timings", None)
+                        if (u := chunk.pop("usage", None)) is not None:
+                            usage["prompt_tokens"] = max(usage["prompt_tokens"], int(u.get("prompt_tokens") or 0))
+                            usage["completion_tokens"] += int(u.get("completion_tokens") or 0)
+                        last = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+                        if not chunk.get("choices"):
+                            continue  # a usage-only chunk: sent once, at the end
+                        line = "data: " + json.dumps(chunk)
                     yield line + "\n"
             finally:  # also when the client disconnected: closing the connection stops llama-server's slot
                 await response.aclose()
