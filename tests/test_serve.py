@@ -339,7 +339,7 @@ def test_genai_greedy_and_logprobs_match_the_references(server, artifacts, smol_
     ref_lp = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
     served = np.array(lp.token_logprobs[1:len(ids)], dtype=float)
     assert np.max(np.abs(served - np.array(ref_lp))) <= TOLERANCES["fp32"]["mean_abs_diff"]
-    for refused in ({"logprobs": True}, {"seed": 3}):  # chat logprobs; a seed needs a paged-KV engine in 0.18
+    for refused in ({"seed": 3}, {"logprobs": True, "stream": True}):  # a seed needs a paged-KV engine in 0.18
         with pytest.raises(openai.BadRequestError) as err:
             c.chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}], **refused)
         assert err.value.body["param"] == next(iter(refused))
@@ -347,6 +347,31 @@ def test_genai_greedy_and_logprobs_match_the_references(server, artifacts, smol_
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "model": "someone-else"}, headers=AUTH, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_chat_logprobs_match_pytorch(server, artifacts, smol_tokenizer):
+    """Greedy chat with logprobs: each chosen token's log-probability (and the top alternatives) as PyTorch
+    computes them on the same prompt, within verify's fp32 tolerance, on both runtimes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, url, _ = server
+    messages = [{"role": "user", "content": "Name a colour"}]
+    r = client(url).chat.completions.create(model="", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                            top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert content and all(len(e.top_logprobs) == 2 for e in content)
+    text = smol_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(artifacts["hf"], dtype=torch.float32).eval()
+    tol = TOLERANCES["fp32"]["mean_abs_diff"]
+    with torch.no_grad():
+        for entry in content:
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+            best = torch.topk(logp, 2)
+            assert entry.logprob == pytest.approx(float(best.values[0]), abs=tol)
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx([float(v) for v in best.values], abs=tol)
+            ids.append(int(best.indices[0]))
 
 
 def test_gguf_refuses_what_llama_server_cannot_answer(server):

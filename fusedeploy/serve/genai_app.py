@@ -23,7 +23,7 @@ the next step). Stop strings are matched here on the decoded text, holding
 back any tail that could be the start of one, so no part of a stop string
 is ever sent, also when it spans tokens; the engine's own stop strings
 decode with `og.Tokenizer`, which misreads some byte-level BPE tokenizers
-(below). `logprobs` (completions, not streamed) are computed by one
+(below). `logprobs` (completions and chat, not streamed) are computed by one
 `og.Generator` pass over prompt + completion -- the pass `fusedeploy verify`
 checks against PyTorch -- so the numbers are the model's own.
 
@@ -389,6 +389,15 @@ async def _pieces(engine: GenAIEngine, ids: list[int], settings: Settings, stops
         result.update(finish=finish, count=len(generated), ids=generated)
 
 
+def _chat_logprobs(scored: dict) -> dict:
+    """Completion-shaped logprobs (tokens, token_logprobs, top_logprobs) in the chat shape ({"content": [...]})."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(tok, lp), "top_logprobs": [entry(t, v) for t, v in (top or {}).items()]}
+                        for tok, lp, top in zip(scored["tokens"], scored["token_logprobs"], scored["top_logprobs"])]}
+
+
 # Fields a client may send that this runtime cannot honour, and why (a 400 naming the field).
 _REFUSED = {
     "presence_penalty": "og.Engine has a repetition penalty, not OpenAI's presence penalty",
@@ -509,10 +518,6 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
             return Response(status_code=499)
         choices = []
         for i, (text, result) in enumerate(zip(texts, results)):
-            if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                "finish_reason": result["finish"]})
-                continue
             scored = None
             if logprobs is not None:
                 scored = await asyncio.to_thread(engine.logprobs, ids + result["ids"], 0 if echo else len(ids),
@@ -521,6 +526,11 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
                     limit = len(echo) + len(text)
                     keep = sum(1 for off in scored["text_offset"] if off < limit) if limit else 0
                     scored = {k: v[:keep] for k, v in scored.items()}
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": None if scored is None else _chat_logprobs(scored),
+                                "finish_reason": result["finish"]})
+                continue
             choices.append({"index": i, "text": echo + text, "logprobs": scored, "finish_reason": result["finish"]})
         return {"id": rid, "object": obj, "created": created, "model": engine.model_id, "choices": choices,
                 "usage": usage()}
@@ -541,9 +551,12 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         check_model(body)
-        refuse(body, {**_REFUSED, "logprobs": "chat log-probabilities are not implemented for og.Engine; "
-                                              "use /v1/completions with logprobs",
-                      "top_logprobs": "chat log-probabilities are not implemented for og.Engine"})
+        refuse(body, _REFUSED)
+        if body.logprobs and body.stream:
+            raise ApiError(400, "'logprobs' is not supported with stream here: they are scored after generation",
+                           param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "'top_logprobs' needs logprobs: true", param="top_logprobs")
         ids = engine.chat_prompt(body)
         limit = body.limit
         if limit is None:
@@ -552,6 +565,7 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
                                     f"{engine.context_length}", param="messages")
             limit = min(CHAT_DEFAULT_MAX_TOKENS, engine.context_length - len(ids))
         engine.check_length(ids, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        return await run(request, body, ids, limit, chat=True)
+        return await run(request, body, ids, limit, chat=True,
+                         logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
     return protect(app, engine.metrics, api_key)
