@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	# llama.cpp's HF->GGUF converter at the runtime's own commit, from the installed
 	# llama-cpp-python's sdist (PyPI only; see exporters/llama_converter.py)
 	$(BIN)/python -m exporters.llama_converter
+	# llama.cpp's batching server (llama-server) built from the same sdist: `fusedeploy serve X.gguf`
+	# runs it; a C++ build of minutes (see exporters/llama_server.py)
+	$(BIN)/python -m exporters.llama_server -j 2
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -68,6 +68,16 @@ def converter_dir() -> Path:
     return folder
 
 
+def download_sdist(version: str, into: Path) -> Path:
+    """The llama-cpp-python sdist of `version`, downloaded by pip into the folder `into`."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                    f"{DIST}=={version}", "--dest", str(into)], check=True)
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if len(found) != 1:
+        raise RuntimeError(f"pip download left {found} in {into}, expected one {DIST} sdist")
+    return found[0]
+
+
 def install(version: str | None = None, dest: Path | None = None, sdist: Path | None = None) -> Path:
     """Unpack the converter from the llama-cpp-python sdist of `version` (default: the installed one)."""
     version = version or runtime_version()
@@ -75,13 +85,7 @@ def install(version: str | None = None, dest: Path | None = None, sdist: Path | 
     if (dest / "convert_hf_to_gguf.py").is_file():
         return dest
     with tempfile.TemporaryDirectory(prefix="fusedeploy-llama-sdist-") as tmp:
-        if sdist is None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                            f"{DIST}=={version}", "--dest", tmp], check=True)
-            found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-            if len(found) != 1:
-                raise RuntimeError(f"pip download left {found} in {tmp}, expected one {DIST} sdist")
-            sdist = found[0]
+        sdist = sdist or download_sdist(version, Path(tmp))
         root = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=_mkdir(dest.parent)))
         try:

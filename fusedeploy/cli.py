@@ -480,53 +480,75 @@ def build(
 @app.command()
 def serve(
     artifact: Annotated[str, typer.Argument(help="A .gguf file or an ONNX Runtime GenAI folder (export onnx).")],
-    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default (no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8000,
-    ctx: Annotated[int, typer.Option(help="Context length (GGUF; an ONNX folder uses its own).")] = 2048,
+    ctx: Annotated[int, typer.Option(help="Context length per request (GGUF; an ONNX folder uses its own).")] = 2048,
     threads: Annotated[Optional[int], typer.Option(help="Compute threads (default: up to 4).")] = None,
-    parallel: Annotated[int, typer.Option(help="Requests generated at once (ONNX; the rest queue).")] = 1,
+    parallel: Annotated[int, typer.Option(help="Requests generated at once, batched (llama-server slots / og.Engine batch); the rest queue.")] = 4,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FUSEDEPLOY_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health (env FUSEDEPLOY_API_KEY).")] = None,
 ) -> None:
-    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /v1/models, /health."""
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /v1/models, /health, /metrics."""
     from .serve import serve as run_server
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port (0-65535)")
     if parallel < 1:
         raise UserError("--parallel must be at least 1")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] listening on {host}: the server has no authentication", highlight=False)
-    run_server(artifact, host=host, port=port, n_ctx=ctx, threads=threads, parallel=parallel,
+    if ctx < 16:
+        raise UserError("--ctx must be at least 16 tokens")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key or leave the option out")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who reaches it "
+                      "can use it", highlight=False)
+    run_server(artifact, host=host, port=port, n_ctx=ctx, threads=threads, parallel=parallel, api_key=api_key,
                announce=lambda line: print(line, flush=True))
 
 
 @app.command("bench-serve")
 def bench_serve_cmd(
     url: Annotated[str, typer.Argument(help="The server, e.g. http://127.0.0.1:8000")],
-    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts, one level each.")] = "1,4,16",
+    concurrency: Annotated[Optional[str], typer.Option(help="Comma-separated client counts, one level each (default 1,4,16 unless --rate is given).")] = None,
+    rate: Annotated[Optional[str], typer.Option(help="Comma-separated Poisson request rates (requests/s), one level each.")] = None,
     duration: Annotated[float, typer.Option(help="Seconds per level; each level stops by itself.")] = 30.0,
-    max_tokens: Annotated[int, typer.Option(help="Output tokens per request (min_tokens too).")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request (when --output-len is not given).")] = 64,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompts: a .jsonl file (one {\"prompt\": ...} per line) or a text file to cut windows from (default: the built-in corpus).")] = None,
+    prompt_len: Annotated[str, typer.Option(help="Prompt length in words for text windows: N, uniform:A-B or normal:MEAN,STD.")] = "uniform:32-128",
+    output_len: Annotated[Optional[str], typer.Option(help="Output tokens per request: N, uniform:A-B or normal:MEAN,STD.")] = None,
+    slo_ttft: Annotated[Optional[float], typer.Option(help="Goodput SLO: time to first token, seconds.")] = None,
+    slo_itl: Annotated[Optional[float], typer.Option(help="Goodput SLO: mean inter-token gap, seconds.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FUSEDEPLOY_API_KEY", help="Bearer key of a server started with --api-key.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for prompts, lengths and arrivals.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Load-test an OpenAI-compatible server: requests/s, output tokens/s, TTFT and per-token latency p50/p95/p99."""
-    from .preflight import bench_serve_levels
-    from .serve.bench import bench_serve
+    """Load-test an OpenAI-compatible server: requests/s, output tokens/s, goodput, TTFT and inter-token latency p50/p95/p99."""
+    from .serve.bench import bench_serve, float_list, int_list, positive_seconds
 
-    levels = bench_serve_levels(concurrency, duration, max_tokens)
-    result = bench_serve(url, levels, duration, max_tokens=max_tokens,
-                         progress=None if as_json else lambda n: console.print(f"{n} clients for {duration:g} s ..."))
+    positive_seconds(duration, "--duration")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    levels = int_list(concurrency, "--concurrency") if concurrency is not None else ([] if rate else [1, 4, 16])
+    rates = float_list(rate, "--rate") if rate is not None else []
+    result = bench_serve(url, levels, duration, max_tokens=max_tokens, rates=rates, prompts=prompts,
+                         prompt_len=prompt_len, output_len=output_len, slo_ttft_s=slo_ttft, slo_itl_s=slo_itl,
+                         api_key=api_key, seed=seed,
+                         progress=None if as_json else lambda what: console.print(f"{what} for {duration:g} s ..."))
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"{result['model']} at {result['url']} ({max_tokens} tokens per request)")
-    for col in ("clients", "req/s", "out tok/s", "TTFT p50/p95/p99 (s)", "per-token p50/p95/p99 (ms)", "done/errors"):
+    table = Table(title=f"{result['model']} at {result['url']} (output {result['output_len']['kind']} "
+                        f"<= {result['max_tokens']} tokens)")
+    for col in ("load", "req/s", "goodput/s", "out tok/s", "TTFT p50/p95/p99 (s)", "inter-token p50/p95/p99 (ms)",
+                "done/errors"):
         table.add_column(col, justify="right")
 
     def trio(d, scale=1.0, fmt="{:.2f}"):
         return " / ".join("-" if d[k] is None else fmt.format(d[k] * scale) for k in ("p50", "p95", "p99"))
 
     for lv in result["levels"]:
-        table.add_row(str(lv["concurrency"]), f"{lv['requests_per_s']:.2f}", f"{lv['output_tokens_per_s']:.1f}",
-                      trio(lv["ttft_s"]), trio(lv["token_latency_s"], 1000, "{:.1f}"),
+        load = f"{lv['concurrency']} clients" if lv["mode"] == "concurrency" else f"{lv['rate']:g} req/s"
+        table.add_row(load, f"{lv['requests_per_s']:.2f}", f"{lv['goodput_requests_per_s']:.2f}",
+                      f"{lv['output_tokens_per_s']:.1f}", trio(lv["ttft_s"]), trio(lv["token_latency_s"], 1000, "{:.1f}"),
                       f"{lv['requests_completed']}/{lv['errors']}")
     console.print(table)
 

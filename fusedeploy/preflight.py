@@ -6,7 +6,6 @@ wastes the user's time; these checks fail in a second, with the path.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -162,26 +161,3 @@ def check_text_source(spec: str, purpose: str, flag: str) -> str:
     if not text.strip():
         raise UserError(f"{flag} {spec} holds no text; give a file (or folder) with text in it")
     return text
-
-
-def bench_serve_levels(concurrency: str, duration: float, max_tokens: int) -> list[int]:
-    """`bench-serve`'s options checked before any connection: the client counts of its levels.
-
-    A duration of inf would never end and nan would measure nothing and print zeros; a list with
-    an empty item (`1,,2`) is a typo, not a shorter list.
-    """
-    if not (math.isfinite(duration) and duration > 0):
-        raise UserError(f"--duration must be a positive, finite number of seconds per level (got {duration})")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    levels = []
-    for i, item in enumerate(concurrency.split(","), 1):
-        text = item.strip()
-        # ASCII digits only (no sign, point or exponent; not empty), and few enough to be a client count
-        if not (text.isascii() and text.isdigit() and len(text) <= 6 and int(text) >= 1):
-            what = "empty" if not text else repr(text[:20])
-            shown = repr(concurrency) if len(concurrency) <= 40 else repr(concurrency[:40]) + "..."
-            raise UserError(f"--concurrency {shown}: item {i} is {what}; give comma-separated client "
-                            "counts of at least 1, e.g. 1,4,16")
-        levels.append(int(text))
-    return levels

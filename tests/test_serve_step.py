@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from exporters.gguf import export_gguf
+from exporters.llama_server import find_server
+from exporters.onnx import export_onnx
 from fusedeploy.errors import UserError
 from fusedeploy.profiling.measure import HostCalibration
 from fusedeploy.profiling.report import _serving_markdown, serving_check, signoff
@@ -39,18 +41,24 @@ def _served_by(pid: int) -> list:
     return children_where(pid, lambda argv: "serve" in argv)
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir, tmp_path_factory):
-    return export_gguf(tiny_model_dir("llama"), tmp_path_factory.mktemp("step") / "tiny.gguf", "f32")
+@pytest.fixture(scope="module", params=["genai", "gguf"])
+def tiny_artifact(request, tiny_model_dir, tmp_path_factory):
+    """A tiny artifact of each runtime; GGUF is served by llama-server, which `make setup` builds."""
+    folder = tmp_path_factory.mktemp("step")
+    if request.param == "gguf":
+        if find_server() is None:
+            pytest.skip("llama.cpp's llama-server is not built (run `make setup` or `python -m exporters.llama_server`)")
+        return export_gguf(tiny_model_dir("llama"), folder / "tiny.gguf", "f32")
+    return export_onnx(tiny_model_dir("llama"), folder / "tiny-genai")
 
 
 @pytest.fixture(scope="module")
-def step(tiny_gguf, tmp_path_factory):
+def step(tiny_artifact, tmp_path_factory):
     profile = load_profile("edge-8gb").model_copy(
         update={"serving": Serving(concurrency=[1, 2], duration_s=DURATION, max_tokens=4)})
     log = tmp_path_factory.mktemp("log") / "serve.log"
     t0 = time.perf_counter()
-    result = serving_step(tiny_gguf, profile, HOST, log_path=log)
+    result = serving_step(tiny_artifact, profile, HOST, log_path=log)
     return result, time.perf_counter() - t0, profile, log
 
 
@@ -69,6 +77,8 @@ def test_step_serves_loads_and_stops(step):
     assert not _served_by(psutil.Process().pid)
     assert {"others_cores_before", "others_cores_during", "busy"} <= set(m["host_load"])
     assert "serving tiny" in log.read_text()
+    assert m["server"]["parallel"] == profile.batch_size  # the profile's batch, on either runtime
+    assert f"--parallel {profile.batch_size}" in log.read_text()
     ratio = profile.memory_bandwidth_gbps / HOST.memory_bandwidth_gbps
     assert p["bandwidth_ratio"] == pytest.approx(ratio)
     for lm, lp in zip(m["levels"], p["levels"]):

@@ -1,17 +1,31 @@
-"""An OpenAI-compatible HTTP app for an ONNX Runtime GenAI folder (FastAPI + sse-starlette).
+"""An OpenAI-compatible HTTP app for an ONNX Runtime GenAI folder, generating with `og.Engine`.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-`"stream": true`), `GET /v1/models`, `GET /health`. Request bodies are
-pydantic models, so a malformed request is a 400 with an OpenAI-style
-`{"error": {...}}` body before any model work happens.
+`"stream": true`), `GET /v1/models`, `GET /health`, `GET /metrics`. Request
+bodies are the strict models of `api.py`: a malformed request or a field
+this server does not implement is a 400 with an OpenAI-style body before
+any model work happens.
 
-The model runs in `og.Generator`, one generator per request with a KV buffer
-of exactly prompt + max_tokens. Generators are stepped in worker threads
-(ONNX Runtime releases the GIL); `parallel` bounds how many are active at
-once, the rest queue (llama.cpp's server, the GGUF side, serves one at a
-time). Streaming is server-sent events; when a client goes away mid-stream,
-sse-starlette cancels the response task, the `finally` below frees the
-generator and the slot, and the server carries on.
+Generation runs in ONNX Runtime GenAI's `og.Engine`, which schedules every
+request into batched model steps (up to `parallel` sequences per step). The
+engine is not thread-safe, so one driver thread owns it: requests are
+submitted and cancelled through a queue, and the driver steps the engine
+while any request is pending, handing each token event to its request's
+asyncio queue. What the engine batches depends on the folder: with a paged
+KV cache (`engine.dynamic_batching`) a request joins the running batch at
+the next step (continuous batching); the folders `fusedeploy export onnx`
+writes have a contiguous cache, for which 0.18's engine batches the
+requests that are waiting when a batch starts, and a request arriving
+mid-batch starts when that batch ends.
+
+A client that disconnects cancels its turn in the engine (the slot frees at
+the next step). Stop strings are matched here on the decoded text, holding
+back any tail that could be the start of one, so no part of a stop string
+is ever sent, also when it spans tokens; the engine's own stop strings
+decode with `og.Tokenizer`, which misreads some byte-level BPE tokenizers
+(below). `logprobs` (completions and chat, not streamed) are computed by one
+`og.Generator` pass over prompt + completion -- the pass `fusedeploy verify`
+checks against PyTorch -- so the numbers are the model's own.
 
 Text goes through the folder's Hugging Face tokenizer (as everywhere else in
 FuseDeploy), not `og.Tokenizer`: ONNX Runtime Extensions misreads byte-level
@@ -21,58 +35,24 @@ built-in SmolLM2's does; it turns every space into three -1 ids).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
+import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
 
-from contextlib import aclosing
-
-import anyio
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from ..errors import UserError
+from .api import (ApiError, Body, ChatBody, CompletionBody, Metrics, error_body, protect, TokenClock, add_metrics_route,
+                  cancel_on_disconnect, install_error_handlers, refuse)
 
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs: null, ...)
-
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)  # completions: 16 (OpenAI's default); chat: up to 512
-    min_tokens: int = Field(0, ge=0)  # not OpenAI's; llama.cpp's server has it: no end-of-sequence before this
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # not OpenAI's; 0 = no limit (llama.cpp's server accepts it too)
-    seed: Optional[int] = None
-    stream: bool = False
-    stop: Optional[Union[str, list[str]]] = None
-    n: int = Field(1, ge=1, le=1)
-
-
-class CompletionBody(_Body):
-    prompt: Union[str, list[str]]
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+CHAT_DEFAULT_MAX_TOKENS = 512
 
 
 class TextDelta:
@@ -90,8 +70,180 @@ class TextDelta:
         return new
 
 
+class StopCutter:
+    """Cuts streamed text before the first stop string; never releases text that may begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held = [s for s in stops if s], ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text safe to send, whether a stop string was reached)."""
+        text = self.held + piece
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.held = ""
+            return text[:min(cuts)], True
+        keep = 0
+        for s in self.stops:  # the longest tail of text that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+@dataclass
+class Settings:
+    """One request's generation settings, as the engine takes them."""
+
+    max_tokens: int
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    ids: list[int]
+    settings: Settings
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request: object = None
+    turn: int = 0
+    finished: bool = False
+
+
+class EngineDriver:
+    """The one thread that touches `og.Engine`: submits, cancels, steps, and hands events back."""
+
+    def __init__(self, og, model, parallel: int):
+        self.og, self.model, self.parallel = og, model, parallel
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: dict[int, _Job] = {}  # id(og.Request) -> job; the event carries the same Python object
+        self.TOKEN = int(og.EngineEventFlags.TOKEN)
+        self.FINISHED = int(og.EngineEventFlags.TURN_FINISHED)
+        self.FAILED = int(og.EngineEventFlags.FAILED)
+        self._ready = threading.Event()
+        self._failure: str | None = None
+        self.thread = threading.Thread(target=self._run, name="og-engine", daemon=True)
+        self.thread.start()
+        self._ready.wait()
+        if self._failure:
+            raise UserError(f"ONNX Runtime GenAI cannot start its engine: {self._failure}")
+
+    def _run(self) -> None:
+        # The engine checks that every call comes from the thread that created it.
+        try:
+            self.engine = self.og.Engine(self.model)
+            self.buffer = self.engine.create_event_buffer(max(64, 4 * self.parallel))
+        except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with the reason
+            self._failure = str(exc).splitlines()[0]
+            return
+        finally:
+            self._ready.set()
+        self._loop()
+
+    def submit(self, job: _Job) -> None:
+        self.commands.put(("submit", job))
+
+    def cancel(self, job: _Job) -> None:
+        self.commands.put(("cancel", job))
+
+    def stop(self) -> None:
+        self.commands.put(("stop", None))
+        self.thread.join(timeout=5)
+
+    @staticmethod
+    def _send(job: _Job, item) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            busy = self.engine.has_pending_requests()
+            try:
+                command = self.commands.get_nowait() if busy else self.commands.get(timeout=0.5)
+            except queue.Empty:
+                command = None
+            if command is not None:
+                kind, job = command
+                if kind == "stop":
+                    return
+                try:
+                    (self._start if kind == "submit" else self._cancel)(job)
+                except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with the reason
+                    job.finished = True
+                    self._send(job, ("error", str(exc).splitlines()[0]))
+                continue  # every queued command first, then one engine step
+            if busy:
+                self._step()
+
+    def _start(self, job: _Job) -> None:
+        og, s = self.og, job.settings
+        options = og.RequestOptions()
+        options.set_max_session_tokens(len(job.ids) + s.max_tokens)
+        request = self.engine.create_request(options=options)
+        turn = og.TurnOptions(request)
+        turn.set_max_generated_tokens(s.max_tokens)
+        if s.min_tokens:
+            turn.set_min_generated_tokens(min(s.min_tokens, s.max_tokens))
+        turn.set_repetition_penalty(1.0)  # genai_config.json's search section must not change the request
+        if s.temperature > 0:
+            turn.set_do_sample(True)
+            turn.set_temperature(s.temperature)
+            turn.set_top_p(s.top_p)
+            turn.set_top_k(s.top_k)
+            if s.seed is not None:
+                turn.set_seed(int(s.seed) & 0x7FFFFFFF)
+        else:
+            turn.set_do_sample(False)
+            turn.set_top_k(1)
+        job.request = request
+        self.jobs[id(request)] = job
+        job.turn = request.begin_turn(np.asarray(job.ids, dtype=np.int32), turn)
+
+    def _cancel(self, job: _Job) -> None:
+        if job.request is not None and not job.finished:
+            job.request.cancel_turn(job.turn)  # the engine answers with a CANCELLED turn-finished event
+
+    def _step(self) -> None:
+        self.engine.run(self.buffer)
+        for k in range(len(self.buffer)):
+            event = self.buffer[k]
+            job = self.jobs.get(id(event.request))
+            if job is None:
+                continue
+            flags = int(event.flags)
+            if flags & self.TOKEN:
+                self._send(job, ("token", int(event.token)))
+            if flags & self.FAILED:
+                self._finish(job, ("error", f"the engine failed this request ({event.error_code.name})"))
+            elif flags & self.FINISHED:
+                self._finish(job, ("done", event.finish_reason.name))
+
+    def _finish(self, job: _Job, item) -> None:
+        job.finished = True
+        self.jobs.pop(id(job.request), None)
+        try:
+            job.request.close()
+        except Exception:  # noqa: BLE001 - closing a finished request can only fail if it is gone already
+            pass
+        self._send(job, item)
+
+
 class GenAIEngine:
-    """The loaded model, its tokenizer, and the slots that bound concurrent generators."""
+    """The loaded model, its tokenizer, and the engine driver."""
+
+    runtime = "onnxruntime-genai"
 
     def __init__(self, folder: str | Path, parallel: int = 1, threads: int | None = None,
                  model_id: str | None = None):
@@ -103,139 +255,172 @@ class GenAIEngine:
             raise UserError(f"{folder} is not an ONNX Runtime GenAI folder (no genai_config.json); "
                             "export it with `fusedeploy export onnx` (the default genai engine)")
         self.og = og
+        self.parallel = max(1, parallel)
+        raw = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+        # The batch the engine schedules: `parallel` sequences per step, under whichever
+        # batching the folder's cache allows (a paged cache's section is kept, its size set).
+        batching = "dynamic_batching" if "dynamic_batching" in raw.get("engine", {}) else "static_batching"
+        self.dynamic = batching == "dynamic_batching"  # 0.18 takes a per-request seed only then
+        overlay = {"engine": {batching: {"max_batch_size": self.parallel}}}
+        if threads:
+            overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}
         try:
             config = og.Config(str(folder))
-            if threads:
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                    "intra_op_num_threads": int(threads)}}}}))
+            config.overlay(json.dumps(overlay))
             self.model = og.Model(config)
         except Exception as exc:  # noqa: BLE001 - og raises RuntimeError with the reason
             raise UserError(f"ONNX Runtime GenAI cannot load {folder}: {str(exc).splitlines()[0]}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
-        self.context_length = int(cfg["context_length"])
+        cfg = raw["model"]
+        # The engine refuses a request longer than the search section's max_length.
+        self.context_length = min(int(cfg["context_length"]), int(raw.get("search", {}).get("max_length") or 1 << 30))
         eos = cfg.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.model_id = model_id or folder.name
         self.created = int(time.time())
-        self.parallel = max(1, parallel)
-        self.slots = anyio.Semaphore(self.parallel)  # async: a request cancelled while queued holds nothing
+        self.metrics = Metrics(self.runtime, self.model_id, self.parallel)
+        self.driver = EngineDriver(og, self.model, self.parallel)
+
+    def close(self) -> None:
+        self.driver.stop()
 
     # ---- prompt building
-    def chat_prompt(self, messages: list[Message]) -> list[int]:
+    def chat_prompt(self, body: ChatBody) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-        text = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                                  add_generation_prompt=True)
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def completion_prompt(self, prompt: str | list[str]) -> list[int]:
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def completion_prompt(self, body: CompletionBody) -> list[int]:
+        ids = self.tokenizer(body.text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens", param="prompt")
+        return ids
 
-    def check_length(self, ids: list[int], max_tokens: int) -> None:
+    def check_length(self, ids: list[int], max_tokens: int, param: str = "max_tokens") -> None:
         if len(ids) + max_tokens > self.context_length:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                f"context length {self.context_length}", param="max_tokens")
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + {param} ({max_tokens}) exceeds the model's "
+                                f"context length {self.context_length}", param=param)
 
-    def generator(self, ids: list[int], body: _Body, max_tokens: int):
-        self.check_length(ids, max_tokens)
-        params = self.og.GeneratorParams(self.model)
-        options = dict(max_length=len(ids) + max_tokens, min_length=len(ids) + min(body.min_tokens, max_tokens),
-                       do_sample=body.temperature > 0, repetition_penalty=1.0,
-                       num_beams=1)
-        if body.temperature > 0:
-            options.update(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k or 0)
-            if body.seed is not None:
-                options["random_seed"] = int(body.seed)
-        else:
-            options["top_k"] = 1
-        params.set_search_options(**options)
-        gen = self.og.Generator(self.model, params)
-        return gen
+    def settings(self, body: Body, max_tokens: int) -> Settings:
+        return Settings(max_tokens=max_tokens, min_tokens=max_tokens if body.ignore_eos else body.min_tokens,
+                        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
 
-    async def tokens(self, ids: list[int], body: _Body, max_tokens: int):
-        """Async iterator of (token, text piece, is_eos); holds a slot while it runs. Close it (aclosing)."""
-        async with self.slots:
-            gen = self.generator(ids, body, max_tokens)
-            await anyio.to_thread.run_sync(gen.append_tokens, np.asarray(ids, dtype=np.int32))
-            delta = TextDelta(self.tokenizer)
-            count = 0
-
-            def step():
-                gen.generate_next_token()
-                return int(gen.get_next_tokens()[0])
-
-            while count < max_tokens and not gen.is_done():
-                token = await anyio.to_thread.run_sync(step)
-                count += 1
-                if token in self.eos:
-                    yield token, "", True
+    async def tokens(self, ids: list[int], settings: Settings):
+        """Async iterator of ("token", id) ... then ("done", finish reason); cancels its turn when closed early."""
+        job = _Job(ids=ids, settings=settings, loop=asyncio.get_running_loop())
+        self.metrics.queued()
+        started = False
+        self.driver.submit(job)
+        try:
+            while True:
+                item = await job.events.get()
+                if item[0] == "error":
+                    raise ApiError(500, item[1], "server_error")
+                if not started:
+                    started = True
+                    self.metrics.started()
+                yield item
+                if item[0] == "done":
                     return
-                yield token, delta.push(token), False
+        finally:
+            if not job.finished:
+                self.driver.cancel(job)
+            self.metrics.finished(started)
+
+    def logprobs(self, ids: list[int], start: int, top: int) -> dict:
+        """OpenAI completion logprobs for ids[start:] from one og.Generator pass over `ids` (its logits[i] -> ids[i+1])."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids), min_length=0, do_sample=False, repetition_penalty=1.0,
+                                  num_beams=1, top_k=1)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        logits = np.array(gen.get_output("logits")[0], dtype=np.float64)
+        del gen
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for i in range(start, len(ids)):
+            piece = self.tokenizer.decode([ids[i]])
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            offset += len(piece)
+            if i == 0:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            row = logp[i - 1]
+            out["token_logprobs"].append(float(row[ids[i]]))
+            best = np.argsort(-row)[:top] if top else []
+            out["top_logprobs"].append({self.tokenizer.decode([int(t)]): float(row[t]) for t in best})
+        return out
 
 
-def _stop_at(text: str, stop: list[str]) -> int | None:
-    cut = [text.find(s) for s in stop if s and s in text]
-    return min(cut) if cut else None
-
-
-async def _pieces(engine: GenAIEngine, ids, body, max_tokens: int, stop: list[str] | None, result: dict):
-    """The new text, piece by piece, cut before the first stop string; `result` gets finish reason and token count.
+async def _pieces(engine: GenAIEngine, ids: list[int], settings: Settings, stops: list[str], result: dict):
+    """The new text, piece by piece, cut before the first stop string; `result` gets finish reason, tokens, ids.
 
     One loop for streamed and whole answers, so both stop at the same place.
     """
-    text, finish, count = "", "length", 0
-    async with aclosing(engine.tokens(ids, body, max_tokens)) as tokens:
-        async for _, piece, eos in tokens:
-            count += 1
-            if eos:
+    delta, cutter = TextDelta(engine.tokenizer), StopCutter(stops)
+    clock = TokenClock(engine.metrics, result["received"])
+    finish, generated, stopped = "length", [], False
+    try:
+        async for kind, value in engine.tokens(ids, settings):
+            if kind == "done":
+                finish = "stop" if value in ("EOS", "STOP_STRING") else "length"
+                break
+            generated.append(value)
+            clock.tokens(time.perf_counter())
+            if value in engine.eos:
+                continue
+            text, stopped = cutter.push(delta.push(value))
+            if text:
+                yield text
+            if stopped:  # leaving the loop closes engine.tokens, which cancels the turn
                 finish = "stop"
                 break
-            cut = _stop_at(text + piece, stop) if stop else None
-            if cut is not None:
-                tail = (text + piece)[len(text):cut]
-                if tail:
-                    yield tail
-                finish = "stop"
-                break
-            text += piece
-            if piece:
-                yield piece
-    result.update(finish=finish, count=count)
+        if not stopped and (tail := cutter.flush()):  # held back for a stop string that never came
+            yield tail
+    finally:
+        engine.metrics.prompt_tokens.inc(len(ids))
+        engine.metrics.generation_tokens.inc(len(generated))
+        result.update(finish=finish, count=len(generated), ids=generated)
 
 
-def create_app(engine: GenAIEngine):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+def _chat_logprobs(scored: dict) -> dict:
+    """Completion-shaped logprobs (tokens, token_logprobs, top_logprobs) in the chat shape ({"content": [...]})."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(tok, lp), "top_logprobs": [entry(t, v) for t, v in (top or {}).items()]}
+                        for tok, lp, top in zip(scored["tokens"], scored["token_logprobs"], scored["top_logprobs"])]}
+
+
+# Fields a client may send that this runtime cannot honour, and why (a 400 naming the field).
+_REFUSED = {
+    "presence_penalty": "og.Engine has a repetition penalty, not OpenAI's presence penalty",
+    "frequency_penalty": "og.Engine has a repetition penalty, not OpenAI's frequency penalty",
+}
+
+
+def create_app(engine: GenAIEngine, api_key: str | None = None):
+    """The ASGI app: FastAPI routes behind the API key check and the request counter."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
     from sse_starlette.sse import EventSourceResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="FuseDeploy ONNX Runtime GenAI server", docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return JSONResponse(_error_body("the request body is not valid JSON"), status_code=400)
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse(_error_body(msg, param=where), status_code=400)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(_error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(_error_body(str(exc.detail), "not_found_error" if exc.status_code == 404
-                                        else "invalid_request_error"), status_code=exc.status_code)
+    app = FastAPI(title="FuseDeploy ONNX Runtime GenAI server", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    install_error_handlers(app)
+    add_metrics_route(app, engine.metrics)
 
     @app.get("/health")
     async def health():
@@ -246,65 +431,141 @@ def create_app(engine: GenAIEngine):
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": engine.created,
                                             "owned_by": "fusedeploy"}]}
 
-    def check_model(body: _Body):
+    def check_model(body: Body):
         if body.model not in (None, "", engine.model_id):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {engine.model_id!r}",
                            "not_found_error", "model")
+        if body.seed is not None and not engine.dynamic:
+            raise ApiError(400, "'seed' is not supported here: og.Engine takes a per-request seed only for a model "
+                                "with a paged KV cache (dynamic batching), which this folder does not have",
+                           param="seed")
 
-    async def run(body: _Body, ids: list[int], max_tokens: int, chat: bool):
-        check_model(body)
-        engine.check_length(ids, max_tokens)  # before answering 200
+    async def run(request: Request, body: Body, ids: list[int], max_tokens: int, chat: bool, echo: str = "",
+                  logprobs: int | None = None):
+        """One request's answer: `body.n` choices, each its own engine request (batched together)."""
+        received = time.perf_counter()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = body.stops
         obj = "chat.completion" if chat else "text_completion"
+        base = engine.settings(body, max_tokens)
+        # Different seeds, so sampled choices differ (a fixed seed stays reproducible); greedy ones are equal.
+        settings = [base if i == 0 or base.seed is None else Settings(**{**base.__dict__, "seed": base.seed + i})
+                    for i in range(body.n)]
+        results = [{"received": received} for _ in range(body.n)]
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def usage() -> dict:
+            count = sum(r.get("count", 0) for r in results)
+            return {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
+
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
             return {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
                     "model": engine.model_id, "choices": [choice]}
 
         if body.stream:
             async def events():
-                if chat:
-                    yield json.dumps(chunk(None, None, first=True))
-                result = {}
-                async for piece in _pieces(engine, ids, body, max_tokens, stop, result):
-                    yield json.dumps(chunk(piece, None))
-                finish, count = result["finish"], result["count"]
-                final = chunk(None, finish)
-                final["usage"] = {"prompt_tokens": len(ids), "completion_tokens": count,
-                                  "total_tokens": len(ids) + count}
-                yield json.dumps(final)
+                for i in range(body.n):
+                    if chat or echo:
+                        yield json.dumps(chunk(i, echo or None, None, first=chat))
+                merged: asyncio.Queue = asyncio.Queue()
+
+                async def pump(i: int):
+                    try:
+                        async for piece in _pieces(engine, ids, settings[i], stops, results[i]):
+                            await merged.put((i, piece))
+                        await merged.put((i, None))
+                    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                        await merged.put((i, exc))
+
+                tasks = [asyncio.create_task(pump(i)) for i in range(body.n)]
+                try:
+                    remaining = body.n
+                    while remaining:
+                        i, piece = await merged.get()
+                        if isinstance(piece, ApiError):  # the answer has begun: the error is the stream's end
+                            yield json.dumps(error_body(piece.message, piece.kind, piece.param))
+                            return
+                        if isinstance(piece, Exception):
+                            raise piece
+                        if piece is None:
+                            remaining -= 1
+                            yield json.dumps(chunk(i, None, results[i]["finish"]))
+                        else:
+                            yield json.dumps(chunk(i, piece, None))
+                finally:  # the client left (sse-starlette cancels us) or all ended: cancel what still runs
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                if body.include_usage:  # OpenAI's shape: a last chunk with no choices
+                    yield json.dumps({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
+                                      "model": engine.model_id, "choices": [], "usage": usage()})
                 yield "[DONE]"
 
             return EventSourceResponse(events(), ping=15)
 
-        result = {}
-        text = "".join([piece async for piece in _pieces(engine, ids, body, max_tokens, stop, result)])
-        if stop and (cut := _stop_at(text, stop)) is not None:  # a stop string that began in an earlier piece
-            text = text[:cut]
-        finish, count = result["finish"], result["count"]
-        usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": obj, "created": created, "model": engine.model_id, "choices": [choice],
-                "usage": usage}
+        async def whole(i: int) -> str:
+            return "".join([piece async for piece in _pieces(engine, ids, settings[i], stops, results[i])])
+
+        texts = await cancel_on_disconnect(request, asyncio.gather(*(whole(i) for i in range(body.n))))
+        if texts is None:  # the client left; nobody reads an answer
+            from starlette.responses import Response
+
+            return Response(status_code=499)
+        choices = []
+        for i, (text, result) in enumerate(zip(texts, results)):
+            scored = None
+            if logprobs is not None:
+                scored = await asyncio.to_thread(engine.logprobs, ids + result["ids"], 0 if echo else len(ids),
+                                                 logprobs)
+                if stops:  # only the tokens whose text was sent (a stop string cuts the text)
+                    limit = len(echo) + len(text)
+                    keep = sum(1 for off in scored["text_offset"] if off < limit) if limit else 0
+                    scored = {k: v[:keep] for k, v in scored.items()}
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": None if scored is None else _chat_logprobs(scored),
+                                "finish_reason": result["finish"]})
+                continue
+            choices.append({"index": i, "text": echo + text, "logprobs": scored, "finish_reason": result["finish"]})
+        return {"id": rid, "object": obj, "created": created, "model": engine.model_id, "choices": choices,
+                "usage": usage()}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        return await run(body, engine.completion_prompt(body.prompt), body.max_tokens or 16, chat=False)
+    async def completions(body: CompletionBody, request: Request):
+        check_model(body)
+        refuse(body, _REFUSED)
+        if body.logprobs is not None and body.stream:
+            raise ApiError(400, "'logprobs' is not supported with stream here: they are scored after generation",
+                           param="logprobs")
+        ids = engine.completion_prompt(body)
+        max_tokens = body.max_tokens or 16
+        engine.check_length(ids, max_tokens)
+        return await run(request, body, ids, max_tokens, chat=False, echo=body.text if body.echo else "",
+                         logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
-        ids = engine.chat_prompt(body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(512, engine.context_length - len(ids))
-        return await run(body, ids, max_tokens, chat=True)
+    async def chat_completions(body: ChatBody, request: Request):
+        check_model(body)
+        refuse(body, _REFUSED)
+        if body.logprobs and body.stream:
+            raise ApiError(400, "'logprobs' is not supported with stream here: they are scored after generation",
+                           param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "'top_logprobs' needs logprobs: true", param="top_logprobs")
+        ids = engine.chat_prompt(body)
+        limit = body.limit
+        if limit is None:
+            if len(ids) >= engine.context_length:
+                raise ApiError(400, f"the chat prompt ({len(ids)} tokens) does not fit the model's context length "
+                                    f"{engine.context_length}", param="messages")
+            limit = min(CHAT_DEFAULT_MAX_TOKENS, engine.context_length - len(ids))
+        engine.check_length(ids, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        return await run(request, body, ids, limit, chat=True,
+                         logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
-    return app
+    return protect(app, engine.metrics, api_key)

@@ -8,11 +8,13 @@ CLI a user runs, so the figures are those of the server a user gets.
 Figures are measured on this host. Output tokens/s, requests/s and per-token
 latency are also projected onto the profile by the memory-bandwidth ratio,
 the basis of the single-stream decode budget (measure.project): every served
-token is a decode step, and decode is memory-bound. The projection keeps this
-server's scheduling (llama-cpp-python's server runs one request at a time; the
-GenAI app `batch_size` at a time), so it does not credit a target with the
-batching a datacenter server would add. Time to first token under load is
-queueing plus prefill (compute-bound), so it stays measured only.
+token is a decode step, and decode is memory-bound. The server batches the
+profile's `batch_size` requests at once on either runtime (llama-server's
+`--parallel` slots with continuous batching; og.Engine's batch), the
+sequences the target is sized to run together; the projection keeps that
+scheduling, so it does not credit a target with a larger batch than its
+profile gives it. Time to first token under load is queueing plus prefill
+(compute-bound), so it stays measured only.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 
 from .. import formats
 from ..errors import UserError
-from .bench import DEFAULT_PROMPT, bench_serve
+from .bench import Lengths, bench_serve
 
 STARTUP_TIMEOUT_S = 300.0  # the server loads the whole model before it answers /health
 STOP_TIMEOUT_S = 15.0  # uvicorn's graceful shutdown is 5 s; after this the server is killed
+PROMPT_LEN = "uniform:32-128"  # words per prompt of the load test
+TOKENS_PER_WORD = 4
 _ANNOUNCE = re.compile(r"^serving .* at (http://\S+?)/v1\b", re.MULTILINE)
 
 
@@ -77,9 +81,8 @@ def served(artifact: str | os.PathLike, parallel: int = 1, ctx: int = 2048, log_
     with contextlib.ExitStack() as stack:
         if log_path is None:
             log_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusedeploy-serve-"))) / "serve.log"
-        cmd = [sys.executable, "-m", "fusedeploy", "serve", str(artifact), "--port", "0", "--ctx", str(ctx)]
-        if parallel > 1:
-            cmd += ["--parallel", str(parallel)]
+        cmd = [sys.executable, "-m", "fusedeploy", "serve", str(artifact), "--port", "0", "--ctx", str(ctx),
+               "--parallel", str(parallel)]
         with open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -99,12 +102,14 @@ def serving_load(artifact: str | os.PathLike, concurrency: list[int], duration_s
     time.sleep(0.3)
     others_before = before.others_cores()
     during = HostLoad()
-    # The prompt is ASCII, so at most one token per character: this context always holds prompt + output.
-    ctx = len(DEFAULT_PROMPT) + max_tokens + 16
+    # Distinct prompts (windows of the built-in corpus); at most TOKENS_PER_WORD tokens a word is generous
+    # for its English and code, so this context holds prompt + output.
+    ctx = TOKENS_PER_WORD * Lengths.parse(PROMPT_LEN, "prompt").upper + max_tokens + 16
     t0 = time.perf_counter()
     with served(artifact, parallel=parallel, ctx=ctx, log_path=log_path) as url:
         startup_s = time.perf_counter() - t0
-        result = bench_serve(url, concurrency, duration_s, max_tokens=max_tokens, progress=progress)
+        result = bench_serve(url, concurrency, duration_s, max_tokens=max_tokens, prompt_len=PROMPT_LEN,
+                             progress=progress)
     # Read after the server was reaped: its CPU time then counts as ours, not as other processes'.
     others_during = during.others_cores()
     del result["url"]  # an ephemeral port: not a property of the artifact
@@ -129,13 +134,12 @@ def project_serving(measured: dict, host_bandwidth_gbps: float, profile_bandwidt
 def serving_step(artifact: str | os.PathLike, profile, host, log_path: Path | None = None, progress=None) -> dict:
     """The profile stage's load test of one artifact: measured here, projected onto `profile`.
 
-    An ONNX Runtime GenAI folder is served with `--parallel` = the profile's
-    batch size (the sequences the target runs at once); llama-cpp-python's
-    server runs one request at a time whatever is asked.
+    Served with `--parallel` = the profile's batch size (the sequences the
+    target runs at once), GGUF by llama-server and ONNX by og.Engine.
     """
     s = profile.serving
-    gguf = formats.runtime_for_path(artifact).name == "llama.cpp"
+    formats.runtime_for_path(artifact)  # an artifact no runtime serves is a UserError before a server starts
     measured = serving_load(artifact, s.concurrency, s.duration_s, s.max_tokens,
-                            parallel=1 if gguf else profile.batch_size, log_path=log_path, progress=progress)
+                            parallel=profile.batch_size, log_path=log_path, progress=progress)
     return {"measured": measured,
             "projected": project_serving(measured, host.memory_bandwidth_gbps, profile.memory_bandwidth_gbps)}
