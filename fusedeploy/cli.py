@@ -568,6 +568,10 @@ _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errn
 
 
 def _fail(message: str, code: int = 2) -> None:
+    from .outputs import secondary_rank
+
+    if secondary_rank():  # under torchrun every rank meets the same mistake: rank 0 says it, the rest exit
+        sys.exit(code)
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
     sys.exit(code)
 

@@ -65,7 +65,7 @@ def mark(path: str | os.PathLike, kind: str) -> None:
     `fusedeploy.*` metadata, so only its mode is fixed.
     """
     p = Path(path)
-    if _secondary_rank():
+    if secondary_rank():
         return
     if p.is_dir():
         _write_marker(p, kind)
@@ -190,8 +190,9 @@ def remove_entry(entry: Path) -> None:
 _HELD: set[str] = set()  # lock files this process holds
 
 
-def _secondary_rank() -> bool:
-    """A torch.distributed worker other than rank 0: it shares rank 0's claim and leaves marking to it."""
+def secondary_rank() -> bool:
+    """A torch.distributed worker other than rank 0: it shares rank 0's claim, leaves marking and
+    error lines to it (every rank meets the same user error; one line is enough)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
 
 
@@ -208,7 +209,7 @@ def claim(out: str | os.PathLike):
     o.parent.mkdir(parents=True, exist_ok=True)
     lock_path = o.parent / f".{o.name}.lock"
     held = str(lock_path.resolve())
-    if held in _HELD or _secondary_rank():  # reentrant: the CLI and the library may both claim the same output
+    if held in _HELD or secondary_rank():  # reentrant: the CLI and the library may both claim the same output
         yield o
         return
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)

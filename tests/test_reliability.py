@@ -294,6 +294,31 @@ def test_a_diverged_compression_fails_in_one_line_and_writes_no_output(run_cli, 
     assert text.read_text().startswith("The quick")
 
 
+# (id, compress arguments after --model): mistakes every torchrun rank meets before the process group starts
+RANK_CASES = [
+    ("non-finite-setting", ["--set", "lr_fusion=inf"], "finite number"),
+    ("sparsity-zero", ["--sparsity", "0"], "sparsity must be between 0 and 1"),
+    ("unknown-method", ["--method", "nope", "--recipe", "quick"], "unknown method"),
+]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.parametrize("case_id,args,expected", RANK_CASES, ids=[c[0] for c in RANK_CASES])
+def test_under_torchrun_only_rank_0_prints_the_error(run_cli, tiny_model_dir, tmp_path, monkeypatch, case_id, args,
+                                                     expected, rank):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    code, out, err = run_cli("compress", "--model", tiny_model_dir("llama"), *args, "--out", tmp_path / "c")
+    assert code == 2 and "Traceback" not in err + out, err
+    if rank == "0":
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], err
+    else:
+        assert err.strip() == "" and out.strip() == "", err  # rank 0 has said it
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_signoff_and_planner_fail_non_finite_figures():
     from fusedeploy.judge import at_least, at_most
     from fusedeploy.profiling.report import signoff
