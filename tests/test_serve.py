@@ -244,8 +244,10 @@ def test_concurrent_streams_all_complete(server):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    _, url, proc = server
+    runtime, url, proc = server
     c = client(url)
+    generated = "llamacpp:tokens_predicted_total" if runtime == "gguf" else "fusedeploy_generation_tokens_total"
+    before = metric(url, generated)
     for _ in range(PARALLEL):  # as many long generations as there are slots, each dropped after 3 tokens
         stream = c.completions.create(model="", prompt="A long story", max_tokens=450, temperature=0, stream=True,
                                       extra_body=EXACT)
@@ -255,10 +257,17 @@ def test_a_client_that_disconnects_frees_its_slot(server):
             if got >= 3:
                 break
         stream.close()  # closes the connection mid-stream
-    deadline = time.monotonic() + 10
+    for _ in range(2):  # not streamed: the client gives up waiting (a read timeout closes the connection)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=httpx.Timeout(30, read=0.5),
+                       json={"prompt": "Another long story", "max_tokens": 450, "ignore_eos": True})
+    # Generation stops at once (far fewer tokens than the 6 x 450 asked for); llama-server may take some
+    # seconds more to mark a cancelled slot idle (on a loaded 2-core box up to ~15 s was seen).
+    deadline = time.monotonic() + 30
     while metric(url, "fusedeploy_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.2)
     assert metric(url, "fusedeploy_requests_running") == 0
+    assert metric(url, generated) - before < 1000
     assert proc.poll() is None
     # Every slot is free again: as many short requests as slots, at once, finish (leaked slots would keep
     # generating 450 tokens each first).
@@ -431,6 +440,10 @@ def test_serve_bad_artifacts(tmp_path, artifacts):
     assert r.returncode == 2 and "re-export" in (r.stdout + r.stderr)
     r = run("serve", str(artifacts["genai"]), "--port", "0", "--api-key", " ")
     assert r.returncode == 2 and "--api-key" in (r.stdout + r.stderr)
+    missing = subprocess.run([sys.executable, "-m", "fusedeploy.cli", "serve", str(artifacts["gguf"]), "--port", "0"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "FUSEDEPLOY_LLAMA_SERVER": str(tmp_path / "no-such-binary")})
+    assert missing.returncode == 2 and "make setup" in missing.stderr + missing.stdout
     r = run("bench-serve", "http://127.0.0.1:1", "--concurrency", "1,x")
     assert r.returncode == 2 and "--concurrency" in (r.stdout + r.stderr)
 

@@ -1,8 +1,9 @@
 """Serving: an OpenAI-compatible HTTP endpoint for an artifact (`server.py`) and its load test (`bench.py`).
 
-GGUF files are served by llama-cpp-python's own server; ONNX Runtime GenAI
-folders by our small FastAPI app (`genai_app.py`). Both answer the same
-routes, so `bench.py` measures either.
+GGUF files are served by llama.cpp's `llama-server` behind a small proxy
+(`llama_app.py`); ONNX Runtime GenAI folders by `og.Engine` (`genai_app.py`).
+Both check requests with the same models and answer the same routes
+(`api.py`), so `bench.py` measures either.
 """
 
 from .server import build_app, serve

@@ -243,28 +243,32 @@ def create_app(server: LlamaServer, api_key: str | None = None):
         clock = TokenClock(metrics, received)
         if body.stream:  # always ask for usage (token counters); the client sees it only if it asked
             payload = {**payload, "stream_options": {"include_usage": True}}
-        try:
-            response = await client.send(client.build_request("POST", route, json=payload), stream=True)
-        except httpx.HTTPError as exc:
-            raise ApiError(502, f"llama-server does not answer ({type(exc).__name__})", "server_error") from None
+        async def exchange():
+            """Send upstream; streamed: the open response; not streamed: the whole answer (then closed)."""
+            try:
+                response = await client.send(client.build_request("POST", route, json=payload), stream=True)
+            except httpx.HTTPError as exc:
+                raise ApiError(502, f"llama-server does not answer ({type(exc).__name__})", "server_error") from None
+            if response.status_code != 200 or not body.stream:
+                try:
+                    return response, await response.aread()
+                finally:
+                    await response.aclose()
+            return response, None
+
+        # llama-server answers (headers included) only once a slot has produced something, or, not streamed,
+        # all of it: a client that leaves meanwhile cancels the exchange, whose connection closes, and
+        # llama-server stops that generation. (fan_out watches once for all its choices.)
+        done = await (cancel_on_disconnect(request, exchange()) if watch else exchange())
+        if done is None:
+            from starlette.responses import Response
+
+            return Response(status_code=499)
+        response, raw = done
         if response.status_code != 200:
-            raw = await response.aread()
-            await response.aclose()
             return upstream_error(response.status_code, raw)
 
         if not body.stream:
-            async def read():
-                try:
-                    return await response.aread()
-                finally:
-                    await response.aclose()
-
-            # A client that leaves cancels the read, which closes the upstream connection: llama-server stops.
-            raw = await (cancel_on_disconnect(request, read()) if watch else read())
-            if raw is None:
-                from starlette.responses import Response
-
-                return Response(status_code=499)
             data = json.loads(raw)
             usage, timings = data.get("usage") or {}, data.pop("timings", None) or {}
             metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
