@@ -261,8 +261,8 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=httpx.Timeout(30, read=0.5),
                        json={"prompt": "Another long story", "max_tokens": 450, "ignore_eos": True})
-    # Generation stops at once (far fewer tokens than the 6 x 450 asked for); llama-server may take some
-    # seconds more to mark a cancelled slot idle (on a loaded 2-core box up to ~15 s was seen).
+    # Generation stops (far fewer tokens than the 6 x 450 asked for) and the slots go idle; the bound is
+    # generous for a loaded 2-core box.
     deadline = time.monotonic() + 30
     while metric(url, "fusedeploy_requests_running") and time.monotonic() < deadline:
         time.sleep(0.2)
