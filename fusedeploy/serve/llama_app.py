@@ -12,11 +12,14 @@ In front of it, a small FastAPI proxy gives both runtimes one contract
 this server does not implement is a 400 naming it, never a 500 or a silently
 dropped field), the same `--api-key` check, the same OpenAI error bodies on
 every route, the same /metrics series, and /v1/models and /health. Valid
-requests are forwarded as the client sent them; the proxy streams the answer
-back chunk by chunk and closes the upstream connection when the client goes
-away, which stops the generation in llama-server. What llama-server cannot do
-correctly is refused here with a 400 that says so (`echo`, which it rejects;
-completion `logprobs`, which it does not return in the completions shape).
+requests are forwarded as the client sent them, always as a stream upstream:
+llama-server stops a streamed generation when its connection closes, but runs
+a non-streamed one to the end whatever its client did, so a non-streamed
+answer is put together here from the stream. When the client goes away the
+proxy closes the upstream connection, and the generation stops. What
+llama-server cannot do correctly is refused here with a 400 that says so
+(`echo`, which it rejects; completion `logprobs`, which it does not return in
+the completions shape).
 """
 
 from __future__ import annotations
