@@ -18,8 +18,8 @@ a non-streamed one to the end whatever its client did, so a non-streamed
 answer is put together here from the stream. When the client goes away the
 proxy closes the upstream connection, and the generation stops. What
 llama-server cannot do correctly is refused here with a 400 that says so
-(`echo`, which it rejects; completion `logprobs`, which it does not return in
-the completions shape).
+(`echo`, which it rejects; `min_tokens`). Completion `logprobs` come back in
+llama-server's chat shape and are turned into the completions shape here.
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ _REFUSED = {
     "echo": "llama-server does not echo the prompt (and has no prompt log-probabilities)",
     "min_tokens": "llama-server has no minimum length; send ignore_eos to generate exactly max_tokens",
 }
-_REFUSED_COMPLETION = {
-    "logprobs": "llama-server returns completion log-probabilities in its own shape, not OpenAI's; "
-                "use /v1/chat/completions with logprobs",
-}
-
-
 def _free_port() -> int:
     from .server import bind
 
@@ -133,6 +127,22 @@ def _stream_tokens(chunk: dict) -> int:
         if choice.get("text") or (choice.get("delta") or {}).get("content"):
             count += 1
     return count
+
+
+def _completion_logprobs(given: dict | None, top: int, offsets: dict, index: int = 0) -> dict | None:
+    """llama-server's per-token logprobs ({"content": [{token, logprob, top_logprobs}]}) in the completions
+    shape (tokens, token_logprobs, top_logprobs, text_offset). Its values are from the raw logits."""
+    entries = (given or {}).get("content") or []
+    if not entries:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in (e.get("top_logprobs") or [])[:top]})
+        out["text_offset"].append(offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + len(e["token"])
+    return out
 
 
 def create_app(server: LlamaServer, api_key: str | None = None):
@@ -249,7 +259,11 @@ def create_app(server: LlamaServer, api_key: str | None = None):
         # client did. So a non-streamed answer is put together here from the stream; written by hand because
         # llama-server has no option for it.
         upstream = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        top = None if chat else upstream.pop("logprobs", None)  # completions: logprobs = how many alternatives
+        if top is not None:
+            upstream["n_probs"] = max(1, top)  # 0 alternatives still wants the chosen token's logprob
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        offsets = {}  # choice index -> characters of text so far (completion logprobs' text_offset)
 
         async def open_upstream():
             try:
@@ -280,6 +294,9 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                 if (u := chunk.pop("usage", None)) is not None:
                     usage["prompt_tokens"] = max(usage["prompt_tokens"], int(u.get("prompt_tokens") or 0))
                     usage["completion_tokens"] += int(u.get("completion_tokens") or 0)
+                if top is not None:
+                    for choice in chunk.get("choices") or []:
+                        choice["logprobs"] = _completion_logprobs(choice.get("logprobs"), top, offsets, choice.get("index", 0))
                 if chunk.get("choices") or "error" in chunk:
                     yield chunk
 
@@ -306,6 +323,8 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                             logprobs += (choice.get("logprobs") or {}).get("content") or []
                         else:
                             pieces.append(choice.get("text") or "")
+                            if choice.get("logprobs"):
+                                logprobs.append(choice["logprobs"])
                         finish = choice.get("finish_reason") or finish
             finally:  # cancelled (the client left) or done: closing the connection stops llama-server's slot
                 await response.aclose()
@@ -315,7 +334,11 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                           "logprobs": {"content": logprobs} if getattr(body, "logprobs", False) else None,
                           "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                merged = None
+                if top is not None:
+                    merged = {k: [v for part in logprobs for v in part[k]] for k in
+                              ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+                choice = {"index": 0, "text": text, "logprobs": merged, "finish_reason": finish}
             return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                     "usage": final_usage()}
 
@@ -357,7 +380,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        check(body, {**_REFUSED, **_REFUSED_COMPLETION})
+        check(body, _REFUSED)
         return await forward(request, "/v1/completions", body, _payload(body))
 
     @app.post("/v1/chat/completions")
