@@ -12,11 +12,14 @@ In front of it, a small FastAPI proxy gives both runtimes one contract
 this server does not implement is a 400 naming it, never a 500 or a silently
 dropped field), the same `--api-key` check, the same OpenAI error bodies on
 every route, the same /metrics series, and /v1/models and /health. Valid
-requests are forwarded as the client sent them; the proxy streams the answer
-back chunk by chunk and closes the upstream connection when the client goes
-away, which stops the generation in llama-server. What llama-server cannot do
-correctly is refused here with a 400 that says so (`echo`, which it rejects;
-completion `logprobs`, which it does not return in the completions shape).
+requests are forwarded as the client sent them, always as a stream upstream:
+llama-server stops a streamed generation when its connection closes, but runs
+a non-streamed one to the end whatever its client did, so a non-streamed
+answer is put together here from the stream. When the client goes away the
+proxy closes the upstream connection, and the generation stops. What
+llama-server cannot do correctly is refused here with a 400 that says so
+(`echo`, which it rejects; `min_tokens`). Completion `logprobs` come back in
+llama-server's chat shape and are turned into the completions shape here.
 """
 
 from __future__ import annotations
@@ -44,12 +47,6 @@ _REFUSED = {
     "echo": "llama-server does not echo the prompt (and has no prompt log-probabilities)",
     "min_tokens": "llama-server has no minimum length; send ignore_eos to generate exactly max_tokens",
 }
-_REFUSED_COMPLETION = {
-    "logprobs": "llama-server returns completion log-probabilities in its own shape, not OpenAI's; "
-                "use /v1/chat/completions with logprobs",
-}
-
-
 def _free_port() -> int:
     from .server import bind
 
@@ -130,6 +127,22 @@ def _stream_tokens(chunk: dict) -> int:
         if choice.get("text") or (choice.get("delta") or {}).get("content"):
             count += 1
     return count
+
+
+def _completion_logprobs(given: dict | None, top: int, offsets: dict, index: int = 0) -> dict | None:
+    """llama-server's per-token logprobs ({"content": [{token, logprob, top_logprobs}]}) in the completions
+    shape (tokens, token_logprobs, top_logprobs, text_offset). Its values are from the raw logits."""
+    entries = (given or {}).get("content") or []
+    if not entries:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in (e.get("top_logprobs") or [])[:top]})
+        out["text_offset"].append(offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + len(e["token"])
+    return out
 
 
 def create_app(server: LlamaServer, api_key: str | None = None):
@@ -239,82 +252,126 @@ def create_app(server: LlamaServer, api_key: str | None = None):
     async def forward(request: Request, route: str, body: Body, payload: dict, watch: bool = True):
         if not body.stream and payload.get("n", 1) > 1:
             return await fan_out(request, route, body, payload)
-        received = time.perf_counter()
-        clock = TokenClock(metrics, received)
-        if body.stream:  # always ask for usage (token counters); the client sees it only if it asked
-            payload = {**payload, "stream_options": {"include_usage": True}}
-        async def exchange():
-            """Send upstream; streamed: the open response; not streamed: the whole answer (then closed)."""
+        chat = route.endswith("chat/completions")
+        clock = TokenClock(metrics, time.perf_counter())
+        # Upstream is always streamed, with usage: llama-server stops a streamed generation when its
+        # connection closes, but (at this llama.cpp commit) runs a non-streamed one to the end whatever the
+        # client did. So a non-streamed answer is put together here from the stream; written by hand because
+        # llama-server has no option for it.
+        upstream = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        top = None if chat else upstream.pop("logprobs", None)  # completions: logprobs = how many alternatives
+        if top is not None:
+            upstream["n_probs"] = max(1, top)  # 0 alternatives still wants the chosen token's logprob
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        offsets = {}  # choice index -> characters of text so far (completion logprobs' text_offset)
+
+        async def open_upstream():
             try:
-                response = await client.send(client.build_request("POST", route, json=payload), stream=True)
+                response = await client.send(client.build_request("POST", route, json=upstream), stream=True)
             except httpx.HTTPError as exc:
                 raise ApiError(502, f"llama-server does not answer ({type(exc).__name__})", "server_error") from None
-            if response.status_code != 200 or not body.stream:
+            if response.status_code != 200:
                 try:
                     return response, await response.aread()
                 finally:
                     await response.aclose()
             return response, None
 
-        # llama-server answers (headers included) only once a slot has produced something, or, not streamed,
-        # all of it: a client that leaves meanwhile cancels the exchange, whose connection closes, and
-        # llama-server stops that generation. (fan_out watches once for all its choices.)
-        done = await (cancel_on_disconnect(request, exchange()) if watch else exchange())
-        if done is None:
+        async def chunks(response):
+            """llama-server's chunks, parsed, usage taken out (OpenAI sends it once, at the end, if asked)."""
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    continue
+                clock.tokens(time.perf_counter(), _stream_tokens(chunk))
+                chunk.pop("timings", None)
+                if (u := chunk.pop("usage", None)) is not None:
+                    usage["prompt_tokens"] = max(usage["prompt_tokens"], int(u.get("prompt_tokens") or 0))
+                    usage["completion_tokens"] += int(u.get("completion_tokens") or 0)
+                if top is not None:
+                    for choice in chunk.get("choices") or []:
+                        choice["logprobs"] = _completion_logprobs(choice.get("logprobs"), top, offsets, choice.get("index", 0))
+                if chunk.get("choices") or "error" in chunk:
+                    yield chunk
+
+        def final_usage() -> dict:
+            metrics.prompt_tokens.inc(usage["prompt_tokens"])
+            metrics.generation_tokens.inc(usage["completion_tokens"])
+            return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+        async def whole():
+            response, raw = await open_upstream()
+            if raw is not None:
+                return response, raw
+            head, pieces, finish, logprobs = {}, [], None, []
+            try:
+                async for chunk in chunks(response):
+                    if "error" in chunk:
+                        err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+                        raise ApiError(int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500,
+                                       err.get("message") or "llama-server failed", err.get("type") or "server_error")
+                    head = head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+                    for choice in chunk["choices"]:
+                        if chat:
+                            pieces.append((choice.get("delta") or {}).get("content") or "")
+                            logprobs += (choice.get("logprobs") or {}).get("content") or []
+                        else:
+                            pieces.append(choice.get("text") or "")
+                            if choice.get("logprobs"):
+                                logprobs.append(choice["logprobs"])
+                        finish = choice.get("finish_reason") or finish
+            finally:  # cancelled (the client left) or done: closing the connection stops llama-server's slot
+                await response.aclose()
+            text = "".join(pieces)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                          "logprobs": {"content": logprobs} if getattr(body, "logprobs", False) else None,
+                          "finish_reason": finish}
+            else:
+                merged = None
+                if top is not None:
+                    merged = {k: [v for part in logprobs for v in part[k]] for k in
+                              ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+                choice = {"index": 0, "text": text, "logprobs": merged, "finish_reason": finish}
+            return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                    "usage": final_usage()}
+
+        if not body.stream:
+            done = await (cancel_on_disconnect(request, whole()) if watch else whole())  # fan_out watches once
+            if done is None:  # the client left; the generation was stopped with the connection
+                from starlette.responses import Response
+
+                return Response(status_code=499)
+            if isinstance(done, tuple):
+                return upstream_error(done[0].status_code, done[1])
+            return done
+
+        # Streamed: until llama-server's first chunk nothing is sent, so the client is watched meanwhile.
+        opened = await cancel_on_disconnect(request, open_upstream())
+        if opened is None:
             from starlette.responses import Response
 
             return Response(status_code=499)
-        response, raw = done
-        if response.status_code != 200:
+        response, raw = opened
+        if raw is not None:
             return upstream_error(response.status_code, raw)
 
-        if not body.stream:
-            data = json.loads(raw)
-            usage, timings = data.get("usage") or {}, data.pop("timings", None) or {}
-            metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-            metrics.generation_tokens.inc(usage.get("completion_tokens", 0))
-            n = int(timings.get("predicted_n") or 0)
-            if n:  # llama-server's own timings: decode time per token; TTFT = the rest of the wall time
-                per_token = float(timings.get("predicted_ms", 0)) / 1000 / n
-                clock.start = received
-                clock.tokens(time.perf_counter() - per_token * (n - 1))
-                for _ in range(n - 1):
-                    metrics.itl.observe(per_token)
-            return data
-
         async def events():
-            # llama-server puts usage into each choice's last chunk (completions: always, beside the choice);
-            # OpenAI sends one chunk with no choices, once, and only when asked: re-shape it so.
-            usage = {"prompt_tokens": 0, "completion_tokens": 0}
             last = {}
             try:
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            metrics.prompt_tokens.inc(usage["prompt_tokens"])
-                            metrics.generation_tokens.inc(usage["completion_tokens"])
-                            if body.include_usage:
-                                total = usage["prompt_tokens"] + usage["completion_tokens"]
-                                yield "data: " + json.dumps({**last, "choices": [], "usage": {**usage,
-                                                             "total_tokens": total}}) + "\n\n"
-                            yield line + "\n"  # its blank line follows
-                            continue
-                        try:
-                            chunk = json.loads(data)
-                        except ValueError:
-                            yield line + "\n"
-                            continue
-                        clock.tokens(time.perf_counter(), _stream_tokens(chunk))
-                        chunk.pop("timings", None)
-                        if (u := chunk.pop("usage", None)) is not None:
-                            usage["prompt_tokens"] = max(usage["prompt_tokens"], int(u.get("prompt_tokens") or 0))
-                            usage["completion_tokens"] += int(u.get("completion_tokens") or 0)
-                        last = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
-                        if not chunk.get("choices"):
-                            continue  # a usage-only chunk: sent once, at the end
-                        line = "data: " + json.dumps(chunk)
-                    yield line + "\n"
+                async for chunk in chunks(response):
+                    last = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+                    yield "data: " + json.dumps(chunk) + "\n\n"
+                final = final_usage()
+                if body.include_usage:
+                    yield "data: " + json.dumps({**last, "choices": [], "usage": final}) + "\n\n"
+                yield "data: [DONE]\n\n"
             finally:  # also when the client disconnected: closing the connection stops llama-server's slot
                 await response.aclose()
 
@@ -323,7 +380,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        check(body, {**_REFUSED, **_REFUSED_COMPLETION})
+        check(body, _REFUSED)
         return await forward(request, "/v1/completions", body, _payload(body))
 
     @app.post("/v1/chat/completions")
