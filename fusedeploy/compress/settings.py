@@ -66,7 +66,7 @@ class CompressSettings(BaseModel):
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
-    # SmolLM2-135M at 25 % (8 of 30 blocks) in under 15 min on a 2-core CPU (issue 12, BENCHMARKS.md).
+    # SmolLM2-135M at 25 % (8 of 30 blocks) in under 15 min on a 2-core CPU (BENCHMARKS.md).
     # Shrinks: scoring set 32x2048 -> 4x256 tokens, distillation set 1024x2048 -> 128x256 seen once
     # (16 optimizer steps per group instead of 2560; distinct tokens rather than repeated epochs).
     # Rebalances for the short budget: LoRA/norm rate 9.65e-6 -> 1e-3 (a zero-initialised LoRA barely
