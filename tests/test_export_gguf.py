@@ -29,7 +29,14 @@ from fusedeploy.models.loading import resolve_model, save_tokenizer
 from .conftest import SAMPLE_TEXT
 from .tiny import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "ministral3", "qwen3_5_text"]
+# A tiny Qwen2 borrowing the built-in model's GGUF-born tokenizer: under transformers 5, llama.cpp's qwen2
+# path tokenizes the probe's runs of spaces differently from the tokenizer transformers rebuilds from that
+# GGUF, so the export's parity check refuses it (one error line). Real Qwen2 checkpoints carry their own
+# tokenizer.json; this borrowed pairing is the known gap, kept visible rather than dropped.
+_QWEN2_BORROWED_TOKENIZER = pytest.mark.xfail(strict=True, raises=UserError, reason=(
+    "llama.cpp's qwen2 path and transformers 5's GGUF-rebuilt tokenizer disagree on runs of spaces"))
+FAMILIES = ["llama", "mistral", pytest.param("qwen2", marks=_QWEN2_BORROWED_TOKENIZER), "qwen3", "gemma3_text",
+            "ministral3", "qwen3_5_text"]
 REMOVED = (1, 3)  # of the tiny models' 6 blocks
 
 
