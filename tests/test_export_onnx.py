@@ -217,8 +217,8 @@ def test_an_export_that_does_not_load_is_never_written(tiny_llama_dir, tmp_path,
 
     real_stamp = genai._stamp
 
-    def stamp_then_break(path, meta):
-        real_stamp(path, meta)
+    def stamp_then_break(path, meta, *rest):
+        real_stamp(path, meta, *rest)
         model = onnx.load(str(path), load_external_data=False)
         model.graph.node[0].op_type = "NoSuchOperator"
         onnx.save_model(model, str(path))

@@ -136,6 +136,9 @@ class OnnxRuntimeBackend:
         cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         self._vocab = int(cfg["vocab_size"])
         self.context_length = int(cfg["context_length"])
+        # Sliding-window layers keep a ring of `window_size` positions, and og refuses a KV buffer smaller
+        # than that ring, however short the sequence.
+        self._min_kv = int((cfg.get("decoder", {}).get("sliding_window") or {}).get("window_size", 0) or 0)
         self._gen = None
 
     def _generator(self, max_length: int, min_length: int = 0):
@@ -147,7 +150,8 @@ class OnnxRuntimeBackend:
         params = og.GeneratorParams(self.og_model)
         # Every search option explicitly: genai_config.json carries the model's generation_config
         # (a repetition penalty, say), which would make "greedy" something else.
-        params.set_search_options(max_length=max_length, min_length=min_length, do_sample=False,
+        capacity = min(self.context_length, max(max_length, self._min_kv))
+        params.set_search_options(max_length=capacity, min_length=min_length, do_sample=False,
                                   repetition_penalty=1.0, num_beams=1, top_k=1)
         return og.Generator(self.og_model, params)
 
