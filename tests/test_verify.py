@@ -25,7 +25,7 @@ def artifacts(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).location)
     root = tmp_path_factory.mktemp("verify")
     for name, seed in (("ref", 0), ("other", 1)):
-        tiny_model("qwen2", len(tok), seed=seed).save_pretrained(root / name)
+        tiny_model("llama", len(tok), seed=seed).save_pretrained(root / name)
         save_tokenizer(tok, root / name)
     return {
         "ref": root / "ref", "other": root / "other",
