@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import UserError
@@ -238,15 +240,32 @@ def claim(out: str | os.PathLike):
                     break
 
 
-def _build_entries(stages: tuple[str, ...]) -> set[str]:
-    """Names a build folder of ours may hold: stage folders, their `.partial` work, swapped-out olds."""
-    names = {MARKER, MARKER + ".tmp"}
-    for s in stages:
-        names |= {s, f"{s}.partial", f".{s}.old"}
+STAGE_RUNNER_FILES = frozenset({".key", "manifest.json", "manifest.json.tmp"})  # the stage runner's own
+
+
+def foreign_in_stage(folder: Path, writes: tuple[str, ...]) -> list[str]:
+    """Names at the top of a stage's folder that neither the runner nor the stage writes.
+
+    `writes` are the stage's declared names (glob patterns); each brings its atomic-write and lock
+    siblings (`name.tmp`, `.name.*`). A stage folder is replaced or wiped only when this is empty.
+    """
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    allowed = [w for p in writes for w in (p, p + ".tmp", f".{p}.*")]
+    return sorted(e.name for e in folder.iterdir()
+                  if e.name not in STAGE_RUNNER_FILES and not any(fnmatch.fnmatchcase(e.name, w) for w in allowed))
+
+
+def _build_entries(stages: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Names a build folder of ours may hold, each with what may lie in it: stage folders, their
+    `.partial` work, swapped-out olds (each the stage's writes), and the marker."""
+    names: dict[str, tuple[str, ...]] = {MARKER: (), MARKER + ".tmp": ()}
+    for s, writes in stages.items():
+        names |= {s: writes, f"{s}.partial": writes, f".{s}.old": writes}
     return names
 
 
-def _looks_like_our_build(folder: Path, stages: tuple[str, ...]) -> bool:
+def _looks_like_our_build(folder: Path, stages: Mapping[str, tuple[str, ...]]) -> bool:
     """An unmarked folder from before markers existed: only build entries, each stage folder with its manifest."""
     found_stage = False
     for entry in folder.iterdir():
@@ -263,21 +282,31 @@ def _looks_like_our_build(folder: Path, stages: tuple[str, ...]) -> bool:
     return found_stage
 
 
-def claim_build_folder(out: str | os.PathLike, stages: tuple[str, ...], force: bool = False) -> Path:
+def _foreign_in_build(o: Path, stages: Mapping[str, tuple[str, ...]]) -> list[str]:
+    entries = _build_entries(stages)
+    foreign = []
+    for e in sorted(o.iterdir()):
+        if e.name not in entries or (e.name in stages and not (e / "manifest.json").is_file()):
+            foreign.append(e.name)
+        elif e.is_dir() and not e.is_symlink():
+            foreign += [f"{e.name}/{n}" for n in foreign_in_stage(e, entries[e.name])]
+    return foreign
+
+
+def claim_build_folder(out: str | os.PathLike, stages: Mapping[str, tuple[str, ...]], force: bool = False) -> Path:
     """Make `out` a build folder of ours, or refuse in one line; `force` empties an old build of ours.
 
-    A new or empty folder is marked; a marked one (or one that is plainly an
-    older build) is resumed. A folder holding anything FuseDeploy did not
-    make -- including folders that merely share a stage's name -- is refused,
-    so no stage ever replaces the user's files.
+    `stages` maps each stage's name to the names it writes in its folder. A new or empty folder is
+    marked; a marked one (or one that is plainly an older build) is resumed. A folder holding
+    anything FuseDeploy did not make -- at its top or inside a stage's folder, including folders
+    that merely share a stage's name -- is refused, so no stage ever replaces the user's files.
     """
     o = Path(out)
     if o.is_file() or o.is_symlink():
         raise UserError(f"--out {out} is a file; give a folder for the build")
     if o.is_dir() and any(o.iterdir()):
         ours = (o / MARKER).is_file() or _looks_like_our_build(o, stages)
-        foreign = sorted(e.name for e in o.iterdir() if e.name not in _build_entries(stages)
-                         or (e.name in stages and not (e / "manifest.json").is_file()))
+        foreign = _foreign_in_build(o, stages)
         if not ours or foreign:
             shown = ", ".join(foreign[:3] or sorted(e.name for e in o.iterdir())[:3])
             raise UserError(f"--out {out} holds files FuseDeploy did not make ({shown}); "

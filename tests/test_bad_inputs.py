@@ -169,6 +169,8 @@ CASES = [
     ("build-accuracy-drop-without-tasks", "build --profile edge-8gb --model {m} --max-accuracy-drop 0.02 --out {w}/b", "add --eval-tasks"),
     ("build-profile-accuracy-budget-without-tasks", "build --profile {w}/accuracy.yaml --model {m} --out {w}/b", "budgets.max_accuracy_drop"),
     ("build-calib-empty", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/empty.txt --out {w}/b", "holds no text"),
+    ("build-calib-too-short", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/short.txt --out {w}/b", "too few calibration tokens"),
+    ("build-out-user-file-in-stage", "build --profile edge-8gb --model {m} --out {w}/ourbuild", "plan/notes.txt"),
     ("build-calib-blank-jsonl", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/blank.jsonl --out {w}/b", "holds no text"),
     ("build-eval-data-empty", "build --profile edge-8gb --model {m} --eval-data {w}/empty.txt --out {w}/b", "holds no text"),
     ("build-out-too-long", "build --profile edge-8gb --model {m} --out {w}/" + LONG, "longer than the file system allows"),
@@ -242,6 +244,10 @@ def world(tmp_path_factory, smol_tokenizer):
     (w / "stagey" / "export" / "thesis.tex").write_text("the user's thesis\n")
     (w / "stagey" / "report").mkdir()
     (w / "stagey" / "report" / "draft.md").write_text("draft\n")
+    (w / "ourbuild" / "plan").mkdir(parents=True)  # a build of ours with the user's notes in a stage's folder
+    (w / "ourbuild" / ".fusedeploy").write_text('{"kind": "build"}')
+    (w / "ourbuild" / "plan" / "manifest.json").write_text('{"stage": "plan"}')
+    (w / "ourbuild" / "plan" / "notes.txt").write_text("the user's notes\n")
     (w / "foreign.gguf").write_bytes((w / "random.gguf").read_bytes())  # a GGUF-named file that is not ours
     writer = gguf.GGUFWriter(w / "ours.gguf", "llama")  # a (tiny, unloadable) GGUF stamped by FuseDeploy
     writer.add_string("fusedeploy.export_type", "f16")

@@ -450,16 +450,16 @@ def test_sigterm_removes_temporaries(tiny_model_dir, tmp_path):
 def test_build_folder_claim_force_and_legacy(tmp_path):
     from fusedeploy.errors import UserError
 
-    stages = ("plan", "export")
+    stages = {"plan": ("plan.json",), "export": ("compressed-*",)}
     out = tmp_path / "b"
     outputs.claim_build_folder(out, stages)  # new: created and marked
     assert (out / outputs.MARKER).is_file()
     (out / "plan").mkdir()
     (out / "plan" / "manifest.json").write_text(json.dumps({"stage": "plan"}))
     (out / "export.partial").mkdir()
-    (out / "export.partial" / "half.gguf").write_bytes(b"x")
+    (out / "export.partial" / "compressed-gguf-q4_0.gguf").write_bytes(b"x")
     outputs.claim_build_folder(out, stages)  # ours: resumed, nothing removed
-    assert (out / "export.partial" / "half.gguf").exists()
+    assert (out / "export.partial" / "compressed-gguf-q4_0.gguf").exists()
     outputs.claim_build_folder(out, stages, force=True)  # --force: start over, ours only
     assert sorted(p.name for p in out.iterdir()) == [outputs.MARKER]
 

@@ -61,3 +61,32 @@ def test_an_interrupted_stage_leaves_the_finished_one_intact_and_resumes(tmp_pat
     assert result["resumed"] and not (build / "report.partial").exists()
     manifest = json.loads((build / "report" / MANIFEST).read_text())
     assert manifest["settings"] == {"v": 2} and manifest["status"] == "complete"
+
+
+def test_a_stage_folder_holding_the_users_files_is_neither_wiped_nor_replaced(tmp_path):
+    """Work and finished folders are removed only when they hold nothing but what the stage declares it writes."""
+    from fusedeploy.errors import UserError
+
+    rec = Recorder()
+    build = tmp_path / "build"
+
+    def stage(v, **kw):
+        s = rec.stage("report", {"v": v}, **kw)
+        s.writes = ("progress.txt", "out.txt")
+        return s
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(build, stage(1, fail_after_partial=True))
+    (build / "report.partial" / "mine.txt").write_text("the user's")
+    with pytest.raises(UserError, match="mine.txt"):  # new settings would wipe the stale partial
+        run_stage(build, stage(2))
+    assert (build / "report.partial" / "mine.txt").read_text() == "the user's"
+
+    (build / "report.partial" / "mine.txt").unlink()
+    run_stage(build, stage(2))  # the stale partial, ours only, is wiped and the stage finishes
+    (build / "report" / "mine.txt").write_text("the user's")
+    assert run_stage(build, stage(2))["skipped"]  # an unchanged finished stage is only read
+    with pytest.raises(UserError, match="mine.txt"):  # a changed one would replace the folder
+        run_stage(build, stage(3))
+    assert (build / "report" / "mine.txt").read_text() == "the user's"
+    assert rec.calls == ["report", "report"]  # refused before any work

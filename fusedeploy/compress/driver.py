@@ -255,7 +255,7 @@ def _check_family(location: Path) -> None:
 
 def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, device, dtype, force,
            calib_part=None) -> _Run:
-    from ..data import load_text, sample_sequences, text_part, tokenize
+    from ..data import sample_sequences
     from ..models import adapter_for
     from ..models.loading import load_model, pick_device, pick_dtype
 
@@ -303,18 +303,30 @@ def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, 
                                temperature=settings.self_temperature, top_p=settings.self_top_p)
         run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)
     else:
-        text = load_text(calib, purpose="calib")
-        ids = tokenize(run.tokenizer, text_part(text, calib_part) if calib_part else text)
-        need = settings.seq_len + 1
-        if ids.numel() < need:
-            raise UserError(f"too few calibration tokens: {calib!r} has {ids.numel()}, a sample of seq_len "
-                            f"{settings.seq_len} needs {need}; give more text or a smaller seq_len")
+        ids = calibration_tokens(run.tokenizer, calib, calib_part, settings.seq_len)
         run.mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
         if fine_tunes:
             run.ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1)
     if repair and repair.trains and settings.epochs > 0 and settings.ft_samples < 2:
         raise UserError("local distillation needs ft_samples >= 2 (the KL softmax runs over the batch)")
     return run
+
+
+def calibration_tokens(tokenizer, calib: str, calib_part: str | None, seq_len: int) -> torch.Tensor:
+    """The tokens of a calibration text, refused in one line when not even one sample fits in them.
+
+    A build calls this in its preflight too, so a short `--calib` stops before any stage runs.
+    """
+    from ..data import load_text, text_part, tokenize
+
+    text = load_text(calib, purpose="calib")
+    ids = tokenize(tokenizer, text_part(text, calib_part) if calib_part else text)
+    need = seq_len + 1
+    if ids.numel() < need:
+        part = f" (its {calib_part} part)" if calib_part else ""
+        raise UserError(f"too few calibration tokens: {calib!r}{part} has {ids.numel()}, a sample of seq_len "
+                        f"{seq_len} needs {need}; give more text or a smaller seq_len")
+    return ids
 
 
 def _keep_dense(run: _Run) -> None:

@@ -95,8 +95,8 @@ def check_curve(blocks: int, opts: BuildOptions) -> None:
                         f"{(blocks - 1) / blocks:.2f}")
 
 
-STAGES = tuple(m.NAME for m in (plan_stage, compress_stage, curve_stage, export_stage, verify_stage, tasks_stage,
-                                 profile_stage, report_stage))
+STAGES = {m.NAME: m.WRITES for m in (plan_stage, compress_stage, curve_stage, export_stage, verify_stage, tasks_stage,
+                                 profile_stage, report_stage)}  # each stage's name: the names it writes
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,14 @@ def _preflight(opts: BuildOptions) -> Prepared:
     for spec, purpose in ((opts.calib, "calib"), (opts.eval_data, "eval")):
         if spec not in HF_DATASETS and spec != SELF:  # a dataset name would need the network; self is generated
             preflight.check_text_source(spec, purpose, "--calib" if purpose == "calib" else "--eval-data")
-    load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
+    if opts.calib not in HF_DATASETS and opts.calib != SELF:
+        from ..compress import load_recipe
+        from ..compress.driver import calibration_tokens
+        from ..data.split import BuildTexts
+
+        calibration_tokens(tokenizer, opts.calib, BuildTexts(opts.calib, opts.eval_data).calib,
+                           load_recipe(opts.recipe).seq_len)
     outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data, opts.eval_tasks])
     preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + 2 * len(runtimes)), folder=True)
     model_input = model_dir / source.gguf_file if source.gguf_file else model_dir

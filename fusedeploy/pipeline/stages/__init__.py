@@ -29,6 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from ... import outputs
+from ...errors import UserError
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
@@ -60,6 +63,7 @@ class Stage:
     run: Callable[[Path], dict]  # does the work inside the given folder; returns its outputs
     settings: dict = field(default_factory=dict)
     inputs: dict[str, Path] = field(default_factory=dict)
+    writes: tuple[str, ...] = ("*",)  # names `run` may write in its folder (glob patterns)
 
     def key(self) -> str:
         digests = {k: input_digest(Path(v)) for k, v in sorted(self.inputs.items())}
@@ -79,22 +83,24 @@ def run_stage(build_dir: Path, stage: Stage) -> dict:
         if manifest.get("key") == key and manifest.get("status") == "complete":
             log.info("stage %s unchanged; skipped", stage.name)
             return {**manifest, "skipped": True}
+    _refuse_foreign(final, stage.writes)  # the finished folder this run would replace, checked before any work
     partial = build_dir / f"{stage.name}.partial"
     key_file = partial / ".key"
     if _finished_partial(partial, key):  # killed between finishing and the final rename
         return {**_promote(build_dir, stage.name, partial), "skipped": False}
     if partial.exists() and (not key_file.is_file() or key_file.read_text() != key):
+        _refuse_foreign(partial, stage.writes)
         shutil.rmtree(partial)
     resumed = partial.exists()
     partial.mkdir(exist_ok=True)
     key_file.write_text(key)
     started = time.time()
-    outputs = stage.run(partial)
+    made = stage.run(partial)
     manifest = {
         "stage": stage.name, "status": "complete", "key": key, "settings": stage.settings,
         "inputs": {k: relative_to_build(Path(v), build_dir) for k, v in stage.inputs.items()},
         "input_digests": {k: input_digest(Path(v)) for k, v in stage.inputs.items()},
-        "outputs": outputs, "resumed": resumed,
+        "outputs": made, "resumed": resumed,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": time.time() - started,
     }
@@ -119,6 +125,14 @@ def _finished_partial(partial: Path, key: str) -> bool:
     except (OSError, ValueError):
         return False
     return manifest.get("key") == key and manifest.get("status") == "complete"
+
+
+def _refuse_foreign(folder: Path, writes: tuple[str, ...]) -> None:
+    """A stage folder about to be wiped or replaced holds only what the runner and its stage write."""
+    foreign = outputs.foreign_in_stage(folder, writes)
+    if foreign:
+        raise UserError(f"{folder} holds files FuseDeploy did not write ({', '.join(foreign[:3])}); "
+                        "move them away and run again")
 
 
 def _promote(build_dir: Path, name: str, partial: Path) -> dict:
@@ -176,7 +190,7 @@ def run_declared(build_dir: Path, module: ModuleType, config, inputs: dict[str, 
     paths = {name: build_dir / v["stage"] if isinstance(v, dict) else Path(v) for name, v in inputs.items()}
     handed = {name: Upstream(paths[name], v) if isinstance(v, dict) else Path(v) for name, v in inputs.items()}
     return run_stage(build_dir, Stage(module.NAME, lambda work: module.run(config, handed, work), asdict(config),
-                                      paths))
+                                      paths, module.WRITES))
 
 
 _say: ContextVar[Callable[[str], None]] = ContextVar("say", default=lambda msg: log.info(msg))

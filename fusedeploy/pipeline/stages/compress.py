@@ -14,6 +14,7 @@ from . import compress_progress, model_folder
 
 NAME = "compress"
 INPUTS = ("model", "calib")  # calib: only when the calibration text is a local file or folder
+WRITES = ("model", "model.state")  # the checkpoint and its resumable state
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from . import model_folder, say
 
 NAME = "curve"
 INPUTS = ("compress", "model", "eval_data")  # eval_data: only when the text is a local file or folder
+WRITES = ("dense-*", "curve.json", ".curve-*")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from . import model_folder, relative_to_build, say
 log = logging.getLogger(__name__)
 NAME = "export"
 INPUTS = ("compressed", "model")  # compressed: the compress stage
+WRITES = ("model", "compressed-*", "dense-*")  # REBUILT and the targets' names
 REBUILT = "model"  # this stage's copy of a curve point short of the deepest
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 NAME = "plan"
 INPUTS = ("model",)  # the model's files: its shape is in the config, its content in the key
+WRITES = ("plan.json",)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .verify import artifacts as exported
 
 NAME = "profile"
 INPUTS = ("export", "plan")
+WRITES = ("profile.json", "serve.log")
 
 
 @dataclass(frozen=True)

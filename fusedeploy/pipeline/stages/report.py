@@ -17,6 +17,7 @@ NAME = "report"
 # Every earlier stage's folder that exists. One this build did not run (a curve or tasks folder left
 # by an earlier build with other options) is keyed but not reported: the options say what counts.
 INPUTS = ("plan", "compress", "curve", "export", "verify", "tasks", "profile")
+WRITES = ("report.json", "report.md", "report.html")
 CURVE_NOTE = ("perplexity measured in the deployed runtime on the evaluation text; speed and memory projected by "
               "the calibrated planner")
 

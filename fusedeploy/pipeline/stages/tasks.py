@@ -11,6 +11,7 @@ from .verify import artifacts
 
 NAME = "tasks"
 INPUTS = ("export", "tasks", "model")  # tasks: the lm-eval task YAML or folder
+WRITES = ("tasks.json",)
 
 
 @dataclass(frozen=True)

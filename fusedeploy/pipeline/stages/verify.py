@@ -11,6 +11,7 @@ from . import in_build, say
 
 NAME = "verify"
 INPUTS = ("export", "eval_data")  # eval_data: only when the text is a local file or folder
+WRITES = ("verify.json",)
 
 
 @dataclass(frozen=True)
