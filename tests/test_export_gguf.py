@@ -535,10 +535,6 @@ def smol_f16(smol_source, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers 5 rebuilds the built-in GGUF's tokenizer with a different pre-tokenizer: on this text it splits "
-    "newline + space runs unlike the GGUF's own (llama.cpp, 48,517 tokens against 48,558, first at 12,825); "
-    "the export keeps the GGUF's tokenizer, which is the model's"))
 def test_smollm2_tokenization_matches_hf(smol_f16, tokenizer):
     text = wikitext(200_000)
     backend = LlamaCppBackend(smol_f16, n_ctx=64)
