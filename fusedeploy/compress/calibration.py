@@ -10,6 +10,8 @@ seed and sizes give the same tokens, so a resumed run sees the same samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..builtin import SELF_CALIB as SELF  # the --calib value that selects this source
@@ -17,11 +19,15 @@ from ..builtin import SELF_CALIB as SELF  # the --calib value that selects this 
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, count: int, length: int, seed: int, batch: int = 64,
-                     temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, top_p: float = 1.0,
+                     report: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """`count` sampled sequences of `length` tokens each: [count, length].
 
     Batches of 64 on a CPU take a third less time than batches of 16 (per-step overhead amortized).
+    `report(done, count)` after each batch: writing the text takes minutes on a CPU.
     """
+    if report is not None:
+        report(0, count)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     vocab = model.get_input_embeddings().weight.shape[0]
     ordinary = torch.tensor([i for i in range(min(vocab, len(tokenizer))) if i not in special])
@@ -36,4 +42,6 @@ def generate_samples(model, tokenizer, count: int, length: int, seed: int, batch
                               top_k=0, top_p=top_p, max_new_tokens=length - 1, min_new_tokens=length - 1,
                               pad_token_id=pad, use_cache=True)
         out.append(seqs[:, :length].cpu())
+        if report is not None:
+            report(min(s + batch, count), count)
     return torch.cat(out)
