@@ -15,5 +15,5 @@ SELF_CALIB = "self"
 # What calibrates a compression when no --calib is given. The model's own samples need no
 # dataset and follow its own distribution: FuseGPT calibrated on them beats plain removal and
 # MI + LoRA on WikiText-2 and PTB, which FuseGPT on the built-in text (Python's help topics)
-# did not (BENCHMARKS.md). The user's own text always wins when given.
+# did not (BENCHMARKS.md, quality by method). The user's own text always wins when given.
 DEFAULT_CALIB = SELF_CALIB

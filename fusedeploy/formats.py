@@ -112,7 +112,7 @@ ONNXRUNTIME = Runtime(
     kv_bytes=4,  # a CPU model from the GenAI builder keeps its KV cache in fp32 (the graph's io dtype)
     overhead_gb=0.30,
     # The builder's int4 packs a tied embedding with the head: SmolLM2-135M int4 is 82.5 MB, about 4.9 bits
-    # per weight over all of it (BENCHMARKS.md, "ONNX Runtime GenAI against llama.cpp"). An untied table may stay unquantized: not measured.
+    # per weight over all of it (BENCHMARKS.md, speed by runtime and precision). An untied table may stay unquantized: not measured.
     embedding_bits=None,
     transformers_loads=False,
 )

@@ -8,7 +8,7 @@ holds the mini-batch being computed plus the next one being copied in. On a CPU 
 the "device" are the same memory and the copies are no-ops.
 
 `StreamStats` counts the activation bytes the store has put on the device and not yet released,
-and their peak: the number the memory formula in BENCHMARKS.md predicts and the CPU tests check
+and their peak: the number the memory formula in docs/compression.md predicts and the CPU tests check
 does not grow with the number of calibration sequences.
 """
 

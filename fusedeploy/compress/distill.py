@@ -228,7 +228,7 @@ def fold_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationStore
     """Fold the group's fused layers into dense weights; returns the fold error on one mini-batch.
 
     The error is max |folded - fused| / max |fused| of the group's output, both computed the way
-    training ran (bf16 autocast on a GPU): the number BENCHMARKS.md quotes as the fold error.
+    training ran (bf16 autocast on a GPU): the fold error compression.json records per group.
     """
     with runner.on_device(lo, hi):
         xb = next(iter(x.batches(batch)))[1]
