@@ -55,7 +55,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusedeploy.compress import compress_model, load_recipe, parse_overrides
+    from fusedeploy.compress import CompressJob, compress_model, load_recipe, parse_overrides
     from fusedeploy.models.loading import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -84,9 +84,9 @@ def main() -> None:
             if kind == "iteration":
                 print(f"[{time.time() - t0:7.1f} s] {method}: {done}/{total} blocks removed {status}", flush=True)
 
-        report = compress_model(args.model, out, sparsity, method=method, calib=args.calib,
-                                settings=settings, force=True, resume=args.resume, device=args.device,
-                                dtype=args.dtype, progress=progress)
+        job = CompressJob(args.model, out, sparsity, method=method, calib=args.calib, settings=settings,
+                          resume=args.resume, force=True, device=args.device, dtype=args.dtype)
+        report = compress_model(job, progress=progress)
         elapsed = time.time() - t0
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(out)

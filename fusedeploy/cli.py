@@ -154,7 +154,7 @@ def compress(
 ) -> None:
     """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
     from . import outputs, preflight
-    from .compress import compress_model, load_recipe, parse_overrides
+    from .compress import CompressJob, compress_model, load_recipe, parse_overrides
     from .console import compression_progress
 
     model = _with_revision(model, revision)
@@ -179,9 +179,9 @@ def compress(
     preflight.prepare_output(out, force, [source, calib, config], preflight.weights_bytes(source),
                              folder=True)
     with outputs.claim(out), compression_progress() as progress:
-        report = compress_model(model, out, sparsity, method=method, calib=calib, settings=settings,
-                                resume=resume, device=device, dtype=dtype, progress=progress, force=force,
-                                keep_steps=keep_steps)
+        job = CompressJob(model, out, sparsity, method=method, calib=calib, settings=settings, resume=resume,
+                          force=force, device=device, dtype=dtype, keep_steps=keep_steps)
+        report = compress_model(job, progress=progress)
         outputs.mark(out, "compressed-model")
     if as_json:
         print(json.dumps(report, indent=2))

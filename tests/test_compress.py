@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fusedeploy.compress import FusedLinear, compress_model, fold_model, load_recipe
+from fusedeploy.compress import CompressJob, FusedLinear, compress_model, fold_model, load_recipe
 from fusedeploy.compress.distill import REPAIRS, attach_fusion, distill_group, group_range
 from fusedeploy.compress.fused import wrap_block
 from fusedeploy.compress.runner import BlockRunner
@@ -203,8 +203,8 @@ def test_compress_end_to_end_reloads_with_stock_transformers(model_type, tiny_di
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    report = compress_model(tiny_dirs[model_type], out, 0.3, method="fusegpt", calib=calib_file,
-                            settings=load_recipe("quick"))
+    report = compress_model(CompressJob(tiny_dirs[model_type], out, 0.3, method="fusegpt", calib=calib_file,
+                                        settings=load_recipe("quick")))
     assert report["blocks_before"] == 6 and report["blocks_after"] == 4 and len(report["removed_blocks"]) == 2
     saved = json.loads((out / "compression.json").read_text())
     assert saved["removed_blocks"] == report["removed_blocks"]
@@ -228,7 +228,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_dirs, calib_file, tmp_
     from safetensors.torch import load_file
 
     settings = load_recipe("quick")
-    full = compress_model(tiny_dirs["llama"], tmp_path / "full", 0.5, calib=calib_file, settings=settings)
+    full = compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "full", 0.5, calib=calib_file, settings=settings))
 
     class Interrupt(Exception):
         pass
@@ -238,17 +238,17 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_dirs, calib_file, tmp_
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        compress_model(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings,
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings),
                        progress=stop_after_two)
     assert not (tmp_path / "part").exists()  # nothing that looks finished
     assert (tmp_path / "part.state" / "state.json").exists()
     with pytest.raises(UserError, match="--resume"):
-        compress_model(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings)
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings))
     with pytest.raises(UserError, match="different run"):
-        compress_model(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file,
-                       settings=load_recipe("quick", {"seed": 1}), resume=True)
-    resumed = compress_model(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings,
-                             resume=True)
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file,
+                                   settings=load_recipe("quick", {"seed": 1}), resume=True))
+    resumed = compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file,
+                                         settings=settings, resume=True))
     assert resumed["resumed"] and resumed["removed_blocks"] == full["removed_blocks"]
     strip = lambda its: [{k: v for k, v in r.items() if not k.startswith("time")} for r in its]  # noqa: E731
     assert strip(resumed["iterations"]) == strip(full["iterations"])
@@ -259,8 +259,8 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_dirs, calib_file, tmp_
 
 @pytest.mark.parametrize("method", ["sleb", "shortgpt", "mi", "mi-lora", "static-fusion", "fusegpt-oneshot"])
 def test_every_method_runs_and_records(method, tiny_dirs, calib_file, tmp_path):
-    report = compress_model(tiny_dirs["qwen2"], tmp_path / method, 0.25, method=method, calib=calib_file,
-                            settings=load_recipe("quick"))
+    report = compress_model(CompressJob(tiny_dirs["qwen2"], tmp_path / method, 0.25, method=method, calib=calib_file,
+                                        settings=load_recipe("quick")))
     assert report["blocks_after"] == 4 and len(set(report["removed_blocks"])) == 2
     first = report["iterations"][0]
     key = {"sleb": "sleb_scores", "shortgpt": "bi_scores"}.get(method, "mi_scores")
@@ -275,15 +275,16 @@ def test_guards(tiny_dirs, calib_file, tmp_path):
     q = load_recipe("quick")
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(UserError, match="between 0 and 1"):
-            compress_model(tiny_dirs["llama"], tmp_path / "x", bad, calib=calib_file, settings=q)
+            compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "x", bad, calib=calib_file, settings=q))
     with pytest.raises(UserError, match="at least one must remain"):
-        compress_model(tiny_dirs["llama"], tmp_path / "x", 0.99, calib=calib_file, settings=q)
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "x", 0.99, calib=calib_file, settings=q))
     small = tmp_path / "small.txt"
     small.write_text("just a few words")
     with pytest.raises(UserError, match="too few calibration tokens"):
-        compress_model(tiny_dirs["llama"], tmp_path / "x", 0.2, calib=str(small), settings=q)
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "x", 0.2, calib=str(small), settings=q))
     with pytest.raises(UserError, match="unknown method"):
-        compress_model(tiny_dirs["llama"], tmp_path / "x", 0.2, method="magic", calib=calib_file, settings=q)
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "x", 0.2, method="magic", calib=calib_file,
+                                   settings=q))
     with pytest.raises(UserError, match="unknown recipe"):
         load_recipe("fast")
     with pytest.raises(UserError, match="epoch"):
@@ -291,7 +292,8 @@ def test_guards(tiny_dirs, calib_file, tmp_path):
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="did not make"):  # not ours: never replaced, not even with force
-        compress_model(tiny_dirs["llama"], tmp_path / "done", 0.2, calib=calib_file, settings=q, force=True)
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "done", 0.2, calib=calib_file, settings=q,
+                                   force=True))
 
 
 def test_recipes_and_yaml_overrides(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedeploy.compress import FusedLinear, compress_model, load_recipe
+from fusedeploy.compress import CompressJob, FusedLinear, compress_model, load_recipe
 from fusedeploy.compress.activations import reset_stream_stats
 from fusedeploy.compress.distill import REPAIRS, distill_group
 from fusedeploy.compress.runner import BlockRunner
@@ -76,8 +76,8 @@ def test_offloaded_run_is_bitwise_equal(tiny_llama, calib_file, tmp_path):
     outs = {}
     for offload in (False, True):
         out = tmp_path / f"offload-{offload}"
-        rep = compress_model(tiny_llama, out, 0.34, calib=calib_file,
-                             settings=load_recipe("quick", {"offload": offload}))
+        rep = compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file,
+                                         settings=load_recipe("quick", {"offload": offload})))
         outs[offload] = (rep, load_file(out / "model.safetensors"))
     (a_rep, a), (b_rep, b) = outs[False], outs[True]
     assert a_rep["removed_blocks"] == b_rep["removed_blocks"]
@@ -132,7 +132,7 @@ def test_a_planted_state_file_is_never_unpickled(tiny_llama, calib_file, tmp_pat
     (state / "state.json").write_text('{"version": 2, "fingerprint": {"model": "x"}, "weights": "blocks-1.safetensors"}')
     (state / "blocks-1.safetensors").write_bytes(payload)
     with pytest.raises(UserError, match="different run"):  # refused on its fingerprint, before any weights
-        compress_model(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True)
+        compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True))
 
     class Interrupt(Exception):
         pass
@@ -142,15 +142,16 @@ def test_a_planted_state_file_is_never_unpickled(tiny_llama, calib_file, tmp_pat
             raise Interrupt
 
     with pytest.raises(UserError, match="state.pt"):  # --force deletes only what FuseDeploy wrote
-        compress_model(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True)
+        compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True))
     (state / "state.pt").unlink()
     with pytest.raises(Interrupt):  # a genuine state of this run ...
-        compress_model(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True, progress=stop)
+        compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True),
+                       progress=stop)
     weights = list(state.glob("blocks-*.safetensors"))
     assert len(weights) == 1 and not (state / "state.pt").exists()
     weights[0].write_bytes(payload)  # ... whose weights were swapped for a pickle
     with pytest.raises(UserError, match="unreadable"):
-        compress_model(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True)
+        compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True))
     assert not marker.exists()
 
 
@@ -189,9 +190,10 @@ def test_a_step_of_a_deeper_run_is_bitwise_the_run_stopped_there(tiny_llama, cal
     from fusedeploy.compress import steps
 
     settings = load_recipe("quick")
-    deep = compress_model(tiny_llama, tmp_path / "deep", 0.5, calib=calib_file, settings=settings, keep_steps=True)
+    deep = compress_model(CompressJob(tiny_llama, tmp_path / "deep", 0.5, calib=calib_file, settings=settings,
+                                      keep_steps=True))
     assert steps.available(tmp_path / "deep") == [1, 2, 3]
-    short = compress_model(tiny_llama, tmp_path / "short", 0.3, calib=calib_file, settings=settings)
+    short = compress_model(CompressJob(tiny_llama, tmp_path / "short", 0.3, calib=calib_file, settings=settings))
     assert short["removed_blocks"] == deep["removed_blocks"][:2]
     model, _ = steps.rebuild(tmp_path / "deep", 2)
     ref = load_file(tmp_path / "short" / "model.safetensors")
@@ -216,5 +218,5 @@ def test_self_generated_calibration_is_seeded_and_drives_a_run(tiny_llama, tmp_p
     assert a.shape == (5, 12) and torch.equal(a, b) and not torch.equal(a, c)
     assert len({tuple(r.tolist()) for r in a}) == 5  # distinct samples, not one repeated text
     # no calib given: the default is the model's own samples, and the report says so
-    report = compress_model(tiny_llama, tmp_path / "self", 0.16, settings=load_recipe("quick"))
+    report = compress_model(CompressJob(tiny_llama, tmp_path / "self", 0.16, settings=load_recipe("quick")))
     assert report["calib"] == "self" and report["blocks_after"] == 5

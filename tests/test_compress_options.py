@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fusedeploy.compress import compress_model, load_recipe
+from fusedeploy.compress import CompressJob, compress_model, load_recipe
 from fusedeploy.compress import driver as driver_mod
 from fusedeploy.compress.distill import lr_factor
 from fusedeploy.compress.heal import heal, token_kl
@@ -62,11 +62,11 @@ def test_dense_targets_are_the_dense_models_hidden_states_at_the_groups_end(tiny
 
     monkeypatch.setattr(driver_mod, "distill_group", spy)
     settings = load_recipe("quick", {"target": "dense", "group_size": 2})
-    report = compress_model(tiny_llama, tmp_path / "out", 0.5, calib=calib_file, settings=settings)
+    report = compress_model(CompressJob(tiny_llama, tmp_path / "out", 0.5, calib=calib_file, settings=settings))
     ends = [it["group_original"][-1] for it in report["iterations"]]
     assert len(targets) == len(ends) == 3 and report["settings"]["target"] == "dense"
 
-    run = _setup(tiny_llama, tmp_path / "again", 0.5, "fusegpt", calib_file, settings, False, "cpu", None, False)
+    run = _setup(CompressJob(tiny_llama, tmp_path / "again", 0.5, calib=calib_file, settings=settings, device="cpu"))
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():  # hidden_states[k] is the input of block k (the last one is after the final norm)
         hidden = dense(input_ids=run.ft_ids, output_hidden_states=True, use_cache=False).hidden_states[:-1]
@@ -81,7 +81,8 @@ def test_dense_targets_change_the_result_and_the_paper_default_does_not(tiny_lla
 
     outs = {}
     for name, extra in (("group", {}), ("explicit", {"target": "group", "warmup": 0.0}), ("dense", {"target": "dense"})):
-        compress_model(tiny_llama, tmp_path / name, 0.34, calib=calib_file, settings=load_recipe("quick", extra))
+        compress_model(CompressJob(tiny_llama, tmp_path / name, 0.34, calib=calib_file,
+                                   settings=load_recipe("quick", extra)))
         outs[name] = load_file(tmp_path / name / "model.safetensors")
     assert all(torch.equal(outs["group"][k], outs["explicit"][k]) for k in outs["group"])
     assert any(not torch.equal(outs["group"][k], outs["dense"][k]) for k in outs["group"])
@@ -120,7 +121,7 @@ def test_a_healed_run_resumes_to_the_same_model_and_reloads_stock(tiny_llama, ca
     from transformers import AutoModelForCausalLM
 
     settings = load_recipe("quick", {"heal_steps": 4, "target": "dense"})
-    full = compress_model(tiny_llama, tmp_path / "full", 0.5, calib=calib_file, settings=settings)
+    full = compress_model(CompressJob(tiny_llama, tmp_path / "full", 0.5, calib=calib_file, settings=settings))
     assert full["heal"]["steps"] == 4 and full["heal"]["loss_first"] > 0
 
     class Interrupt(Exception):
@@ -131,10 +132,11 @@ def test_a_healed_run_resumes_to_the_same_model_and_reloads_stock(tiny_llama, ca
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        compress_model(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings,
+        compress_model(CompressJob(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings),
                        progress=stop_while_healing)
     assert not (tmp_path / "part").exists()
-    resumed = compress_model(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings, resume=True)
+    resumed = compress_model(CompressJob(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings,
+                                         resume=True))
     assert resumed["heal"] == full["heal"]
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -144,6 +146,6 @@ def test_a_healed_run_resumes_to_the_same_model_and_reloads_stock(tiny_llama, ca
 
 def test_healing_with_offload_is_one_error(tiny_llama, calib_file, tmp_path):
     with pytest.raises(UserError, match="heal_steps"):
-        compress_model(tiny_llama, tmp_path / "x", 0.34, calib=calib_file,
-                       settings=load_recipe("quick", {"heal_steps": 2, "offload": True}))
+        compress_model(CompressJob(tiny_llama, tmp_path / "x", 0.34, calib=calib_file,
+                                   settings=load_recipe("quick", {"heal_steps": 2, "offload": True})))
     assert not (tmp_path / "x").exists()

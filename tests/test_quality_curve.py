@@ -99,11 +99,11 @@ def test_a_curve_build_measures_every_point_and_deploys_the_least_compression(cu
 
 
 def test_the_curves_point_is_bitwise_a_separate_run_stopped_there(curve_build, tmp_path):
-    from fusedeploy.compress import compress_model, load_recipe
+    from fusedeploy.compress import CompressJob, compress_model, load_recipe
 
     opts, report, out, shape = curve_build
-    separate = compress_model(opts.model, tmp_path / "k2", 2 / shape.blocks, calib=opts.calib, calib_part="calib",
-                              settings=load_recipe("quick"))
+    separate = compress_model(CompressJob(opts.model, tmp_path / "k2", 2 / shape.blocks, calib=opts.calib,
+                                          calib_part="calib", settings=load_recipe("quick")))
     assert separate["removed_blocks"] == report["quality_curve"]["points"][2]["removed_blocks"]
     ref = load_file(tmp_path / "k2" / "model.safetensors")
     got = load_file(out / "export" / "model" / "model.safetensors")

@@ -109,7 +109,7 @@ def test_compress_clears_a_killed_final_write_and_uses_the_umask(run_cli, tiny_m
 @pytest.fixture(scope="module")
 def interrupted_state(tiny_model_dir, tmp_path_factory):
     """(model, the state folder of a `--keep-steps` compress stopped after its first removed block)."""
-    from fusedeploy.compress import compress_model, load_recipe
+    from fusedeploy.compress import CompressJob, compress_model, load_recipe
 
     model = tiny_model_dir("llama")
     out = tmp_path_factory.mktemp("interrupted") / "c"
@@ -122,8 +122,8 @@ def interrupted_state(tiny_model_dir, tmp_path_factory):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        compress_model(str(model), out, 0.2, method="shortgpt", settings=load_recipe("quick"), keep_steps=True,
-                       progress=stop_after_one)
+        compress_model(CompressJob(str(model), out, 0.2, method="shortgpt", settings=load_recipe("quick"),
+                                   keep_steps=True), progress=stop_after_one)
     state = out.with_name("c.state")
     assert (state / "state.json").is_file() and list((state / "steps").glob("step-1.*"))
     return model, state

@@ -1,11 +1,12 @@
 """FuseGPT compression: scores, fused layers, local distillation, the iterative driver, folding.
 
-Modules: `methods` (the registry: a scorer and a repair per method), `settings` (recipes),
-`activations` (host-resident activation sets streamed per mini-batch), `runner` (blocks run
-standalone on those activations, offloaded or not), `scores` (MI with cached prefix, BI, SLEB),
-`fused` (FusedLinear, fold), `distill` (groups, repairs, local KL distillation with rollback),
-`parallel` (torch.distributed split of scoring and distillation), `state` (resumable state as
-JSON + safetensors), `driver` (`compress_model`: setup, restore, iterate, write the checkpoint).
+Modules: `methods` (the registry: a scorer and a repair per method), `settings` (recipes, and
+`CompressJob`, one run), `activations` (host-resident activation sets streamed per mini-batch),
+`runner` (blocks run standalone on those activations, offloaded or not), `scores` (MI with cached
+prefix, BI, SLEB), `fused` (FusedLinear, fold), `distill` (groups, repairs, local KL distillation
+with rollback), `parallel` (torch.distributed split of scoring and distillation), `state`
+(resumable state as JSON + safetensors), `driver` (`compress_model(job)`: setup, restore, iterate,
+write the checkpoint).
 
 Choices where the algorithm leaves room (docs/algorithm.md; documented here and in the modules):
 - After each iteration every FusedLinear is merged into a plain dense layer. An already-fused
@@ -26,15 +27,16 @@ Choices where the algorithm leaves room (docs/algorithm.md; documented here and 
 
 Public API::
 
-    from fusedeploy.compress import compress_model, load_recipe
+    from fusedeploy.compress import CompressJob, compress_model, load_recipe
     settings = load_recipe("cpu", {"epochs": 2})
-    report = compress_model("smollm2-135m", "out/", 0.25, method="fusegpt", calib="data.txt", settings=settings)
+    job = CompressJob("smollm2-135m", "out/", 0.25, method="fusegpt", calib="data.txt", settings=settings)
+    report = compress_model(job)
 """
 
 from .driver import blocks_to_remove, compress_model, has_resumable_state, state_dir
 from .fused import FusedLinear, fold_block, fold_model
 from .methods import METHODS, REGISTRY
-from .settings import RECIPES, CompressSettings, load_recipe, parse_overrides
+from .settings import RECIPES, CompressJob, CompressSettings, load_recipe, parse_overrides
 
-__all__ = ["METHODS", "REGISTRY", "RECIPES", "CompressSettings", "FusedLinear", "blocks_to_remove",
+__all__ = ["METHODS", "REGISTRY", "RECIPES", "CompressJob", "CompressSettings", "FusedLinear", "blocks_to_remove",
            "compress_model", "fold_block", "has_resumable_state", "state_dir", "fold_model", "load_recipe", "parse_overrides"]

@@ -1,13 +1,14 @@
 """The iterative compression driver: score → group → repair → fold → remove, resumable.
 
-`compress_model` reads top to bottom as its three phases: `_setup` (check the request, load the
-model and the calibration samples), `_restore` (continue a saved run) and `_iterate` (one removed
-block per iteration, state saved after each). A method is a scorer plus a repair, looked up in
-`methods.REGISTRY`; the activation cache recomputes what a removal invalidates.
+`compress_model` runs one `CompressJob` (settings.py) and reads top to bottom as its three phases:
+`_setup` (check the job, load the model and the calibration samples), `_restore` (continue a saved
+run) and `_iterate` (one removed block per iteration, state saved after each). A method is a scorer
+plus a repair, looked up in `methods.REGISTRY`; the activation cache recomputes what a removal
+invalidates.
 
 State after every completed iteration goes to `<out>.state/` (see `state.py`: JSON and
 safetensors, written so a kill never leaves a half-written state). The final checkpoint is
-written to a temporary folder beside `out_dir` and renamed into place.
+written to a temporary folder beside the job's `out` and renamed into place.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pathlib import Path
 import torch
 
 from .. import outputs, preflight
-from ..builtin import DEFAULT_CALIB
 from ..errors import UserError
 from ..models.loading import save_tokenizer
 from . import state as saved_state
@@ -42,7 +42,7 @@ from .methods import Method, method as lookup_method
 from .parallel import Ranks, from_environment, local_device
 from .runner import BlockRunner
 from .scores import SCORERS, ActivationCache
-from .settings import CompressSettings, load_recipe
+from .settings import CompressJob, CompressSettings
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,11 @@ def require_finite(modules: list[torch.nn.Module], what: str) -> None:
 
 @dataclass
 class _Run:
-    """Everything one compression run holds; the phases below fill it in."""
+    """Everything one compression run holds: its job, what the job resolves to, and what the phases fill in."""
 
-    spec: str
-    method_name: str
+    job: CompressJob
     method: Method
     repair: Repair | None
-    sparsity: float
-    calib: str
-    settings: CompressSettings
-    out: Path
     device: torch.device
     compute_dtype: torch.dtype
     ranks: Ranks
@@ -160,63 +155,52 @@ class _Run:
     plan: list[int] | None = None  # one-shot methods: the original indices to remove, in order
     oneshot_scores: dict | None = None
     elapsed_before: float = 0.0
-    keep_steps: bool = False
-    calib_part: str | None = None
     dense_states: list[ActivationStore] | None = None  # target "dense": the dense model's input of every block
     dense_final: ActivationStore | None = None  # healing: the dense model's last hidden state per sequence
     heal_record: dict | None = None
     started: float = field(default_factory=time.time)
 
     @property
+    def settings(self) -> CompressSettings:
+        return self.job.settings
+
+    @property
+    def out(self) -> Path:
+        return Path(self.job.out)
+
+    @property
     def state_folder(self) -> Path:
         return state_dir(self.out)
 
     def fingerprint(self) -> dict:
-        return {"model": self.spec, "method": self.method_name, "sparsity": self.sparsity, "calib": self.calib,
-                "calib_part": self.calib_part,
-                "settings": self.settings.model_dump(), "device": self.device.type,
-                "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": self.keep_steps}
+        job = self.job
+        return {"model": job.model, "method": job.method, "sparsity": job.sparsity, "calib": job.calib,
+                "calib_part": job.calib_part,
+                "settings": job.settings.model_dump(), "device": self.device.type,
+                "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": job.keep_steps}
 
 
-def compress_model(
-    model_spec: str,
-    out_dir,
-    sparsity: float,
-    method: str = "fusegpt",
-    calib: str = DEFAULT_CALIB,
-    settings: CompressSettings | None = None,
-    resume: bool = False,
-    device=None,
-    dtype=None,
-    progress: Callable[..., None] | None = None,
-    force: bool = False,
-    keep_steps: bool = False,
-    calib_part: str | None = None,
-) -> dict:
-    """Compress `model_spec` and write a stock Hugging Face checkpoint + compression.json to `out_dir`.
+def compress_model(job: CompressJob, progress: Callable[..., None] | None = None) -> dict:
+    """Compress `job.model` and write a stock Hugging Face checkpoint + compression.json to `job.out`.
 
-    `keep_steps` also keeps what rebuilds the model after every removal (`steps.rebuild`): the
-    quality-vs-sparsity curve from one run. `calib_part` ("calib") reads only the calibration part of
-    a text that evaluation shares (`data.split`).
+    `job.keep_steps` also keeps what rebuilds the model after every removal (`steps.rebuild`): the
+    quality-vs-sparsity curve from one run. `job.calib_part` ("calib") reads only the calibration part
+    of a text that evaluation shares (`data.split`).
 
     `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
     "score" (one per candidate block scored), "epoch" (one per distillation epoch, status
     carries the loss) and "heal" (one per healing step). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
-    with outputs.claim(out_dir):  # one writer per output; clears our own half-written temporaries
-        return _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, device, dtype, progress,
-                         force, keep_steps, calib_part)
+    with outputs.claim(job.out):  # one writer per output; clears our own half-written temporaries
+        return _compress(job, progress)
 
 
-def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, device, dtype, progress, force,
-              keep_steps, calib_part) -> dict:
-    run = _setup(model_spec, out_dir, sparsity, method, calib, settings or load_recipe(), resume, device, dtype,
-                 force, calib_part)
-    run.keep_steps = keep_steps
+def _compress(job: CompressJob, progress) -> dict:
+    run = _setup(job)
     if not run.ranks.main:
         progress = None
     _keep_dense(run)
-    if resume and saved_state.exists(run.state_folder):
+    if job.resume and saved_state.exists(run.state_folder):
         _restore(run)
     elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
         _discard_state(run.state_folder)
@@ -226,10 +210,10 @@ def _compress(model_spec, out_dir, sparsity, method, calib, settings, resume, de
                                run.compute_dtype, progress)
         run.model.to("cpu")
     require_finite([run.model], "the compressed model")  # nothing non-finite is ever written as an output
-    report = _report(run, resume, stats)
+    report = _report(run, stats)
     if run.ranks.main:
         write_output(run.model, run.tokenizer, report, run.out,
-                      steps_dir=run.state_folder / steps_mod.FOLDER if keep_steps else None)
+                     steps_dir=run.state_folder / steps_mod.FOLDER if job.keep_steps else None)
         _remove_state(run.state_folder)
     run.ranks.barrier()
     return report
@@ -253,57 +237,57 @@ def _check_family(location: Path) -> None:
         raise UserError(f"cannot compress {adapter.family} ({config.model_type}): {refusal}")
 
 
-def _setup(model_spec, out_dir, sparsity, method_name, calib, settings, resume, device, dtype, force,
-           calib_part=None) -> _Run:
+def _setup(job: CompressJob) -> _Run:
     from ..data import sample_sequences
     from ..models import adapter_for
     from ..models.loading import load_model, pick_device, pick_dtype
 
-    chosen = lookup_method(method_name)
-    if not 0 < sparsity < 1:
-        raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
-    out = Path(out_dir)
-    location = preflight.model_location(model_spec)
+    settings = job.settings
+    chosen = lookup_method(job.method)
+    if not 0 < job.sparsity < 1:
+        raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {job.sparsity}")
+    out = Path(job.out)
+    location = preflight.model_location(job.model)
     _check_family(location)
-    outputs.check_separate(out, [location, None if calib == SELF else calib])
-    outputs.check_replaceable(out, force)
+    outputs.check_separate(out, [location, None if job.calib == SELF else job.calib])
+    outputs.check_replaceable(out, job.force)
     preflight.check_writable(out, preflight.weights_bytes(location), folder=True)
-    if saved_state.exists(state_dir(out)) and not resume and not force:
+    if saved_state.exists(state_dir(out)) and not job.resume and not job.force:
         raise UserError(f"an unfinished run's state is at {state_dir(out)}; pass --resume to continue it "
                         "or --force to start over")
-    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dev = job.device if isinstance(job.device, torch.device) else pick_device(job.device)
     ranks = from_environment(dev.type)
     if ranks.active and settings.batch_size % ranks.world:
         raise UserError(f"batch_size {settings.batch_size} does not split over {ranks.world} processes; "
                         f"use a multiple of {ranks.world}")
     dev = local_device(dev, ranks)
-    compute_dtype = pick_dtype(dev, dtype if isinstance(dtype, str) or dtype is None else str(dtype).split(".")[-1])
+    dtype = job.dtype if isinstance(job.dtype, str) or job.dtype is None else str(job.dtype).split(".")[-1]
+    compute_dtype = pick_dtype(dev, dtype)
     repair = REPAIRS[chosen.repair] if chosen.repair else None
-    run = _Run(model_spec, method_name, chosen, repair, sparsity, calib, settings, out, dev, compute_dtype, ranks)
+    run = _Run(job, chosen, repair, dev, compute_dtype, ranks)
 
     # fp32 master weights everywhere; bf16/fp16 compute on CUDA through autocast.
-    run.model, run.tokenizer, _ = load_model(model_spec, device="cpu", dtype="float32")
+    run.model, run.tokenizer, _ = load_model(job.model, device="cpu", dtype="float32")
     run.model.requires_grad_(False)
     broken = non_finite_weight([run.model])
     if broken is not None:  # would surface as NaN scores, a sampler crash or a NaN loss much later
-        raise UserError(f"the model {model_spec} holds NaN or Inf weights ({broken}); it cannot be compressed")
+        raise UserError(f"the model {job.model} holds NaN or Inf weights ({broken}); it cannot be compressed")
     run.adapter = adapter_for(run.model)
     run.n_blocks = len(run.adapter.blocks(run.model))
-    run.n_remove = blocks_to_remove(run.n_blocks, sparsity)
+    run.n_remove = blocks_to_remove(run.n_blocks, job.sparsity)
     run.original = list(range(run.n_blocks))
 
-    run.calib_part = calib_part
     fine_tunes = bool(repair)
     if settings.heal_steps and repair and repair.trains and settings.offload:
         raise UserError("the healing pass (heal_steps) trains the whole model on the device at once; "
                         "set heal_steps=0 or offload=false")
-    if calib == SELF:  # data-free: the dense model writes its own calibration text
+    if job.calib == SELF:  # data-free: the dense model writes its own calibration text
         n_ft = settings.ft_samples if fine_tunes else 0
         ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed,
                                temperature=settings.self_temperature, top_p=settings.self_top_p)
         run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)
     else:
-        ids = calibration_tokens(run.tokenizer, calib, calib_part, settings.seq_len)
+        ids = calibration_tokens(run.tokenizer, job.calib, job.calib_part, settings.seq_len)
         run.mi_ids = sample_sequences(ids, settings.mi_samples, settings.seq_len, settings.seed)
         if fine_tunes:
             run.ft_ids = sample_sequences(ids, settings.ft_samples, settings.seq_len, settings.seed + 1)
@@ -383,14 +367,14 @@ def _iterate(run: _Run, progress) -> StreamStats:
     cache = ActivationCache(runner, runner.block0_inputs(run.mi_ids, batch), batch)
     ft_x0 = runner.block0_inputs(run.ft_ids, batch) if run.repair and len(run.removed) < run.n_remove else None
     if not run.removed:
-        log.info("compressing %s: %s, removing %d of %d blocks", run.spec, run.method_name, run.n_remove,
+        log.info("compressing %s: %s, removing %d of %d blocks", run.job.model, run.job.method, run.n_remove,
                  run.n_blocks)
     if progress:
         progress("iteration", len(run.removed), run.n_remove, "")
     while len(run.removed) < run.n_remove:
         rec = _one_iteration(run, runner, cache, ft_x0, progress)
         run.iterations.append(rec)
-        if run.ranks.main and run.keep_steps:
+        if run.ranks.main and run.job.keep_steps:
             changed = [o for o in rec.get("group_original", []) if o != rec["removed_original"]]
             steps_mod.save_step(run.state_folder / steps_mod.FOLDER, len(run.removed), rec["removed_original"],
                                 list(run.original),
@@ -455,21 +439,21 @@ def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0
     return rec
 
 
-def _report(run: _Run, resume: bool, stats: StreamStats) -> dict:
+def _report(run: _Run, stats: StreamStats) -> dict:
     from .. import __version__
 
     total = run.elapsed_before + time.time() - run.started
-    s = run.settings
+    job, s = run.job, run.settings
     return {
-        "fusedeploy_version": __version__, "model": run.spec, "method": run.method_name, "sparsity": run.sparsity,
-        "calib": run.calib, "calib_part": run.calib_part, "seed": s.seed, "settings": s.model_dump(),
+        "fusedeploy_version": __version__, "model": job.model, "method": job.method, "sparsity": job.sparsity,
+        "calib": job.calib, "calib_part": job.calib_part, "seed": s.seed, "settings": s.model_dump(),
         "device": str(run.device), "compute_dtype": str(run.compute_dtype).replace("torch.", ""),
         "processes": run.ranks.world,
         "architecture": run.model.config.model_type, "blocks_before": run.n_blocks,
         "blocks_after": run.n_blocks - len(run.removed), "removed_blocks": run.removed, "kept_blocks": run.original,
         "oneshot_scores": run.oneshot_scores, "iterations": run.iterations, "heal": run.heal_record,
         "timings": {"total_s": round(total, 3), "iterations_s": round(sum(r["time_s"] for r in run.iterations), 3)},
-        "resumed": bool(resume and run.elapsed_before),
+        "resumed": bool(job.resume and run.elapsed_before),
         "memory": _memory_record(run.device, stats),
     }
 

@@ -1,4 +1,4 @@
-"""Compression settings and the named recipes (`paper`, `cpu`, `quick`).
+"""Compression settings, the named recipes (`paper`, `cpu`, `quick`), and the job that names one run.
 
 Every field can be overridden by a YAML file or `key=value` pairs; unknown
 keys are a one-line UserError, not a silent typo.
@@ -6,12 +6,18 @@ keys are a one-line UserError, not a silent typo.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..builtin import DEFAULT_CALIB
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 class CompressSettings(BaseModel):
     """All knobs of a compression run. Defaults are the paper's (the `paper` recipe; docs/algorithm.md)."""
@@ -136,3 +142,35 @@ def load_recipe(name: str | None = None, overrides: dict | None = None, config_f
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise UserError(f"bad compression setting {loc!r}: {err['msg']}") from None
+
+
+@dataclass(frozen=True)
+class CompressJob:
+    """One compression run as a single value: what to compress, into where, how far and how.
+
+    The command line, the build's compress stage and the benchmarks each describe a run once and
+    hand it to `compress_model` whole, instead of threading a dozen arguments through every phase.
+    `settings` are the recipe's hyperparameters (`CompressSettings`, None = `load_recipe()`); the
+    rest says which model, output, data and device. The driver checks the values in its first phase
+    and fingerprints the resumable state from them (model, method, sparsity, calib, calib_part,
+    settings, keep_steps, with the device and dtype they resolve to). `resume` and `force` only say
+    what to do with an earlier run's state or output. A progress callback is not part of the job:
+    it changes no output.
+    """
+
+    model: str  # a name, folder or GGUF file (`preflight.model_location`)
+    out: str | os.PathLike  # the output folder; the state of an unfinished run sits beside it
+    sparsity: float  # share of the blocks to remove, 0 < sparsity < 1
+    method: str = "fusegpt"  # a row of `methods.REGISTRY`
+    calib: str = DEFAULT_CALIB  # calibration text, or "self" (the dense model samples its own)
+    calib_part: str | None = None  # "calib": only that part of a text evaluation shares (`data.split`)
+    settings: CompressSettings | None = None
+    resume: bool = False  # continue the saved state of an interrupted run
+    force: bool = False  # replace a finished output, discard a saved state
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    keep_steps: bool = False  # also keep what rebuilds the model after every removal (`steps.rebuild`)
+
+    def __post_init__(self):
+        if self.settings is None:
+            object.__setattr__(self, "settings", load_recipe())

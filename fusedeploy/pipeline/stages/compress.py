@@ -33,16 +33,17 @@ def run(config: Config, inputs: dict, work: Path) -> dict:
     model = inputs["model"]
     if config.sparsity == 0:
         return {"model_dir": str(model_folder(model)), "compressed": False}
-    from ...compress import compress_model, has_resumable_state, load_recipe
+    from ...compress import CompressJob, compress_model, has_resumable_state, load_recipe
 
     target = work / "model"
     with outputs.claim(target):  # clears a half-written checkpoint of a killed run
         if outputs.is_ours(target):  # killed after the checkpoint was written: reuse it
             summary = json.loads((target / "compression.json").read_text())
         else:
-            summary = compress_model(str(model), target, config.sparsity, method=config.method, calib=config.calib,
-                                     calib_part=config.calib_part, settings=load_recipe(config.recipe),
-                                     resume=has_resumable_state(target), progress=compress_progress(),
-                                     device=config.device, dtype=config.dtype, keep_steps=config.keep_steps)
+            job = CompressJob(str(model), target, config.sparsity, method=config.method, calib=config.calib,
+                              calib_part=config.calib_part, settings=load_recipe(config.recipe),
+                              resume=has_resumable_state(target), device=config.device, dtype=config.dtype,
+                              keep_steps=config.keep_steps)
+            summary = compress_model(job, progress=compress_progress())
         outputs.mark(target, "compressed-model")
     return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}
