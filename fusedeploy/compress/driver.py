@@ -187,7 +187,8 @@ def compress_model(job: CompressJob, progress: Callable[..., None] | None = None
     quality-vs-sparsity curve from one run. `job.calib_part` ("calib") reads only the calibration part
     of a text that evaluation shares (`data.split`).
 
-    `progress(kind, done, total, status)` is called with kind "iteration" (one per removed block),
+    `progress(kind, done, total, status)` is called with kind "calibration" (one per batch of
+    self-written calibration samples), "iteration" (one per removed block),
     "score" (one per candidate block scored), "epoch" (one per distillation epoch, status
     carries the loss) and "heal" (one per healing step). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
@@ -196,9 +197,9 @@ def compress_model(job: CompressJob, progress: Callable[..., None] | None = None
 
 
 def _compress(job: CompressJob, progress) -> dict:
-    run = _setup(job)
-    if not run.ranks.main:
+    if outputs.secondary_rank():  # rank 0 alone reports
         progress = None
+    run = _setup(job, progress)
     _keep_dense(run)
     if job.resume and saved_state.exists(run.state_folder):
         _restore(run)
@@ -237,7 +238,7 @@ def _check_family(location: Path) -> None:
         raise UserError(f"cannot compress {adapter.family} ({config.model_type}): {refusal}")
 
 
-def _setup(job: CompressJob) -> _Run:
+def _setup(job: CompressJob, progress=None) -> _Run:
     from ..data import sample_sequences
     from ..models import adapter_for
     from ..models.loading import load_model, pick_device, pick_dtype
@@ -284,7 +285,8 @@ def _setup(job: CompressJob) -> _Run:
     if job.calib == SELF:  # data-free: the dense model writes its own calibration text
         n_ft = settings.ft_samples if fine_tunes else 0
         ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed,
-                               temperature=settings.self_temperature, top_p=settings.self_top_p)
+                               temperature=settings.self_temperature, top_p=settings.self_top_p,
+                               report=(lambda done, total: progress("calibration", done, total)) if progress else None)
         run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)
     else:
         ids = calibration_tokens(run.tokenizer, job.calib, job.calib_part, settings.seq_len)
