@@ -412,11 +412,9 @@ def test_gguf_refuses_what_llama_server_cannot_answer(server):
     runtime, url, _ = server
     if runtime != "gguf":
         pytest.skip("llama-server specifics")
-    c = client(url)
-    for extra in ({"echo": True}, {"extra_body": {"min_tokens": 2}}):
-        with pytest.raises(openai.BadRequestError) as err:
-            c.completions.create(model="", prompt="Hi", max_tokens=2, **extra)
-        assert err.value.body["param"] == next(iter(extra.get("extra_body", extra)))
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).completions.create(model="", prompt="Hi", max_tokens=2, extra_body={"min_tokens": 2})
+    assert err.value.body["param"] == "min_tokens"
 
 
 # ---------------------------------------------------------------- bench-serve
