@@ -149,6 +149,31 @@ def test_streaming_with_and_without_usage(server, chat):
     assert all(getattr(ch, "usage", None) is None for ch in chunks)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats(server, chat):
+    """vLLM's stream_options.continuous_usage_stats (guidellm sends it): the chunks that carry tokens also carry
+    the usage so far, the prompt's tokens and the tokens generated until then."""
+    _, url, _ = server
+    c = client(url)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if chat:
+        stream = c.chat.completions.create(model="", messages=[{"role": "user", "content": "Tell me"}], max_tokens=7,
+                                           temperature=0, stream=True, stream_options=options, extra_body=EXACT)
+    else:
+        stream = c.completions.create(model="", prompt="Once upon a time", max_tokens=7, temperature=0, stream=True,
+                                      stream_options=options, extra_body=EXACT)
+    chunks = list(stream)
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens == 7 and final.prompt_tokens > 0
+    counts = []
+    for ch in chunks[:-1]:
+        if ch.choices and (ch.choices[0].delta.content if chat else ch.choices[0].text):
+            assert ch.usage is not None and ch.usage.prompt_tokens == final.prompt_tokens
+            assert ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens
+            counts.append(ch.usage.completion_tokens)
+    assert counts and counts == sorted(counts) and 1 <= counts[0] and counts[-1] <= 7
+
+
 def _greedy_pieces(c: openai.OpenAI, prompt: str, n: int) -> list[str]:
     out = []
     for ch in c.completions.create(model="", prompt=prompt, max_tokens=n, temperature=0, stream=True,
