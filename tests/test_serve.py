@@ -611,6 +611,33 @@ def test_bench_serve_stops_by_itself_within_its_duration(server):
         assert lv["ttft_s"]["p50"] <= lv["ttft_s"]["p95"] <= lv["ttft_s"]["p99"]
 
 
+@pytest.mark.slow
+def test_guidellm_default_chat_benchmark_runs_clean(server, artifacts, tmp_path):
+    """guidellm (vLLM's load generator) against each server, offline, tokenizer from the model folder: its
+    default request shape (streamed /v1/chat/completions with continuous usage stats, ignore_eos, synthetic
+    prompts), shortened to 6 requests at concurrency 2: every one succeeds with the output length asked."""
+    import importlib.util
+
+    if importlib.util.find_spec("guidellm") is None:
+        pytest.skip("guidellm is not installed (it is in the test extra: pip install -e '.[test]')")
+    _, url, _ = server
+    model_id = client(url).models.list().data[0].id
+    out = tmp_path / "guidellm.json"
+    cmd = [sys.executable, "-m", "guidellm", "run",
+           "--backend", f"kind=openai_http,target={url},model={model_id},api_key={KEY}",
+           "--profile", "kind=concurrent,streams=2", "--constraint", "kind=max_requests,count=6",
+           "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=8",
+           "--tokenizer", f"kind=huggingface_auto,model={artifacts['hf']}",
+           "--output", f"kind=json,path={out}", "--disable-console"]
+    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and out.is_file(), (done.stdout + done.stderr)[-4000:]
+    run = json.loads(out.read_text())["benchmarks"][0]
+    assert run["metrics"]["request_totals"] == {"successful": 6, "errored": 0, "incomplete": 0, "total": 6}
+    produced = run["metrics"]["output_token_count"]["successful"]
+    assert produced["min"] == produced["max"] == 8
+
+
 def test_bench_serve_bad_input():
     with pytest.raises(UserError, match="http"):
         bench_serve("localhost:1", [1], 1)
