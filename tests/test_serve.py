@@ -525,6 +525,8 @@ def test_scoring_requests_that_are_refused(server):
     for bad in ([[1, 2], [3, 4]], [], [[]], [1, "a"], [-1], [True, 2]):
         r = post(prompt=bad, max_tokens=1)
         assert r.status_code == 400 and "prompt" in r.json()["error"]["message"], (bad, r.text)
+    r = post(prompt=[5] * 1100, echo=True, logprobs=1, max_tokens=0)  # longer than either server's context
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
 
 
 MC_TASK = "fusedeploy_serve_mc"
