@@ -490,6 +490,7 @@ def test_echo_prompt_logprobs_match_pytorch(server, smol_tokenizer, torch_logpro
             assert sorted(lp["top_logprobs"][i].values(), reverse=True) == pytest.approx(list(best), abs=tol)
         if max_tokens:  # greedy: the generated token is (within tolerance) PyTorch's most likely one
             assert lp["token_logprobs"][-1] == pytest.approx(float(ref[-1].max()), abs=tol)
+            assert lp["text_offset"][len(ids)] == len(prompt)  # where the completion starts in the text
     # What lm-eval reads from that answer: the continuation's summed log-probability (the last token, generated,
     # is dropped): here the prompt's last 4 tokens as the continuation of the ones before.
     ctxlen = len(ids) - 4

@@ -366,7 +366,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
             kind, status = "invalid_request_error", 400
         return JSONResponse(error_body(message, kind), status_code=status if 400 <= status < 600 else 502)
 
-    async def fan_out(request: Request, route: str, body: Body, payload: dict):
+    async def fan_out(request: Request, route: str, body: Body, payload: dict, offset: int = 0):
         """n > 1, not streamed: one upstream request per choice, merged. llama-server's own n answers
         with the first choice's usage only; separate requests give each choice's tokens (and seed + i)."""
         import asyncio
@@ -374,7 +374,8 @@ def create_app(server: LlamaServer, api_key: str | None = None):
         one = {k: v for k, v in payload.items() if k != "n"}
         parts = [{**one, "seed": one["seed"] + i} if "seed" in one else one for i in range(body.n)]
         answers = await cancel_on_disconnect(
-            request, asyncio.gather(*(forward(request, route, body, part, watch=False) for part in parts)))
+            request, asyncio.gather(*(forward(request, route, body, part, watch=False, offset=offset)
+                                      for part in parts)))
         if answers is None:  # the client left; the upstream requests were cancelled with their connections
             from starlette.responses import Response
 
@@ -389,9 +390,10 @@ def create_app(server: LlamaServer, api_key: str | None = None):
         merged["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         return merged
 
-    async def forward(request: Request, route: str, body: Body, payload: dict, watch: bool = True):
+    async def forward(request: Request, route: str, body: Body, payload: dict, watch: bool = True, offset: int = 0):
+        """`offset`: where the completion's text starts in the choice's text (echo: after the prompt)."""
         if not body.stream and payload.get("n", 1) > 1:
-            return await fan_out(request, route, body, payload)
+            return await fan_out(request, route, body, payload, offset)
         chat = route.endswith("chat/completions")
         clock = TokenClock(metrics, time.perf_counter())
         # Upstream is always streamed, with usage: llama-server stops a streamed generation when its
@@ -406,7 +408,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
         if continuous:  # each token's chunk then carries llama-server's counts so far (cache_n + prompt_n, predicted_n)
             upstream["timings_per_token"] = True
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        offsets = {}  # choice index -> characters of text so far (completion logprobs' text_offset)
+        offsets = {i: offset for i in range(body.n)}  # choice index -> characters of text so far (text_offset)
         so_far = {"prompt": 0, "generated": {}}  # continuous usage: prompt tokens, choice index -> tokens
 
         async def open_upstream():
@@ -574,7 +576,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
             generated = choice.get("logprobs") or {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                                    "text_offset": []}
             out["logprobs"] = {k: logprobs[k] + generated[k] for k in ("tokens", "token_logprobs", "top_logprobs")}
-            out["logprobs"]["text_offset"] = logprobs["text_offset"] + [len(text) + o for o in generated["text_offset"]]
+            out["logprobs"]["text_offset"] = logprobs["text_offset"] + generated["text_offset"]  # after the prompt
         return out
 
     async def echoed(request: Request, body: CompletionBody, limit: int):
@@ -611,7 +613,7 @@ def create_app(server: LlamaServer, api_key: str | None = None):
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         payload = {k: v for k, v in _payload(body).items() if k != "echo"}
-        answer = await forward(request, "/v1/completions", body, payload)
+        answer = await forward(request, "/v1/completions", body, payload, offset=len(text))
         if isinstance(answer, dict):
             answer["choices"] = [with_prompt(c, text, logprobs) for c in answer["choices"]]
             return answer
