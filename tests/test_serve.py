@@ -149,6 +149,31 @@ def test_streaming_with_and_without_usage(server, chat):
     assert all(getattr(ch, "usage", None) is None for ch in chunks)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats(server, chat):
+    """vLLM's stream_options.continuous_usage_stats (guidellm sends it): the chunks that carry tokens also carry
+    the usage so far, the prompt's tokens and the tokens generated until then."""
+    _, url, _ = server
+    c = client(url)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if chat:
+        stream = c.chat.completions.create(model="", messages=[{"role": "user", "content": "Tell me"}], max_tokens=7,
+                                           temperature=0, stream=True, stream_options=options, extra_body=EXACT)
+    else:
+        stream = c.completions.create(model="", prompt="Once upon a time", max_tokens=7, temperature=0, stream=True,
+                                      stream_options=options, extra_body=EXACT)
+    chunks = list(stream)
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens == 7 and final.prompt_tokens > 0
+    counts = []
+    for ch in chunks[:-1]:
+        if ch.choices and (ch.choices[0].delta.content if chat else ch.choices[0].text):
+            assert ch.usage is not None and ch.usage.prompt_tokens == final.prompt_tokens
+            assert ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens
+            counts.append(ch.usage.completion_tokens)
+    assert counts and counts == sorted(counts) and 1 <= counts[0] and counts[-1] <= 7
+
+
 def _greedy_pieces(c: openai.OpenAI, prompt: str, n: int) -> list[str]:
     out = []
     for ch in c.completions.create(model="", prompt=prompt, max_tokens=n, temperature=0, stream=True,
@@ -412,11 +437,158 @@ def test_gguf_refuses_what_llama_server_cannot_answer(server):
     runtime, url, _ = server
     if runtime != "gguf":
         pytest.skip("llama-server specifics")
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).completions.create(model="", prompt="Hi", max_tokens=2, extra_body={"min_tokens": 2})
+    assert err.value.body["param"] == "min_tokens"
+
+
+@pytest.fixture(scope="module")
+def torch_logprobs(artifacts):
+    """PyTorch's log-probabilities (float64, every position) for a list of token ids, from the fp32 checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(artifacts["hf"], dtype=torch.float32).eval()
+
+    def logp(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+
+    return logp
+
+
+def test_echo_prompt_logprobs_match_pytorch(server, smol_tokenizer, torch_logprobs):
+    """echo + logprobs scores the prompt: each prompt token's log-probability given the ones before it (None for
+    the first) and the top alternatives, as PyTorch computes them within verify's fp32 tolerance, on both
+    runtimes; in lm-eval's request shape (token ids, logprobs 1, max_tokens 1 in lm-eval 0.4.13, a seed,
+    temperature 0) and in OpenAI's legacy scoring shape (max_tokens 0: nothing generated)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    _, url, _ = server
+    tol = TOLERANCES["fp32"]["mean_abs_diff"]
+    prompt = "The history of the printing press begins in"
+    ids = smol_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ref = torch_logprobs(ids)
+    want = np.array([ref[i - 1, ids[i]] for i in range(1, len(ids))])
+    for max_tokens in (0, 1):
+        r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "", "prompt": [ids], "echo": True, "logprobs": 2, "max_tokens": max_tokens,
+                             "temperature": 0, "seed": 1234})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        (choice,) = answer["choices"]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert choice["text"].startswith(prompt) and "".join(lp["tokens"][:len(ids)]) == prompt
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+        assert answer["usage"]["prompt_tokens"] == len(ids) and answer["usage"]["completion_tokens"] == max_tokens
+        served = np.array(lp["token_logprobs"][1:len(ids)], dtype=float)
+        assert np.max(np.abs(served - want)) <= tol
+        for i in range(1, len(ids)):  # the alternatives: PyTorch's two most likely tokens' values
+            best = np.sort(ref[i - 1])[::-1][:2]
+            assert sorted(lp["top_logprobs"][i].values(), reverse=True) == pytest.approx(list(best), abs=tol)
+        if max_tokens:  # greedy: the generated token is (within tolerance) PyTorch's most likely one
+            assert lp["token_logprobs"][-1] == pytest.approx(float(ref[-1].max()), abs=tol)
+            assert lp["text_offset"][len(ids)] == len(prompt)  # where the completion starts in the text
+    # What lm-eval reads from that answer: the continuation's summed log-probability (the last token, generated,
+    # is dropped): here the prompt's last 4 tokens as the continuation of the ones before.
+    ctxlen = len(ids) - 4
+    ((loglikelihood, _),) = LocalCompletionsAPI.parse_logprobs(answer, ctxlens=[ctxlen])
+    assert loglikelihood == pytest.approx(float(want[ctxlen - 1:].sum()), abs=4 * tol)
+    # A text prompt is tokenized by the runtime (here as by the HF tokenizer): the echo covers its tokens.
     c = client(url)
-    for extra in ({"echo": True}, {"extra_body": {"min_tokens": 2}}):
-        with pytest.raises(openai.BadRequestError) as err:
-            c.completions.create(model="", prompt="Hi", max_tokens=2, **extra)
-        assert err.value.body["param"] == next(iter(extra.get("extra_body", extra)))
+    r = c.completions.create(model="", prompt=prompt, echo=True, logprobs=0, max_tokens=0)
+    assert r.choices[0].text == prompt and "".join(r.choices[0].logprobs.tokens) == prompt
+    assert np.max(np.abs(np.array(r.choices[0].logprobs.token_logprobs[1:], dtype=float) - want)) <= tol
+    assert r.choices[0].logprobs.top_logprobs[1] == {}
+    # echo without logprobs, streamed: the prompt comes first, then the same greedy text as without echo
+    plain = c.completions.create(model="", prompt=prompt, max_tokens=3, temperature=0, extra_body=EXACT)
+    chunks = [ch for ch in c.completions.create(model="", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                                stream=True, extra_body=EXACT) if ch.choices]
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(ch.choices[0].text for ch in chunks) == prompt + plain.choices[0].text
+    r = c.completions.create(model="", prompt=[ids], max_tokens=0, echo=True)  # echo without logprobs
+    assert r.choices[0].text == prompt and r.choices[0].logprobs is None and r.usage.prompt_tokens == len(ids)
+
+
+def test_scoring_requests_that_are_refused(server):
+    _, url, _ = server
+
+    def post(**fields):
+        return httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=30, json={"model": "", **fields})
+
+    for fields, param in (({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),  # nothing to do without echo
+                          ({"prompt": [5, 1_000_000], "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
+                          ({"prompt": [5, 1_000_000], "max_tokens": 2}, "prompt")):
+        r = post(**fields)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    for bad in ([[1, 2], [3, 4]], [], [[]], [1, "a"], [-1], [True, 2]):
+        r = post(prompt=bad, max_tokens=1)
+        assert r.status_code == 400 and "prompt" in r.json()["error"]["message"], (bad, r.text)
+    r = post(prompt=[5] * 1100, echo=True, logprobs=1, max_tokens=0)  # longer than either server's context
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+
+
+MC_TASK = "fusedeploy_serve_mc"
+
+
+@pytest.fixture(scope="module")
+def mc_task(tmp_path_factory):
+    """A local lm-eval multiple-choice task (tests/data/serve-mc.jsonl, 20 questions, 4 choices): its folder."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / f"{MC_TASK}.yaml").write_text(yaml.safe_dump({
+        "task": MC_TASK, "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+        "dataset_kwargs": {"data_files": {"test": str(REPO / "tests" / "data" / "serve-mc.jsonl")}},
+        "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}))
+    return folder
+
+
+def _lm_eval(mc_task: Path, model: str, args: dict, **env) -> dict:
+    """lm-eval on the local task, offline: accuracy, and each question's choices' log-likelihoods."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env}.items():
+            mp.setenv(k, v)
+        out = simple_evaluate(model=model, model_args=args, tasks=[MC_TASK],
+                              task_manager=TaskManager(include_path=str(mc_task), include_defaults=False))
+    samples = sorted(out["samples"][MC_TASK], key=lambda s: s["doc_id"])
+    return {"acc": out["results"][MC_TASK]["acc,none"], "acc_norm": out["results"][MC_TASK]["acc_norm,none"],
+            "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
+            "arguments": [[tuple(a) for a in s["arguments"]] for s in samples]}
+
+
+@pytest.fixture(scope="module")
+def hf_task_scores(artifacts, mc_task):
+    return _lm_eval(mc_task, "hf", {"pretrained": str(artifacts["hf"]), "dtype": "float32", "device": "cpu",
+                                    "batch_size": 8})
+
+
+def test_lm_eval_local_completions_through_the_server_matches_hf(server, artifacts, mc_task, hf_task_scores,
+                                                                 smol_tokenizer):
+    """lm-eval's `local-completions` model scoring a multiple-choice task through each server gives the accuracy
+    of lm-eval's `hf` model on the PyTorch checkpoint, and each choice's log-likelihood within verify's fp32
+    tolerance per continuation token (requests PARALLEL at a time: the scoring runs concurrently)."""
+    _, url, _ = server
+    model_id = client(url).models.list().data[0].id
+    served = _lm_eval(mc_task, "local-completions",
+                      {"base_url": f"{url}/v1/completions", "model": model_id, "tokenizer": str(artifacts["hf"]),
+                       "tokenizer_backend": "huggingface", "num_concurrent": PARALLEL, "max_retries": 1},
+                      OPENAI_API_KEY=KEY)
+    ref = hf_task_scores
+    assert served["arguments"] == ref["arguments"]
+    assert abs(served["acc"] - ref["acc"]) <= 0.02 and abs(served["acc_norm"] - ref["acc_norm"]) <= 0.02
+    tol = TOLERANCES["fp32"]["mean_abs_diff"]
+    for args, got, want in zip(ref["arguments"], served["loglikelihoods"], ref["loglikelihoods"]):
+        for (context, continuation), g, w in zip(args, got, want):
+            whole = len(smol_tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
+            n = whole - len(smol_tokenizer(context, add_special_tokens=False)["input_ids"])
+            assert g == pytest.approx(w, abs=tol * max(1, n)), (context, continuation)
 
 
 # ---------------------------------------------------------------- bench-serve
@@ -440,6 +612,33 @@ def test_bench_serve_stops_by_itself_within_its_duration(server):
     for lv in served:
         assert lv["output_tokens_per_s"] == pytest.approx(lv["output_tokens"] / lv["duration_s"])
         assert lv["ttft_s"]["p50"] <= lv["ttft_s"]["p95"] <= lv["ttft_s"]["p99"]
+
+
+@pytest.mark.slow
+def test_guidellm_default_chat_benchmark_runs_clean(server, artifacts, tmp_path):
+    """guidellm (vLLM's load generator) against each server, offline, tokenizer from the model folder: its
+    default request shape (streamed /v1/chat/completions with continuous usage stats, ignore_eos, synthetic
+    prompts), shortened to 6 requests at concurrency 2: every one succeeds with the output length asked."""
+    import importlib.util
+
+    if importlib.util.find_spec("guidellm") is None:
+        pytest.skip("guidellm is not installed (it is in the test extra: pip install -e '.[test]')")
+    _, url, _ = server
+    model_id = client(url).models.list().data[0].id
+    out = tmp_path / "guidellm.json"
+    cmd = [sys.executable, "-m", "guidellm", "run",
+           "--backend", f"kind=openai_http,target={url},model={model_id},api_key={KEY}",
+           "--profile", "kind=concurrent,streams=2", "--constraint", "kind=max_requests,count=6",
+           "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=8",
+           "--tokenizer", f"kind=huggingface_auto,model={artifacts['hf']}",
+           "--output", f"kind=json,path={out}", "--disable-console"]
+    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and out.is_file(), (done.stdout + done.stderr)[-4000:]
+    run = json.loads(out.read_text())["benchmarks"][0]
+    assert run["metrics"]["request_totals"] == {"successful": 6, "errored": 0, "incomplete": 0, "total": 6}
+    produced = run["metrics"]["output_token_count"]["successful"]
+    assert produced["min"] == produced["max"] == 8
 
 
 def test_bench_serve_bad_input():

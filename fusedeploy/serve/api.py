@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 MAX_STOP = 4  # OpenAI's limit
 
@@ -30,6 +30,9 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk that carries a token also carries the usage so far
+    # (guidellm asks for it)
+    continuous_usage_stats: bool = False
 
 
 class Body(_Strict):
@@ -67,24 +70,53 @@ class Body(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's
+
 
 class CompletionBody(Body):
-    prompt: Union[str, list[str]]
+    # A prompt is text or token ids (OpenAI's token-array form; lm-eval's `local-completions` sends
+    # ids so that its context length in tokens is exact), one per request.
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
+    # 0 only with echo: score the prompt, generate nothing (lm-eval's and OpenAI's legacy scoring request)
+    max_tokens: Optional[int] = Field(None, ge=0)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("one prompt per request (use n for several completions of one prompt)")
-        if (v[0] if isinstance(v, list) else v) == "":
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError("one prompt per request (use n for several completions of one prompt)")
+            v = v[0]
+        if len(v) == 0:
             raise ValueError("prompt is empty")
-        return v
+        return v  # a string or a list of token ids
 
     @property
-    def text(self) -> str:
-        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+    def text(self) -> Optional[str]:
+        """The prompt's text; None for a prompt of token ids."""
+        return self.prompt if isinstance(self.prompt, str) else None
+
+    @property
+    def token_ids(self) -> Optional[list[int]]:
+        """The prompt's token ids, used as given (no BOS added); None for a text prompt."""
+        return None if isinstance(self.prompt, str) else list(self.prompt)
+
+    def limit(self) -> int:
+        """max_tokens (OpenAI's default 16); 0 only with echo, else a 400 naming it."""
+        if self.max_tokens is None:
+            return COMPLETION_DEFAULT_MAX_TOKENS
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "'max_tokens' 0 generates nothing: it is only for scoring the prompt with "
+                                "echo: true (and logprobs)", param="max_tokens")
+        return self.max_tokens
 
 
 class TextPart(_Strict):
@@ -111,6 +143,16 @@ class ChatBody(Body):
     @property
     def limit(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
+
+
+def top_indices(row, k: int):
+    """Indices of the k largest values of a 1-D numpy array, largest first (the top_logprobs)."""
+    import numpy as np
+
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    part = np.argpartition(-row, k - 1)[:k]
+    return part[np.argsort(-row[part], kind="stable")]
 
 
 class ApiError(Exception):

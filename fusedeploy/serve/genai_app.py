@@ -25,7 +25,10 @@ is ever sent, also when it spans tokens; the engine's own stop strings
 decode with `og.Tokenizer`, which misreads some byte-level BPE tokenizers
 (below). `logprobs` (completions and chat, not streamed) are computed by one
 `og.Generator` pass over prompt + completion -- the pass `fusedeploy verify`
-checks against PyTorch -- so the numbers are the model's own.
+checks against PyTorch -- so the numbers are the model's own; with `echo`
+they cover the prompt's tokens too (the first has none), and `max_tokens: 0`
+with echo scores the prompt and generates nothing (lm-eval's log-likelihood
+requests). A prompt may be token ids, used as given (no BOS added).
 
 Text goes through the folder's Hugging Face tokenizer (as everywhere else in
 FuseDeploy), not `og.Tokenizer`: ONNX Runtime Extensions misreads byte-level
@@ -50,7 +53,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' a
 
 from ..errors import UserError
 from .api import (ApiError, Body, ChatBody, CompletionBody, Metrics, error_body, protect, TokenClock, add_metrics_route,
-                  cancel_on_disconnect, install_error_handlers, refuse)
+                  cancel_on_disconnect, install_error_handlers, refuse, top_indices)
 
 CHAT_DEFAULT_MAX_TOKENS = 512
 
@@ -274,6 +277,7 @@ class GenAIEngine:
         cfg = raw["model"]
         # The engine refuses a request longer than the search section's max_length.
         self.context_length = min(int(cfg["context_length"]), int(raw.get("search", {}).get("max_length") or 1 << 30))
+        self.vocab_size = int(cfg.get("vocab_size") or len(self.tokenizer))
         eos = cfg.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.model_id = model_id or folder.name
@@ -292,11 +296,20 @@ class GenAIEngine:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def completion_prompt(self, body: CompletionBody) -> list[int]:
+    def completion_prompt(self, body: CompletionBody) -> tuple[list[int], str]:
+        """The prompt's token ids and its text (what echo returns): text is tokenized here; token ids
+        are taken as given (no BOS added) and their text is their decoding, special tokens included."""
+        if body.token_ids is not None:
+            ids = body.token_ids
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                               param="prompt")
+            return ids, self.tokenizer.decode(ids)
         ids = self.tokenizer(body.text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ApiError(400, "the prompt has no tokens", param="prompt")
-        return ids
+        return ids, body.text
 
     def check_length(self, ids: list[int], max_tokens: int, param: str = "max_tokens") -> None:
         if len(ids) + max_tokens > self.context_length:
@@ -353,7 +366,7 @@ class GenAIEngine:
                 continue
             row = logp[i - 1]
             out["token_logprobs"].append(float(row[ids[i]]))
-            best = np.argsort(-row)[:top] if top else []
+            best = top_indices(row, top)
             out["top_logprobs"].append({self.tokenizer.decode([int(t)]): float(row[t]) for t in best})
         return out
 
@@ -367,11 +380,14 @@ async def _pieces(engine: GenAIEngine, ids: list[int], settings: Settings, stops
     clock = TokenClock(engine.metrics, result["received"])
     finish, generated, stopped = "length", [], False
     try:
+        if settings.max_tokens == 0:  # echo only (scoring the prompt): nothing to generate
+            return
         async for kind, value in engine.tokens(ids, settings):
             if kind == "done":
                 finish = "stop" if value in ("EOS", "STOP_STRING") else "length"
                 break
             generated.append(value)
+            result["count"] = len(generated)  # so far (continuous usage)
             clock.tokens(time.perf_counter())
             if value in engine.eos:
                 continue
@@ -435,7 +451,8 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
         if body.model not in (None, "", engine.model_id):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {engine.model_id!r}",
                            "not_found_error", "model")
-        if body.seed is not None and not engine.dynamic:
+        # Greedy decoding (temperature 0; lm-eval sends a seed with it) draws nothing: its seed changes nothing.
+        if body.seed is not None and body.temperature > 0 and not engine.dynamic:
             raise ApiError(400, "'seed' is not supported here: og.Engine takes a per-request seed only for a model "
                                 "with a paged KV cache (dynamic batching), which this folder does not have",
                            param="seed")
@@ -464,8 +481,11 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
                 choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
-                    "model": engine.model_id, "choices": [choice]}
+            out = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
+                   "model": engine.model_id, "choices": [choice]}
+            if body.continuous_usage:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                out["usage"] = usage()
+            return out
 
         if body.stream:
             async def events():
@@ -516,12 +536,15 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
             from starlette.responses import Response
 
             return Response(status_code=499)
-        choices = []
+        choices, passes = [], {}
         for i, (text, result) in enumerate(zip(texts, results)):
             scored = None
             if logprobs is not None:
-                scored = await asyncio.to_thread(engine.logprobs, ids + result["ids"], 0 if echo else len(ids),
-                                                 logprobs)
+                key = tuple(result["ids"])  # n equal choices (greedy, or max_tokens 0) score once
+                if key not in passes:
+                    passes[key] = await asyncio.to_thread(engine.logprobs, ids + result["ids"],
+                                                          0 if echo else len(ids), logprobs)
+                scored = passes[key]
                 if stops:  # only the tokens whose text was sent (a stop string cuts the text)
                     limit = len(echo) + len(text)
                     keep = sum(1 for off in scored["text_offset"] if off < limit) if limit else 0
@@ -542,10 +565,10 @@ def create_app(engine: GenAIEngine, api_key: str | None = None):
         if body.logprobs is not None and body.stream:
             raise ApiError(400, "'logprobs' is not supported with stream here: they are scored after generation",
                            param="logprobs")
-        ids = engine.completion_prompt(body)
-        max_tokens = body.max_tokens or 16
+        max_tokens = body.limit()
+        ids, text = engine.completion_prompt(body)
         engine.check_length(ids, max_tokens)
-        return await run(request, body, ids, max_tokens, chat=False, echo=body.text if body.echo else "",
+        return await run(request, body, ids, max_tokens, chat=False, echo=text if body.echo else "",
                          logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
