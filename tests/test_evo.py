@@ -94,19 +94,24 @@ def test_evolve_stops_when_every_set_is_evaluated():
 
 # -- the criterion ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3_5_text"])
-def test_removal_kl_is_zero_for_nothing_removed_and_matches_full_forwards(model_type):
+def test_removal_kl_is_zero_for_nothing_removed_and_matches_full_forwards(model_type, monkeypatch):
+    from fusedeploy.compress import search
+
     model = tiny_model(model_type, VOCAB).requires_grad_(False)
     adapter = adapter_for(model)
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     sets = [frozenset(), frozenset({2}), frozenset({0, 4})]
     got = {}
-    for offload in (False, True):
+    for offload, chunk in ((False, None), (True, None), (False, VOCAB * 5)):  # 5-token logits chunks too
+        if chunk:
+            monkeypatch.setattr(search, "_LOGIT_ELEMENTS", chunk)
         runner = BlockRunner(model, adapter, torch.device("cpu"), torch.float32, offload=offload)
         runner.capture_kwargs(24)
         cache = ActivationCache(runner, runner.block0_inputs(ids, 2), batch=2)  # 2 mini-batches: 2 + 1
-        got[offload] = removal_kl(cache, sets)
-    assert got[False] == pytest.approx(got[True], abs=1e-7)
-    kl = got[False]
+        got[offload, chunk] = removal_kl(cache, sets)
+    assert got[False, None] == pytest.approx(got[True, None], abs=1e-7)
+    assert got[False, None] == pytest.approx(got[False, VOCAB * 5], rel=1e-5, abs=1e-7)
+    kl = got[False, None]
     assert abs(kl[0]) < 1e-7
     assert kl[1] > 1e-4 and kl[2] > 1e-4
     for s, value in zip(sets[1:], kl[1:]):

@@ -12,10 +12,11 @@ The search's criterion (`removal_kl`) is the mean over every token of the scorin
 KL(dense next-token distribution || next-token distribution of the dense model with the set plainly
 removed), each over the vocabulary. It is what the search can afford: plain removal, no fusion or
 training per candidate, run from the cached block-0 inputs through the kept blocks and the model's
-own final norm and head. docs/algorithm.md names "calibration loss" for the appendix's criterion;
-the KL to the dense model is the calibration loss measured against the dense model's own
+own final norm and head. The project's restatement of the appendix scores candidates on
+"calibration loss"; the KL to the dense model is that loss measured against the dense model's own
 distribution instead of the one-hot next token (EvoPress's choice as well), so it is zero for the
-empty set and does not reward a removal for moving the model towards the text.
+empty set and does not reward a removal for moving the model towards the text (docs/algorithm.md,
+section 6).
 
 The search is a (1 + λ) evolution with elitism. Generation 0 scores the seed set. Each of the
 `evo_generations` generations then makes `evo_candidates` new sets from the best set so far, each
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 MOVES = ("neighbour", "random", "double")
 _RETRIES = 64  # redraws of a move that made a set already evaluated
 _ENUMERATE_UP_TO = 50_000  # a space this small is listed when the moves find nothing new
-_LOGIT_ELEMENTS = 1 << 26  # tokens x vocab per logits chunk: 256 MB in fp32
+_LOGIT_ELEMENTS = 1 << 25  # tokens x vocab per logits chunk: 128 MB in fp32 (a few live at once)
 
 
 # -- the criterion -------------------------------------------------------------------------------
