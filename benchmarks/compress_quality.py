@@ -83,6 +83,8 @@ def main() -> None:
         def progress(kind, done, total, status, t0=t0):
             if kind == "iteration":
                 print(f"[{time.time() - t0:7.1f} s] {method}: {done}/{total} blocks removed {status}", flush=True)
+            elif kind == "search" and done == total:
+                print(f"[{time.time() - t0:7.1f} s] {method}: {done} block sets searched, {status}", flush=True)
 
         job = CompressJob(args.model, out, sparsity, method=method, calib=args.calib, settings=settings,
                           resume=args.resume, force=True, device=args.device, dtype=args.dtype)
@@ -101,7 +103,10 @@ def main() -> None:
               "device": report["device"], "compute_dtype": report["compute_dtype"],
               "memory": report["memory"],
               "fold_errors": [r["fold_error"] for r in report["iterations"] if "fold_error" in r],
-              "heal": report.get("heal")})
+              "heal": report.get("heal"),
+              **({"search": {k: report["search"][k] for k in ("seed_set", "seed_kl", "best_set", "best_kl",
+                                                              "evaluations", "exhausted", "time_s")}}
+                 if report.get("search") else {})})
     print(render(results))
     if args.seeds:
         print(render_seeds(results))

@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 PLAIN_EVERY_S = 30.0  # the longest a log goes without a progress line while work runs
-COMPRESSION_LABELS = {"calibration": "writing calibration samples", "iteration": "blocks removed", "score": "scoring candidates", "epoch": "distillation epoch",
+COMPRESSION_LABELS = {"calibration": "writing calibration samples", "iteration": "blocks removed", "score": "scoring candidates",
+                      "search": "searching block sets", "epoch": "distillation epoch",
                       "heal": "healing steps"}
 
 

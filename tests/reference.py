@@ -28,3 +28,18 @@ def mi_scores_bruteforce(model, adapter, ids: torch.Tensor) -> list[float]:
         adapter.remove_blocks(pruned, [i])
         scores.append(1.0 - _mean_cos(ref, last_hidden(pruned)))
     return scores
+
+
+@torch.no_grad()
+def removal_kl_bruteforce(model, adapter, ids: torch.Tensor, remove) -> float:
+    """Reference fusegpt-evo criterion: mean token KL(dense || a copy with `remove` deleted), full forwards."""
+    import copy
+
+    import torch.nn.functional as F
+
+    dense = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    pruned = copy.deepcopy(model)
+    if remove:
+        adapter.remove_blocks(pruned, sorted(remove))
+    cut = F.log_softmax(pruned(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    return float((dense.exp() * (dense - cut)).sum(-1).mean())

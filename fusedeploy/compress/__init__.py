@@ -3,7 +3,8 @@
 Modules: `methods` (the registry: a scorer and a repair per method), `settings` (recipes, and
 `CompressJob`, one run), `activations` (host-resident activation sets streamed per mini-batch),
 `runner` (blocks run standalone on those activations, offloaded or not), `scores` (MI with cached
-prefix, BI, SLEB), `fused` (FusedLinear, fold), `distill` (groups, repairs, local KL distillation
+prefix, BI, SLEB), `search` (a one-shot method's set: the lowest scores, or fusegpt-evo's
+evolutionary search), `fused` (FusedLinear, fold), `distill` (groups, repairs, local KL distillation
 with rollback), `parallel` (torch.distributed split of scoring and distillation), `state`
 (resumable state as JSON + safetensors), `driver` (`compress_model(job)`: setup, restore, iterate,
 write the checkpoint).

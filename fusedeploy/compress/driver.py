@@ -3,8 +3,8 @@
 `compress_model` runs one `CompressJob` (settings.py) and reads top to bottom as its three phases:
 `_setup` (check the job, load the model and the calibration samples), `_restore` (continue a saved
 run) and `_iterate` (one removed block per iteration, state saved after each). A method is a scorer
-plus a repair, looked up in `methods.REGISTRY`; the activation cache recomputes what a removal
-invalidates.
+plus a repair, looked up in `methods.REGISTRY`, and for a one-shot method a selection of the set to
+remove (`search.SELECTIONS`); the activation cache recomputes what a removal invalidates.
 
 State after every completed iteration goes to `<out>.state/` (see `state.py`: JSON and
 safetensors, written so a kill never leaves a half-written state). The final checkpoint is
@@ -42,6 +42,7 @@ from .methods import Method, method as lookup_method
 from .parallel import Ranks, from_environment, local_device
 from .runner import BlockRunner
 from .scores import SCORERS, ActivationCache
+from .search import SELECTIONS
 from .settings import CompressJob, CompressSettings
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class _Run:
     iterations: list[dict] = field(default_factory=list)
     plan: list[int] | None = None  # one-shot methods: the original indices to remove, in order
     oneshot_scores: dict | None = None
+    search: dict | None = None  # a selection's record (fusegpt-evo: the search), saved with the plan
     elapsed_before: float = 0.0
     dense_states: list[ActivationStore] | None = None  # target "dense": the dense model's input of every block
     dense_final: ActivationStore | None = None  # healing: the dense model's last hidden state per sequence
@@ -173,10 +175,14 @@ class _Run:
         return state_dir(self.out)
 
     def fingerprint(self) -> dict:
+        """What must match for a saved state to be resumed. Settings that only another method's selection
+        reads (fusegpt-evo's) are left out, so states written before those settings existed still resume."""
         job = self.job
+        others = {name for key, sel in SELECTIONS.items() if key != self.method.select for name in sel.settings}
+        settings = {k: v for k, v in job.settings.model_dump().items() if k not in others}
         return {"model": job.model, "method": job.method, "sparsity": job.sparsity, "calib": job.calib,
                 "calib_part": job.calib_part,
-                "settings": job.settings.model_dump(), "device": self.device.type,
+                "settings": settings, "device": self.device.type,
                 "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": job.keep_steps}
 
 
@@ -189,7 +195,8 @@ def compress_model(job: CompressJob, progress: Callable[..., None] | None = None
 
     `progress(kind, done, total, status)` is called with kind "calibration" (one per batch of
     self-written calibration samples), "iteration" (one per removed block),
-    "score" (one per candidate block scored), "epoch" (one per distillation epoch, status
+    "score" (one per candidate block scored), "search" (fusegpt-evo: one per block set evaluated,
+    status carries the best KL so far), "epoch" (one per distillation epoch, status
     carries the loss) and "heal" (one per healing step). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
     with outputs.claim(job.out):  # one writer per output; clears our own half-written temporaries
@@ -349,10 +356,13 @@ def _restore(run: _Run) -> None:
         run.adapter.remove_blocks(run.model, [idx])
         run.original.pop(idx)
         run.removed.append(orig)
-    run.adapter.blocks(run.model).load_state_dict(blocks)
+    if blocks is not None:  # None: saved before the first removal, the blocks are the dense model's
+        run.adapter.blocks(run.model).load_state_dict(blocks)
     run.iterations, run.plan, run.oneshot_scores = facts["iterations"], facts["plan"], facts["oneshot_scores"]
+    run.search = facts.get("search")  # absent from states written before fusegpt-evo
     run.elapsed_before = facts["elapsed_s"]
-    log.info("resuming after %d removed blocks", len(run.removed))
+    log.info("resuming after %d removed blocks%s", len(run.removed),
+             " (the plan is the saved one: no new selection)" if run.plan is not None else "")
 
 
 def _iterate(run: _Run, progress) -> StreamStats:
@@ -382,13 +392,7 @@ def _iterate(run: _Run, progress) -> StreamStats:
                                 list(run.original),
                                 {o: runner.blocks[run.original.index(o)] for o in changed},
                                 {"sparsity_removed": len(run.removed) / run.n_blocks})
-        if run.ranks.main:
-            saved_state.save(run.state_folder, {
-                "fingerprint": saved_state.normalized(run.fingerprint()), "removed": run.removed,
-                "iterations": run.iterations, "plan": run.plan, "oneshot_scores": run.oneshot_scores,
-                "elapsed_s": run.elapsed_before + time.time() - run.started,
-            }, run.adapter.blocks(run.model).state_dict())
-        run.ranks.barrier()
+        _save_state(run)
         if progress:
             status = f"removed block {rec['removed_original']}"
             if "loss_after" in rec:
@@ -397,6 +401,17 @@ def _iterate(run: _Run, progress) -> StreamStats:
     fold_model(run.adapter, run.model)
     run.model.to("cpu")
     return stats
+
+
+def _save_state(run: _Run, weights: bool = True) -> None:
+    """Rank 0 saves the resumable state; `weights` False before the first removal (dense blocks)."""
+    if run.ranks.main:
+        saved_state.save(run.state_folder, {
+            "fingerprint": saved_state.normalized(run.fingerprint()), "removed": run.removed,
+            "iterations": run.iterations, "plan": run.plan, "oneshot_scores": run.oneshot_scores,
+            "search": run.search, "elapsed_s": run.elapsed_before + time.time() - run.started,
+        }, run.adapter.blocks(run.model).state_dict() if weights else None)
+    run.ranks.barrier()
 
 
 def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0: ActivationStore | None,
@@ -410,10 +425,15 @@ def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0
     if m.iterative or run.plan is None:
         scores = SCORERS[m.scorer](cache, run.mi_ids, progress, run.ranks)
         rec[f"{m.scorer}_scores"] = scores
-        if not m.iterative:  # one-shot: the n_remove lowest of the original model, lowest first
-            order = sorted(range(n_now), key=lambda i: scores[i])[:run.n_remove]
+        if not m.iterative:  # one-shot: the selection (lowest scores, or a search) plans every removal
+            order, run.search = SELECTIONS[m.select].choose(scores, run.n_remove, cache, settings, progress,
+                                                            run.ranks)
             run.plan = [run.original[i] for i in order]
             run.oneshot_scores = {"kind": m.scorer, "scores": scores}
+            if run.search is not None:  # a costly selection is saved at once: a resume never redoes it
+                _save_state(run, weights=False)
+    elif it == 0 and run.oneshot_scores:  # resumed after the selection: iteration 0 records its scores as ever
+        rec[f"{m.scorer}_scores"] = run.oneshot_scores["scores"]
     rec["time_score_s"] = round(time.time() - t_it, 3)
     p = min(range(n_now), key=lambda i: scores[i]) if m.iterative else run.original.index(run.plan[it])
     rec["removed_current"], rec["removed_original"] = p, run.original[p]
@@ -453,8 +473,10 @@ def _report(run: _Run, stats: StreamStats) -> dict:
         "processes": run.ranks.world,
         "architecture": run.model.config.model_type, "blocks_before": run.n_blocks,
         "blocks_after": run.n_blocks - len(run.removed), "removed_blocks": run.removed, "kept_blocks": run.original,
-        "oneshot_scores": run.oneshot_scores, "iterations": run.iterations, "heal": run.heal_record,
-        "timings": {"total_s": round(total, 3), "iterations_s": round(sum(r["time_s"] for r in run.iterations), 3)},
+        "oneshot_scores": run.oneshot_scores, "search": run.search, "iterations": run.iterations,
+        "heal": run.heal_record,
+        "timings": {"total_s": round(total, 3), "iterations_s": round(sum(r["time_s"] for r in run.iterations), 3),
+                    **({"search_s": run.search["time_s"]} if run.search else {})},
         "resumed": bool(job.resume and run.elapsed_before),
         "memory": _memory_record(run.device, stats),
     }

@@ -1,8 +1,10 @@
 """The compression methods, one row each: which scorer picks the block, and which repair follows.
 
 A method is a scorer (MI, BI or SLEB, see `scores.py`), whether it re-scores after every removal,
-and a repair of the neighbours (`distill.REPAIRS`: learned fusion, static fusion, LoRA only, or
-none). The driver looks a method up here and never tests method names itself.
+a repair of the neighbours (`distill.REPAIRS`: learned fusion, static fusion, LoRA only, or
+none), and, for a one-shot method, how its first scores become the set of blocks to remove
+(`search.SELECTIONS`: the lowest scores, or an evolutionary search seeded by them). The driver
+looks a method up here and never tests method names itself.
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ class Method:
     iterative: bool  # re-score after every removal (dynamic) or once (one-shot)
     repair: str | None  # key of distill.REPAIRS; None = plain removal
     about: str
+    select: str = "score"  # one-shot methods: key of search.SELECTIONS (which set the first scores pick)
+
+    def __post_init__(self):
+        if self.iterative and self.select != "score":
+            raise ValueError("an iterative method re-scores before every removal; only one-shot methods select a set")
 
 
 REGISTRY: dict[str, Method] = {
     "fusegpt": Method("mi", True, "fusion", "FuseGPT: dynamic MI, learned fusion + LoRA, local distillation"),
     "fusegpt-oneshot": Method("mi", False, "fusion", "FuseGPT with MI scored once"),
+    "fusegpt-evo": Method("mi", False, "fusion", "FuseGPT-Evo: MI seeds an evolutionary search over the removed "
+                          "set (KL to the dense model), then FuseGPT's fusion", select="evo"),
     "sleb": Method("sleb", True, None, "SLEB: remove the block whose loss the calibration text misses least"),
     "shortgpt": Method("bi", False, None, "ShortGPT: Block Influence scored once, plain removal"),
     "mi": Method("mi", True, None, "dynamic MI, plain removal (ablation)"),

@@ -65,6 +65,9 @@ class CompressSettings(BaseModel):
     # guards
     max_retries: int = Field(2, ge=0, description="retries of a diverging distillation")
     lr_backoff: float = Field(0.3, gt=0, lt=1)
+    # fusegpt-evo (appendix §1.2): the evolutionary search over which blocks to remove (search.py)
+    evo_generations: int = Field(5, ge=1, le=1000, description="fusegpt-evo: generations of the block-set search")
+    evo_candidates: int = Field(5, ge=1, le=1000, description="fusegpt-evo: new block sets evaluated per generation")
     # execution
     offload: bool = Field(False, description="keep blocks on CPU and move one group at a time to the device")
     score_batch: int = Field(8, ge=1, description="sequences per forward when scoring / caching")

@@ -7,6 +7,11 @@ tensor is touched; the weights are read with safetensors, which only ever yields
 Crash safety: the weights of the k-th completed iteration go to `blocks-<k>.safetensors` first,
 then `state.json` naming that file replaces the old one atomically, then older weight files go.
 A kill at any point leaves a `state.json` whose weight file exists and matches it.
+
+A state saved before the first removal (a one-shot method's plan, once a costly selection such as
+fusegpt-evo's search has made it) holds no weights: the blocks are the dense model's, which the
+run loads anyway. Its `weights` is null, and only a state with nothing removed may say so.
+Fields added later (`search`) are read with a default, so a state written before them still loads.
 """
 
 from __future__ import annotations
@@ -40,14 +45,22 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save(folder: Path, facts: dict, blocks: dict[str, torch.Tensor]) -> None:
-    """Write one completed iteration's state; `facts` must be JSON (it carries `removed`)."""
+def save(folder: Path, facts: dict, blocks: dict[str, torch.Tensor] | None) -> None:
+    """Write one completed iteration's state; `facts` must be JSON (it carries `removed`).
+
+    `blocks` None: nothing removed yet, the blocks are the dense model's and no weights are written.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    weights = f"blocks-{len(facts['removed'])}.safetensors"
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in blocks.items()}
-    _atomic_write(folder / weights, lambda tmp: save_file(tensors, tmp))
+    if blocks is None:
+        if facts["removed"]:
+            raise ValueError("a state after a removal must hold the blocks' weights")
+        weights = None
+    else:
+        weights = f"blocks-{len(facts['removed'])}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in blocks.items()}
+        _atomic_write(folder / weights, lambda tmp: save_file(tensors, tmp))
     record = {"version": VERSION, "weights": weights, **facts}
     _atomic_write(folder / STATE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record)))
     for old in folder.glob("blocks-*.safetensors"):
@@ -59,8 +72,11 @@ def exists(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file()
 
 
-def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(facts, block weights) of a saved run, only if it is the same run (same fingerprint)."""
+def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """(facts, block weights) of a saved run, only if it is the same run (same fingerprint).
+
+    The weights are None for a state saved before the first removal (the dense model's blocks).
+    """
     from safetensors.torch import load_file
 
     try:
@@ -72,6 +88,8 @@ def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]
             or facts.get("fingerprint") != normalized(fingerprint):
         raise UserError(f"the saved state at {folder} is from a different run "
                         "(model, method, sparsity, data, settings or device differ); use --force to start over")
+    if facts.get("weights", "") is None and facts.get("removed") == []:
+        return facts, None
     weights = folder / str(facts.get("weights", ""))
     if weights.parent != folder or not weights.is_file():
         raise UserError(f"the saved state at {folder} lacks its weights file; use --force to start over")
