@@ -213,8 +213,8 @@ def export_onnx_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     options = []
     if quantized:
         options += [f"block_size={block_size or 32}", f"is_symmetric={str(symmetric).lower()}"]
-        if algo:
-            options.append(f"algo_config={algo}")
+        if algo or row.method:
+            options.append(f"algo_config={algo or row.method}")
         if accuracy_level:
             options.append(f"accuracy_level={accuracy_level}")
     builder = _import_builder()

@@ -288,7 +288,8 @@ def export_onnx_cmd(
         help="cpu or cuda (genai; default: the first device the precision runs on). A cuda build needs "
              "onnxruntime-genai-cuda here: every export is loaded once before it is written.")] = None,
     algo: Annotated[Optional[str], typer.Option(
-        help="int4/int8 method (genai): default, rtn, k_quant, rtn_last, k_quant_last, k_quant_mixed.")] = None,
+        help="int4/int8 method (genai): default (the builder's own), rtn, k_quant, rtn_last, k_quant_last, "
+             "k_quant_mixed. Unset: int4 uses k_quant_mixed (least perplexity), int8 the builder's default.")] = None,
     block_size: Annotated[Optional[int], typer.Option(help="int4/int8 block size (genai): 16..256, default 32.")] = None,
     accuracy_level: Annotated[Optional[int], typer.Option(
         help="int4/int8 MatMul compute (genai): 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default).")] = None,

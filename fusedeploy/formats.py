@@ -111,8 +111,9 @@ ONNXRUNTIME = Runtime(
     backend="fusedeploy.evaluate.runtimes:OnnxRuntimeBackend", exporter="exporters.onnx:export_onnx",
     kv_bytes=4,  # a CPU model from the GenAI builder keeps its KV cache in fp32 (the graph's io dtype)
     overhead_gb=0.30,
-    # The builder's int4 packs a tied embedding with the head: SmolLM2-135M int4 is 82.5 MB, about 4.9 bits
-    # per weight over all of it (BENCHMARKS.md, speed by runtime and precision). An untied table may stay unquantized: not measured.
+    # The builder's int4 packs a tied embedding with the head: SmolLM2-135M int4 (k_quant_mixed) is 113.6 MB,
+    # about 6.8 bits per weight over all of it (BENCHMARKS.md, ONNX int4 by algorithm). An untied table may
+    # stay unquantized: not measured.
     embedding_bits=None,
     transformers_loads=False,
 )
@@ -136,6 +137,7 @@ class Precision:
     peer: str  # the same precision in the other runtime, for builds that export both
     gguf_file_type: str = ""  # gguf.LlamaFileType member recorded in general.file_type
     devices: tuple[str, ...] = ("cpu", "cuda")  # where an artifact of it runs (ONNX: the execution provider)
+    method: str | None = None  # the builder's quantization method (`algo_config`) unless the user picks one
 
     @property
     def default_device(self) -> str:
@@ -155,7 +157,7 @@ class Precision:
 # GGUF bits per weight: llama.cpp's quantize table (LLaMA-7B file sizes) where it
 # gives one; K-quant "_M" mixes keep some tensors at higher types. Block formats
 # count their scales: q4_1 stores 20 bytes per 32 weights = 5.0 bits.
-# ONNX int4: MatMulNBits 4-bit with one fp32 scale per 32 weights.
+# ONNX int4: MatMulNBits 4-bit with one fp32 scale per 32 weights, some tensors 8-bit (its `method`).
 _PRECISIONS = (
     Precision("llama.cpp", "f32", 32.0, LLAMA_CONVERTER, "fp32", "fp32", "ALL_F32"),
     Precision("llama.cpp", "f16", 16.0, LLAMA_CONVERTER, "half", "fp32", "MOSTLY_F16"),
@@ -175,7 +177,11 @@ _PRECISIONS = (
     Precision("onnxruntime", "fp16", 16.0, GENAI_BUILDER, "half", "f16"),
     Precision("onnxruntime", "bf16", 16.0, GENAI_BUILDER, "half", "bf16", devices=("cuda",)),
     Precision("onnxruntime", "int8", 8.0, GENAI_BUILDER, "8bit", "q8_0"),  # MatMulNBits 8-bit
-    Precision("onnxruntime", "int4", 5.0, GENAI_BUILDER, "4bit", "q4_k_m"),  # MatMulNBits, block 32, fp32 scales
+    # MatMulNBits, block 32. k_quant_mixed (llama.cpp's q4_k_m choice of int8 tensors, LM head int8) had the
+    # least perplexity of the builder's methods: +10.4 % over PyTorch on dense SmolLM2-135M against +27.4 %
+    # for the builder's own default, at 113.6 MB against 86.5 MB (6.8 bits per weight over all of it;
+    # BENCHMARKS.md, ONNX int4 by algorithm).
+    Precision("onnxruntime", "int4", 6.8, GENAI_BUILDER, "4bit", "q4_k_m", method="k_quant_mixed"),
 )
 PRECISIONS: dict[str, dict[str, Precision]] = {
     r: {p.name: p for p in _PRECISIONS if p.runtime == r} for r in RUNTIMES
