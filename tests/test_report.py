@@ -33,7 +33,8 @@ class Parsed(HTMLParser):
         if "style" in self._stack:
             return
         self.text.append(data)
-        if self._stack and self._stack[-1] in ("td", "th", "code", "strong") and self.rows:
+        in_cell = "td" in self._stack or "th" in self._stack  # not a paragraph's <code> after a table
+        if self._stack and self._stack[-1] in ("td", "th", "code", "strong") and self.rows and in_cell:
             self.rows[-1][-1] += data
 
 
@@ -44,7 +45,7 @@ def test_every_table_in_report_html_is_an_html_table(tmp_path):
     page.feed((tmp_path / "report.html").read_text())
     md = (tmp_path / "report.md").read_text()
     md_tables = sum(1 for line in md.splitlines() if line.startswith("|---"))
-    assert md_tables == 7  # budgets, curve, tasks, projection, artifacts, candidates, serving
+    assert md_tables == 8  # budgets, curve, tasks, zero-shot, projection, artifacts, candidates, serving
     assert page.tags.count("table") == md_tables
     assert "pre" not in page.tags
     text = "".join(page.text)
@@ -52,6 +53,9 @@ def test_every_table_in_report_html_is_an_html_table(tmp_path):
     assert "`" not in text and "**" not in text  # inline Markdown became <code> / <strong>
     assert ["max_memory_gb", "0.043", "projected", "<= 4", "PASS"] in page.rows
     assert ["tiny_choice", "acc", "6", "0.5000", "0.3333", "+0.1667"] in page.rows
+    assert ["compressed", "pytorch checkpoint of the deployed model", "20", "0.3000 +/- 0.1025",
+            "0.2500 +/- 0.0968"] in page.rows
+    assert ["min_zero_shot_retention", "1.000", "measured", ">= 0.9", "PASS"] in page.rows
     assert "| tiny_choice | acc | 6 |" in md  # report.md keeps its Markdown tables
 
 

@@ -48,6 +48,7 @@ BUDGETS: tuple[Budget, ...] = (
     Budget("max_time_to_first_token_s", "<=", "time_to_first_token_s", "projected", "s",     "first token",   2),
     Budget("max_perplexity_ratio",      "<=", "perplexity_ratio",      "measured",  "x dense", "perplexity",  2),
     Budget("max_accuracy_drop",         "<=", "accuracy_drop",         "measured",  "",      "accuracy drop", 3),
+    Budget("min_zero_shot_retention",   ">=", "zero_shot_retention",   "measured",  "x dense", "zero-shot retention", 3),
     Budget("min_serving_tokens_per_s",  ">=", "serving_tokens_per_s",  "projected", "tok/s", "served output", 1),
 )
 BY_NAME = {b.name: b for b in BUDGETS}

@@ -3,7 +3,9 @@
 The sign-off judges the compressed artifact in the profile's runtime: each
 speed and memory budget against the figure projected onto the target from
 this host's measurements, the quality budget against the measured perplexity
-ratio to the dense artifact (on text calibration never read), and every
+ratio to the dense artifact (on text calibration never read), the zero-shot
+retention budget against compressed/dense acc_norm as lm-eval measured it on the
+PyTorch checkpoints (the report says that is what was scored), and every
 artifact's verify result (a failed verify fails it).
 """
 
@@ -54,6 +56,29 @@ def accuracy_check(budget: float, tasks: dict | None) -> dict:
     if not ok:
         check["reason"] = (f"{worst}: {tasks[worst]['metric']} fell from {tasks[worst]['dense']:.3f} to "
                            f"{tasks[worst]['compressed']:.3f}, a drop over {budget:g}")
+    return check
+
+
+def zero_shot_check(budget: float, zero_shot: dict | None) -> dict:
+    """Zero-shot retention (compressed over dense acc_norm on one seeded subset); no zero-shot data is a FAIL."""
+    from ..judge import finite, reason
+
+    b = BY_NAME["min_zero_shot_retention"]
+    if not zero_shot:
+        return {"figure": float("nan"), "op": b.op, "budget": budget, "basis": b.basis, "result": "FAIL",
+                "reason": "the profile budgets zero-shot retention but the build scored no zero-shot data; "
+                          "give --zero-shot"}
+    fig, d, c = zero_shot["retention"], zero_shot["dense"], zero_shot["compressed"]
+    metric = zero_shot["metric"]
+    ok = b.meets(fig, budget)
+    check = {"figure": fig, "op": b.op, "budget": budget, "basis": b.basis, "result": "PASS" if ok else "FAIL",
+             "se": zero_shot["retention_se"], "n": zero_shot["subset"]["n"],
+             "note": f"{metric} {c[metric]:.4f} / {d[metric]:.4f} on {zero_shot['subset']['n']} items; "
+                     f"scored: {c['scored']}, {c['runtime']}"}
+    if not ok:
+        check["reason"] = (f"zero-shot {metric} fell from {d[metric]:.3f} (dense) to {c[metric]:.3f}, retention "
+                           f"{fig:.3f} +/- {zero_shot['retention_se']:.3f} under {budget:g}"
+                           if finite(fig) else reason("zero-shot retention", fig, b.op, budget))
     return check
 
 
@@ -116,7 +141,7 @@ def serving_check(budget: float, concurrency: int, serving: dict | None) -> dict
 
 
 def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | None = None,
-            tasks: dict | None = None, serving: dict | None = None) -> dict:
+            tasks: dict | None = None, serving: dict | None = None, zero_shot: dict | None = None) -> dict:
     """PASS/FAIL per budget for the deployed artifact, plus verification; NaN/Inf figures FAIL with a reason.
 
     A measurement taken on a busy host, or one whose runs spread widely, is
@@ -138,6 +163,8 @@ def signoff(profile: dict, deployed: dict, verifies: list[dict], dense: dict | N
         budgets["max_perplexity_ratio"] = quality_check(b["max_perplexity_ratio"], deployed, dense)
     if b.get("max_accuracy_drop") is not None:
         budgets["max_accuracy_drop"] = accuracy_check(b["max_accuracy_drop"], tasks)
+    if b.get("min_zero_shot_retention") is not None:
+        budgets["min_zero_shot_retention"] = zero_shot_check(b["min_zero_shot_retention"], zero_shot)
     if b.get("min_serving_tokens_per_s") is not None:
         budgets["min_serving_tokens_per_s"] = serving_check(b["min_serving_tokens_per_s"], b["serving_concurrency"],
                                                             serving)
@@ -333,7 +360,7 @@ def _details(report: dict) -> list:
         blocks.append(f"Quality and verify text: `{ev['source']}` ({ev['part']}), {ev['windows']} windows x "
                       f"{ev['ctx']} tokens ({ev['tokens_scored']} scored); calibration read `{cal['source']}` "
                       f"({cal['part']}).")
-    blocks += _curve_blocks(report) + _tasks_blocks(report) + _projection_blocks(report)
+    blocks += _curve_blocks(report) + _tasks_blocks(report) + _zero_shot_blocks(report) + _projection_blocks(report)
     rows = []
     for a in report["artifacts"]:
         m = a["measured"]["metrics"]
@@ -399,6 +426,25 @@ def _tasks_blocks(report: dict) -> list:
             for name, t in tasks.items()]
     return ["Task accuracy (lm-eval, PyTorch models):",
             Table(("task", "metric", "n", "dense", "compressed", "drop"), rows)]
+
+
+def _zero_shot_blocks(report: dict) -> list:
+    z = report.get("zero_shot")
+    if not z:
+        return []
+    sub, m = z["subset"], z["metric"]
+    rows = [(name, r["scored"], str(r["n"]), f"{r['acc']:.4f} +/- {r['acc_se']:.4f}",
+             f"{r['acc_norm']:.4f} +/- {r['acc_norm_se']:.4f}") for name, r in (("dense", z["dense"]),
+                                                                             ("compressed", z["compressed"]))]
+    rows.append(("retention", f"compressed / dense, {m}", str(sub["n"]), "", f"{z['retention']:.4f} +/- "
+                 f"{z['retention_se']:.4f}"))
+    text = (f"Zero-shot retention ({z['task']}): {sub['n']} items of `{Path(z['data']['path']).name}` "
+            f"({z['data']['items_in_file']} in the file, sha256 {z['data']['sha256'][:12]}), chosen by a seeded "
+            f"permutation (seed {sub['seed']}); both models scored the same items. Standard errors: "
+            f"sqrt(p(1-p)/n), retention's paired (delta method). Scored in {z['compressed']['runtime']}.")
+    if z.get("note"):
+        text += " " + z["note"]
+    return [text, Table(("model", "scored", "n", "acc +/- SE", "acc_norm +/- SE"), rows)]
 
 
 def _projection_blocks(report: dict) -> list:

@@ -29,6 +29,9 @@ class Budgets(BaseModel):
     # task accuracy (build --eval-tasks): the largest drop, dense minus compressed, over the tasks, as a
     # fraction (0.02 = two points of accuracy)
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    # zero-shot retention (build --zero-shot): the deployed model's HellaSwag acc_norm over the dense
+    # model's, on the same seeded subset, at least this (0.95: keeps 95 % of the dense accuracy)
+    min_zero_shot_retention: float | None = Field(None, gt=0, le=1)
     # serving: output tokens/s of the served deployed artifact under `serving_concurrency` clients
     # (one of the profile's `serving.concurrency`; default: the highest), projected like decode speed
     min_serving_tokens_per_s: float | None = Field(None, ge=0)
@@ -52,6 +55,22 @@ class Serving(BaseModel):
         return value
 
 
+def _default_zero_shot_items() -> int:
+    from ..evaluate.zero_shot import DEFAULT_ITEMS
+
+    return DEFAULT_ITEMS
+
+
+class ZeroShot(BaseModel):
+    """The zero-shot subset a build scores (`build --zero-shot`): its size and the permutation's seed."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # default 1112: the standard error of an accuracy at most 1.5 points whatever the accuracy
+    items: PositiveInt = Field(default_factory=_default_zero_shot_items)
+    seed: int = Field(0, ge=0)
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf bandwidth would divide by zero
 
@@ -70,6 +89,7 @@ class Profile(BaseModel):
     prompt_tokens: int = Field(ge=1)  # prompt length for time-to-first-token
     budgets: Budgets
     serving: Serving | None = None  # the serving load test; off unless set (or budgeted, or `build --serve-load`)
+    zero_shot: ZeroShot | None = None  # the subset `build --zero-shot` scores (None: ZeroShot's defaults)
     sources: list[str] = Field(min_length=1)  # where each hardware figure comes from
 
     @field_validator("runtime")
