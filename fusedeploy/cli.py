@@ -436,6 +436,9 @@ def build(
     max_sparsity: Annotated[Optional[float], typer.Option("--max-sparsity", help="Compress up to this sparsity in one run, measure every point on the way (the quality curve), and deploy the least compression that meets every budget.")] = None,
     eval_tasks: Annotated[Optional[str], typer.Option("--eval-tasks", help="lm-eval task YAML (or a folder of them) reading local data files: accuracy of the dense and the compressed model.")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Budget: the largest task-accuracy drop allowed, as a fraction (0.02 = two points; overrides the profile's).")] = None,
+    zero_shot: Annotated[Optional[str], typer.Option("--zero-shot", help="HellaSwag-format JSONL (one {\"query\", \"choices\": [4 endings], \"label\"} per line): lm-eval acc/acc_norm of the dense and the deployed model on a seeded subset, and the retention.")] = None,
+    zero_shot_items: Annotated[Optional[int], typer.Option("--zero-shot-items", help="Size of the --zero-shot subset (default: the profile's zero_shot.items, else 1112: standard error at most 1.5 points).")] = None,
+    min_zero_shot_retention: Annotated[Optional[float], typer.Option("--min-zero-shot-retention", help="Budget: compressed over dense zero-shot acc_norm, at least (0.95 keeps 95 %; overrides the profile's).")] = None,
     serve_load: Annotated[Optional[bool], typer.Option("--serve-load/--no-serve-load", help="Load-test the deployed artifact behind `fusedeploy serve` in the profile stage (default: when the profile has a `serving` section or budget; --no-serve-load also drops its serving budget).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
@@ -453,7 +456,8 @@ def build(
     kw = dict(profile=profile, model=model, out=out, method=method, sparsity=sparsity, quant=quant, calib=calib,
               eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
               device=device, dtype=dtype, max_sparsity=max_sparsity, eval_tasks=eval_tasks,
-              max_accuracy_drop=max_accuracy_drop, serve_load=serve_load)
+              max_accuracy_drop=max_accuracy_drop, serve_load=serve_load, zero_shot=zero_shot,
+              zero_shot_items=zero_shot_items, min_zero_shot_retention=min_zero_shot_retention)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 
@@ -469,6 +473,12 @@ def build(
     if curve:
         console.print(f"  quality curve: {len(curve['points'])} points, deployed {curve['chosen_k']} blocks removed "
                       f"(the least compression meeting every budget)")
+    z = report.get("zero_shot")
+    if z:
+        console.print(f"  zero-shot {z['metric']}: dense {z['dense'][z['metric']]:.4f}, compressed "
+                      f"{z['compressed'][z['metric']]:.4f} +/- {z['compressed'][z['metric'] + '_se']:.4f}, retention "
+                      f"{z['retention']:.3f} +/- {z['retention_se']:.3f} ({z['subset']['n']} items; scored: "
+                      f"{z['compressed']['scored']})", highlight=False)
     for warning in s.get("measurement", {}).get("warnings", []):
         console.print(f"  [yellow]warning:[/yellow] {warning}", highlight=False)
     print(f"sign-off {s['result']}: {s['artifact']} on {report['profile']['name']}; report: {out}/report/report.html")

@@ -168,6 +168,11 @@ CASES = [
     ("build-eval-tasks-csv-header-only", "build --profile edge-8gb --model {m} --eval-tasks {w}/task-csv --out {w}/b", "no rows"),
     ("build-accuracy-drop-without-tasks", "build --profile edge-8gb --model {m} --max-accuracy-drop 0.02 --out {w}/b", "add --eval-tasks"),
     ("build-profile-accuracy-budget-without-tasks", "build --profile {w}/accuracy.yaml --model {m} --out {w}/b", "budgets.max_accuracy_drop"),
+    ("build-zero-shot-retention-without-data", "build --profile edge-8gb --model {m} --min-zero-shot-retention 0.9 --out {w}/b", "add --zero-shot"),
+    ("build-profile-zero-shot-budget-without-data", "build --profile {w}/zeroshot.yaml --model {m} --out {w}/b", "budgets.min_zero_shot_retention"),
+    ("build-zero-shot-missing", "build --profile edge-8gb --model {m} --zero-shot {w}/missing.jsonl --out {w}/b", "not found"),
+    ("build-zero-shot-three-choices", "build --profile edge-8gb --model {m} --zero-shot {w}/hs-three.jsonl --out {w}/b", "list of 4 strings"),
+    ("build-zero-shot-items-without-data", "build --profile edge-8gb --model {m} --zero-shot-items 100 --out {w}/b", "no --zero-shot data"),
     ("build-calib-empty", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/empty.txt --out {w}/b", "holds no text"),
     ("build-calib-too-short", "build --profile edge-8gb --model {m} --sparsity 0.34 --calib {w}/short.txt --out {w}/b", "too few calibration tokens"),
     ("build-out-user-file-in-stage", "build --profile edge-8gb --model {m} --out {w}/ourbuild", "plan/notes.txt"),
@@ -217,6 +222,10 @@ def world(tmp_path_factory, smol_tokenizer):
                                                 "compute_tflops": float("inf")}))
     (w / "accuracy.yaml").write_text(yaml.safe_dump({**profile, "budgets": {**profile["budgets"],
                                                                             "max_accuracy_drop": 0.02}}))
+    (w / "zeroshot.yaml").write_text(yaml.safe_dump({**profile, "budgets": {**profile["budgets"],
+                                                                            "min_zero_shot_retention": 0.95}}))
+    (w / "hs-three.jsonl").write_text('{"query": "A man", "choices": ["a", "b", "c", "d"], "label": 0}\n'
+                                      '{"query": "A dog", "choices": ["a", "b", "c"], "label": 0}\n')
     (w / "zero.yaml").write_text(yaml.safe_dump({**profile, "compute_tflops": 0}))
     (w / "nan.yaml").write_text(yaml.safe_dump({**profile, "memory_bandwidth_gbps": float("nan")}))
     (w / "latin1-profile.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))

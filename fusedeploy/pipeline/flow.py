@@ -1,4 +1,4 @@
-"""`fusedeploy build`: plan -> compress -> (curve) -> export -> verify -> (tasks) -> profile -> report.
+"""`fusedeploy build`: plan -> compress -> (curve) -> export -> verify -> (tasks) -> (zeroshot) -> profile -> report.
 
 `build` checks every input before anything is written (`_preflight`), then runs the stages of
 `stages/` in order into one build folder, wiring each stage's config from the options and its
@@ -25,6 +25,7 @@ from .stages import profile as profile_stage
 from .stages import report as report_stage
 from .stages import tasks as tasks_stage
 from .stages import verify as verify_stage
+from .stages import zeroshot as zeroshot_stage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class BuildOptions:
     max_sparsity: float | None = None  # the quality curve: compress up to here, deploy the least that meets all
     eval_tasks: str | None = None  # lm-eval task YAML (or a folder of them) with local data
     max_accuracy_drop: float | None = None  # overrides the profile's budgets.max_accuracy_drop
+    zero_shot: str | None = None  # HellaSwag-format JSONL (query, four choices, label): zero-shot retention
+    zero_shot_items: int | None = None  # the subset's size; overrides the profile's zero_shot.items
+    min_zero_shot_retention: float | None = None  # overrides the profile's budgets.min_zero_shot_retention
     device: str | None = None  # compression device (default: cuda when present)
     dtype: str | None = None  # compression compute dtype (default: bf16 on cuda, fp32 on cpu)
     runtimes: tuple[str, ...] = ()  # default: the profile's runtime
@@ -63,8 +67,9 @@ class BuildOptions:
         return cls(**{**base, **kw})
 
 
-def _with_quality_budgets(profile, max_ppl_ratio: float | None, max_accuracy_drop: float | None):
-    """The profile with `--max-ppl-ratio` / `--max-accuracy-drop` in place of its own quality budgets."""
+def _with_quality_budgets(profile, max_ppl_ratio: float | None, max_accuracy_drop: float | None,
+                          min_zero_shot_retention: float | None = None):
+    """The profile with `--max-ppl-ratio` / `--max-accuracy-drop` / `--min-zero-shot-retention` in place of its own."""
     update = {}
     if max_ppl_ratio is not None:
         if not max_ppl_ratio >= 1:  # also refuses NaN
@@ -75,6 +80,11 @@ def _with_quality_budgets(profile, max_ppl_ratio: float | None, max_accuracy_dro
             raise UserError(f"--max-accuracy-drop is a fraction of accuracy in [0, 1] (0.02 = two points), "
                             f"got {max_accuracy_drop}")
         update["max_accuracy_drop"] = float(max_accuracy_drop)
+    if min_zero_shot_retention is not None:
+        if not 0 < min_zero_shot_retention <= 1:  # also refuses NaN
+            raise UserError(f"--min-zero-shot-retention is compressed over dense accuracy, in (0, 1] (0.95 keeps "
+                            f"95 %), got {min_zero_shot_retention}")
+        update["min_zero_shot_retention"] = float(min_zero_shot_retention)
     if not update:
         return profile
     return profile.model_copy(update={"budgets": profile.budgets.model_copy(update=update)})
@@ -96,7 +106,7 @@ def check_curve(blocks: int, opts: BuildOptions) -> None:
 
 
 STAGES = {m.NAME: m.WRITES for m in (plan_stage, compress_stage, curve_stage, export_stage, verify_stage, tasks_stage,
-                                 profile_stage, report_stage)}  # each stage's name: the names it writes
+                                 zeroshot_stage, profile_stage, report_stage)}  # each stage's name: the names it writes
 
 
 @dataclass(frozen=True)
@@ -110,12 +120,13 @@ class Prepared:
     runtimes: tuple[str, ...]
     model_input: Path  # what the stages key on for the model: its folder, or its GGUF file
     levels: tuple[float, ...] | None  # the quality curve's sparsities, or None
+    zero_shot: object = None  # evaluate.zero_shot.Subset the zeroshot stage scores, or None
 
 
 def _preflight(opts: BuildOptions) -> Prepared:
     """Every check that can fail on the user's input, before anything is written or computed.
 
-    Options, profile, model, plan (a budget nothing can meet), tasks, texts readable (they parse,
+    Options, profile, model, plan (a budget nothing can meet), tasks, zero-shot data, texts readable (they parse,
     the tokenizer loads), the build folder writable with room. Add new checks here.
     """
     from ..compress.calibration import SELF
@@ -131,8 +142,8 @@ def _preflight(opts: BuildOptions) -> Prepared:
 
         if opts.recipe not in RECIPES:
             raise UserError(f"unknown --recipe {opts.recipe!r}; choose from {', '.join(RECIPES)}")
-    profile = _with_quality_budgets(load_profile(opts.profile), opts.max_ppl_ratio,
-                                    opts.max_accuracy_drop).with_serving(opts.serve_load)
+    profile = _with_quality_budgets(load_profile(opts.profile), opts.max_ppl_ratio, opts.max_accuracy_drop,
+                                    opts.min_zero_shot_retention).with_serving(opts.serve_load)
     if opts.device or opts.dtype:  # an unusable device or dtype fails before anything is written
         from ..models.loading import pick_device, pick_dtype
 
@@ -147,7 +158,13 @@ def _preflight(opts: BuildOptions) -> Prepared:
     from ..evaluate.tasks import check_tasks
 
     check_tasks(opts.eval_tasks, profile.budgets.max_accuracy_drop, opts.max_accuracy_drop is not None)
-    for path in (opts.model, opts.calib, opts.eval_data, model_dir, opts.eval_tasks):
+    from ..evaluate.zero_shot import check_zero_shot
+    from ..profiling.schema import ZeroShot
+
+    subset_settings = profile.zero_shot or ZeroShot()
+    zero_shot = check_zero_shot(opts.zero_shot, opts.zero_shot_items, subset_settings.seed, subset_settings.items,
+                                profile.budgets.min_zero_shot_retention, opts.min_zero_shot_retention is not None)
+    for path in (opts.model, opts.calib, opts.eval_data, model_dir, opts.eval_tasks, opts.zero_shot):
         preflight.check_readable(path)
     for spec, purpose in ((opts.calib, "calib"), (opts.eval_data, "eval")):
         if spec not in HF_DATASETS and spec != SELF:  # a dataset name would need the network; self is generated
@@ -160,10 +177,11 @@ def _preflight(opts: BuildOptions) -> Prepared:
 
         calibration_tokens(tokenizer, opts.calib, BuildTexts(opts.calib, opts.eval_data).calib,
                            load_recipe(opts.recipe).seq_len)
-    outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data, opts.eval_tasks])
+    outputs.check_separate(opts.out, [opts.model, model_dir, opts.calib, opts.eval_data, opts.eval_tasks,
+                                      opts.zero_shot])
     preflight.check_writable(opts.out, preflight.weights_bytes(model_dir) * (1 + 2 * len(runtimes)), folder=True)
     model_input = model_dir / source.gguf_file if source.gguf_file else model_dir
-    return Prepared(profile, source, model_dir, shape, runtimes, model_input, levels)
+    return Prepared(profile, source, model_dir, shape, runtimes, model_input, levels, zero_shot)
 
 
 def _text_inputs(**specs: str) -> dict[str, Path]:
@@ -231,6 +249,10 @@ def _run(opts: BuildOptions, out: Path, ready: Prepared) -> dict:
           {"export": exported, **_text_inputs(eval_data=opts.eval_data)})
     if opts.eval_tasks is not None:
         stage(tasks_stage, tasks_stage.Config(k), {"export": exported, "tasks": Path(opts.eval_tasks), **model})
+    if ready.zero_shot is not None:
+        z = ready.zero_shot
+        stage(zeroshot_stage, zeroshot_stage.Config(k, z.items, z.seed),
+              {"export": exported, "zero_shot": Path(z.path), **model})
     stage(profile_stage, profile_stage.Config(prompt, opts.new_tokens, opts.profile_runs, profile.model_dump(),
                                               shape.__dict__,
                                               {r: formats.runtime(r).kv_bytes for r in ready.runtimes}),

@@ -16,7 +16,7 @@ from .verify import artifacts as exported
 NAME = "report"
 # Every earlier stage's folder that exists. One this build did not run (a curve or tasks folder left
 # by an earlier build with other options) is keyed but not reported: the options say what counts.
-INPUTS = ("plan", "compress", "curve", "export", "verify", "tasks", "profile")
+INPUTS = ("plan", "compress", "curve", "export", "verify", "tasks", "zeroshot", "profile")
 WRITES = ("report.json", "report.md", "report.html")
 CURVE_NOTE = ("perplexity measured in the deployed runtime on the evaluation text; speed and memory projected by "
               "the calibrated planner")
@@ -39,6 +39,21 @@ def versions() -> dict:
             out[n] = None
     out["python"] = platform.python_version()
     return out
+
+
+def zero_shot_record(scored: dict, deployed: dict, k: int) -> dict:
+    """The zeroshot stage's figures, with which artifact they stand for and what was scored in its place."""
+    where = f"{deployed['runtime']} {deployed['precision']}"
+    if k:
+        note = (f"lm-eval scored the PyTorch checkpoint the deployed artifact `{deployed['name']}` ({where}) was "
+                f"exported from, not the artifact in {deployed['runtime']}: FuseDeploy wires no lm-eval backend for "
+                "that runtime. Export and quantization effects are not in these accuracies; the verify stage "
+                "measures how closely the artifact follows this checkpoint.")
+    else:
+        note = (f"Nothing was removed: the deployed artifact `{deployed['name']}` ({where}) is an export of the dense "
+                "model, whose PyTorch checkpoint lm-eval scored once for both rows.")
+    return {**scored, "deployed_artifact": deployed["name"], "deployed_runtime": deployed["runtime"],
+            "deployed_precision": deployed["precision"], "artifact_scored": False, "note": note}
 
 
 def run(config: Config, inputs: dict, work: Path) -> dict:
@@ -76,11 +91,14 @@ def run(config: Config, inputs: dict, work: Path) -> dict:
                                    "efficiency": c["efficiency"], "note": CURVE_NOTE}
     if opts["eval_tasks"] is not None:
         report["task_accuracy"] = inputs["tasks"].outputs
+    if opts.get("zero_shot") is not None:
+        report["zero_shot"] = zero_shot_record(inputs["zeroshot"].outputs, deployed, k)
     report["serving"] = profiled.outputs.get("serving")
     prompt = opts["prompt_tokens"] or profile.prompt_tokens
     report["projection"] = projection_check(shape, profile, deployed, dense or deployed, k, prompt,
                                             opts["new_tokens"], report["host"])
     report["signoff"] = signoff(report["profile"], deployed, [r["verify"] for r in rows], dense=dense,
-                                tasks=report.get("task_accuracy"), serving=report["serving"])
+                                tasks=report.get("task_accuracy"), serving=report["serving"],
+                                zero_shot=report.get("zero_shot"))
     write_report(report, work)
     return {"result": report["signoff"]["result"], "files": ["report.json", "report.html", "report.md"]}
