@@ -1,0 +1,86 @@
+"""Zero-shot retention on HellaSwag: a dense model and a compressed one on the subset `build --zero-shot` scores.
+
+Both models are scored by lm-eval (acc and acc_norm) through `fusedeploy.evaluate.zero_shot`, on the
+same items a build would pick: the first N items of the file in the seeded permutation (default
+N = 1112, the standard error of an accuracy at most 1.5 points; seed 0). The JSON written holds
+both accuracies with their standard errors, the retention (compressed / dense acc_norm) with its
+paired standard error, the subset (seed, size, digest), the per-item scores and the wall time.
+What is scored is the PyTorch checkpoint, not a GGUF or ONNX artifact.
+
+`--compressed` is a compressed Hugging Face checkpoint (`fusedeploy compress --out`), or a build
+folder, whose deployed model (the export stage's compressed reference) is then scored.
+
+    python benchmarks/zero_shot.py --model smollm2-135m --compressed build/compress/model \
+        --data /work/shared/data/hellaswag/val.jsonl --out-json benchmarks/results/zero-shot.json
+
+`--limit 20` scores only the first 20 items of the subset (the same items a full run starts with):
+a smoke test, recorded as such in the JSON, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fusedeploy, whatever else is installed
+DATA = Path(os.environ.get("FUSEDEPLOY_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def deployed_checkpoint(path: Path) -> Path:
+    """The checkpoint to score: `path` itself, or a build folder's deployed compressed PyTorch model."""
+    export = path / "export" / "manifest.json"
+    if not export.is_file():
+        return path
+    outputs = json.loads(export.read_text())["outputs"]
+    reference = next((a["reference"] for a in outputs.values() if a["variant"] == "compressed"), None)
+    if reference is None:
+        raise SystemExit(f"{path} deploys no compressed model; give a build that removed blocks, or a checkpoint")
+    return Path(reference) if Path(reference).is_absolute() else path / reference
+
+
+def main() -> None:
+    from fusedeploy.evaluate.zero_shot import DEFAULT_ITEMS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="the dense model (default: the built-in SmolLM2-135M)")
+    ap.add_argument("--compressed", required=True, help="compressed HF checkpoint folder, or a build folder")
+    ap.add_argument("--data", default=str(DATA / "hellaswag" / "val.jsonl"), help="HellaSwag-format JSONL")
+    ap.add_argument("--items", type=int, default=DEFAULT_ITEMS, help="subset size (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="the permutation's seed (default: %(default)s)")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N items of the subset (smoke test)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s, as a build scores)")
+    ap.add_argument("--dtype", default="float32", help="default: %(default)s, as a build scores")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out-json", default="benchmarks/results/zero-shot.json")
+    args = ap.parse_args()
+
+    from fusedeploy.evaluate.zero_shot import Subset, compare_zero_shot
+
+    compressed = deployed_checkpoint(Path(args.compressed))
+    items = min(args.items, args.limit) if args.limit else args.items  # the subset's prefix: its first items
+    t0 = time.time()
+    summary, detail = compare_zero_shot(args.model, compressed, Subset(args.data, items, args.seed),
+                                        device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    detail["dense"]["scored"] = f"dense {args.model}, pytorch checkpoint"
+    detail["compressed"]["scored"] = f"compressed checkpoint {compressed}, pytorch"
+    record = {"benchmark": "zero-shot retention", "smoke_test": args.limit is not None, "limit": args.limit,
+              "items_requested": args.items, **detail, "wall_s": round(time.time() - t0, 1),
+              "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "argv": {k: v for k, v in vars(args).items()}}
+    out = Path(args.out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    m = summary["metric"]
+    print(f"{summary['subset']['n']} items (seed {args.seed}{', smoke test' if args.limit else ''}): "
+          f"dense {m} {summary['dense'][m]:.4f} +/- {summary['dense'][m + '_se']:.4f}, compressed "
+          f"{summary['compressed'][m]:.4f} +/- {summary['compressed'][m + '_se']:.4f}, retention "
+          f"{summary['retention']:.4f} +/- {summary['retention_se']:.4f}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
