@@ -71,7 +71,7 @@ def main() -> None:
     record = {"benchmark": "zero-shot retention", "smoke_test": args.limit is not None, "limit": args.limit,
               "items_requested": args.items, **detail, "wall_s": round(time.time() - t0, 1),
               "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "argv": {k: v for k, v in vars(args).items()}}
+              "args": vars(args)}
     out = Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -132,9 +132,6 @@ class Subset:
     path: str
     items: int  # requested; fewer when the file holds fewer
     seed: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_zero_shot(path: str | None, items: int | None, seed: int, default_items: int,
