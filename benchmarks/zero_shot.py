@@ -5,7 +5,8 @@ same items a build would pick: the first N items of the file in the seeded permu
 N = 1112, the standard error of an accuracy at most 1.5 points; seed 0). The JSON written holds
 both accuracies with their standard errors, the retention (compressed / dense acc_norm) with its
 paired standard error, the subset (seed, size, digest), the per-item scores and the wall time.
-What is scored is the PyTorch checkpoint, not a GGUF or ONNX artifact.
+What is scored is the PyTorch checkpoints (a build scores its exported artifacts in their
+runtime instead, through `fusedeploy serve`).
 
 `--compressed` is a compressed Hugging Face checkpoint (`fusedeploy compress --out`), or a build
 folder, whose deployed model (the export stage's compressed reference) is then scored.
@@ -66,8 +67,6 @@ def main() -> None:
     t0 = time.time()
     summary, detail = compare_zero_shot(args.model, compressed, Subset(args.data, items, args.seed),
                                         device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    detail["dense"]["scored"] = f"dense {args.model}, pytorch checkpoint"
-    detail["compressed"]["scored"] = f"compressed checkpoint {compressed}, pytorch"
     record = {"benchmark": "zero-shot retention", "smoke_test": args.limit is not None, "limit": args.limit,
               "items_requested": args.items, **detail, "wall_s": round(time.time() - t0, 1),
               "host": {"platform": platform.platform(), "cpus": os.cpu_count()},

@@ -169,11 +169,14 @@ def _task_config(data_file: Path) -> dict:
                             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
 
 
-def score(model, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
-    """Per item, in the order given: acc and acc_norm (0 or 1) as lm-eval scored them, and the items' digest."""
+def _evaluate(lm, items: list[dict], model_args: dict | None = None) -> dict:
+    """lm-eval on the items (an LM object, or a registered model's name with its `model_args`): per-item scores.
+
+    Per item, in the order given: acc and acc_norm (0 or 1), each ending's log-likelihood, and the
+    digest of the items lm-eval reports having scored (from its per-sample log).
+    """
     import yaml
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from .tasks import _offline
@@ -186,12 +189,41 @@ def score(model, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
         include.mkdir()
         (include / f"{TASK}.yaml").write_text(yaml.safe_dump(_task_config(data)))
         manager = TaskManager(include_path=str(include), include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = simple_evaluate(model=lm, tasks=[TASK], task_manager=manager, log_samples=True, bootstrap_iters=0)
+        out = simple_evaluate(model=lm, model_args=model_args, tasks=[TASK], task_manager=manager, log_samples=True,
+                              bootstrap_iters=0)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc"]["position"])
     scored = [{k: s["doc"][k] for k in ("query", "choices", "label")} for s in samples]
     return {"acc": [float(s["acc"]) for s in samples], "acc_norm": [float(s["acc_norm"]) for s in samples],
+            "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
             "items_digest": items_digest(scored)}
+
+
+def score(model, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
+    """The items scored on an in-memory Hugging Face model, through lm-eval's `hf` wrapper (see `_evaluate`)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return _evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), items)
+
+
+SERVED_CONCURRENCY = 4  # lm-eval's concurrent requests, and the server's --parallel
+
+
+def score_served(artifact, tokenizer_folder, items: list[dict], concurrency: int = SERVED_CONCURRENCY) -> dict:
+    """The items scored on an exported artifact in its runtime: `fusedeploy serve` and lm-eval's `local-completions`.
+
+    Both runtimes answer `/v1/completions` with `echo` and prompt log-probabilities (docs/serving.md,
+    "Scoring with lm-eval through the server"); lm-eval sends token ids made by the artifact's Hugging
+    Face tokenizer (`tokenizer_folder`: the checkpoint it was exported from).
+    """
+    import httpx
+
+    from ..serve.load_step import served
+
+    with served(artifact, parallel=concurrency) as url:
+        model_id = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        return _evaluate("local-completions", items, {
+            "base_url": f"{url}/v1/completions", "model": model_id, "tokenizer": str(tokenizer_folder),
+            "tokenizer_backend": "huggingface", "num_concurrent": concurrency, "max_retries": 1})
 
 
 def summary(per_item: dict) -> dict:
@@ -214,11 +246,6 @@ def retention(dense: dict, compressed: dict) -> dict:
             "retention_acc": ca / da if da else None}  # acc beside it, for reference; None where dense scored 0
 
 
-SCORED_DEPLOYED = "pytorch checkpoint of the deployed model"
-SCORED_DENSE = "the dense model"
-SCORED_NOT_COMPRESSED = "the dense model (nothing was removed: the deployed artifact is an export of it)"
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -227,43 +254,81 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def compare_zero_shot(dense_model, compressed_model, subset: Subset, device: str = "cpu", dtype: str = "float32",
-                      batch_size: int = 8) -> tuple[dict, dict]:
-    """(summary, detail) of the dense and the compressed PyTorch model on the subset; detail adds the per-item scores.
+@dataclass(frozen=True)
+class Scored:
+    """One side of a comparison: how to score the chosen items, and what the record says was scored."""
 
-    No compressed model (nothing removed): the dense model's scores stand for both, retention 1.
+    run: object  # Callable[[list[dict]], dict]: the items -> per-item scores (`_evaluate`'s dict)
+    scored: str  # in words: "deployed artifact compressed-gguf-q4_k_m in llama.cpp", ...
+    model: str  # its path
+    runtime: str  # where it ran: "llama.cpp q4_k_m through fusedeploy serve", "pytorch (transformers) ..."
+
+
+def compare(dense: Scored, compressed: Scored | None, subset: Subset) -> tuple[dict, dict]:
+    """(summary, detail) of both sides on the subset; detail adds the subset's line indices and per-item scores.
+
+    No compressed side (nothing removed): the dense scores stand for both, retention 1.
     """
     from importlib import metadata
-
-    from ..models.loading import load_model
 
     path = Path(subset.path).expanduser()
     items = load_items(path)
     indices = subset_indices(len(items), subset.items, subset.seed)
     chosen = [items[i] for i in indices]
-    runtime = f"pytorch (transformers), {dtype} on {device}"
-
-    def run(spec) -> dict:
-        model, tokenizer, _ = load_model(str(spec), device=device, dtype=dtype)
-        return score(model.eval(), tokenizer, chosen, batch_size)
-
-    dense = run(dense_model)
-    compressed = run(compressed_model) if compressed_model is not None else dense
+    d = dense.run(chosen)
+    c = compressed.run(chosen) if compressed is not None else d
     result = {
         "task": f"HellaSwag-style multiple choice ({CHOICES} endings), lm-eval {metadata.version('lm_eval')}",
         "data": {"path": str(path.resolve()), "sha256": _file_sha256(path), "items_in_file": len(items)},
         "subset": {"n": len(indices), "requested": subset.items, "seed": subset.seed, "selection": SELECTION,
                    "items_digest": items_digest(chosen)},
-        **retention(dense, compressed),
-        "dense": {**summary(dense), "scored": SCORED_DENSE, "model": str(dense_model), "runtime": runtime},
-        "compressed": {**summary(compressed),
-                       "scored": SCORED_DEPLOYED if compressed_model is not None else SCORED_NOT_COMPRESSED,
-                       "model": str(compressed_model if compressed_model is not None else dense_model),
-                       "runtime": runtime},
+        **retention(d, c),
+        "dense": {**summary(d), "scored": dense.scored, "model": dense.model, "runtime": dense.runtime},
+        "compressed": {**summary(c), **({"scored": compressed.scored, "model": compressed.model,
+                                         "runtime": compressed.runtime} if compressed is not None else
+                                        {"scored": f"{dense.scored} (nothing was removed: scored once for both)",
+                                         "model": dense.model, "runtime": dense.runtime})},
         "se_target": SE_TARGET,
     }
     result["se_target_met"] = max(result["dense"][f"{METRIC}_se"], result["compressed"][f"{METRIC}_se"]) <= SE_TARGET
     detail = {**result, "indices": indices,
-              "per_item": {name: {m: r[m] for m in ("acc", "acc_norm")}
-                           for name, r in (("dense", dense), ("compressed", compressed))}}
+              "per_item": {name: {m: r[m] for m in ("acc", "acc_norm", "loglikelihoods")}
+                           for name, r in (("dense", d), ("compressed", c))}}
     return result, detail
+
+
+def pytorch_side(spec, scored: str, device: str = "cpu", dtype: str = "float32", batch_size: int = 8) -> Scored:
+    """A PyTorch checkpoint (a folder, a built-in name, ...) scored through lm-eval's `hf` wrapper."""
+    from ..models.loading import load_model
+
+    def run(items: list[dict]) -> dict:
+        model, tokenizer, _ = load_model(str(spec), device=device, dtype=dtype)
+        return score(model.eval(), tokenizer, items, batch_size)
+
+    return Scored(run, scored, str(spec), f"pytorch (transformers), {dtype} on {device}")
+
+
+def artifact_side(artifact, name: str, scored: str, tokenizer_of) -> Scored:
+    """An exported artifact (formats.Artifact) scored in its runtime through `fusedeploy serve`.
+
+    `tokenizer_of`: the model whose tokenizer lm-eval uses (the checkpoint the artifact was exported
+    from; a folder, GGUF file or built-in name); it is saved as a Hugging Face tokenizer folder first.
+    """
+    from ..models.loading import load_tokenizer, resolve_model, save_tokenizer
+
+    def run(items: list[dict]) -> dict:
+        with tempfile.TemporaryDirectory(prefix="fusedeploy-tokenizer-") as folder:
+            save_tokenizer(load_tokenizer(resolve_model(str(tokenizer_of))), folder)
+            return score_served(artifact.path, folder, items)
+
+    return Scored(run, f"{scored} {name} in {artifact.runtime}", str(artifact.path),
+                  f"{artifact.runtime} {artifact.precision}, through fusedeploy serve (lm-eval local-completions)")
+
+
+def compare_zero_shot(dense_model, compressed_model, subset: Subset, device: str = "cpu", dtype: str = "float32",
+                      batch_size: int = 8) -> tuple[dict, dict]:
+    """Two PyTorch checkpoints on the subset (`compare`): the dense model and a compressed one (None: nothing removed)."""
+    kw = dict(device=device, dtype=dtype, batch_size=batch_size)
+    return compare(pytorch_side(dense_model, "dense pytorch checkpoint", **kw),
+                   None if compressed_model is None else pytorch_side(compressed_model, "compressed pytorch checkpoint",
+                                                                     **kw), subset)
