@@ -53,7 +53,7 @@ def test_every_table_in_report_html_is_an_html_table(tmp_path):
     assert "`" not in text and "**" not in text  # inline Markdown became <code> / <strong>
     assert ["max_memory_gb", "0.043", "projected", "<= 4", "PASS"] in page.rows
     assert ["tiny_choice", "acc", "6", "0.5000", "0.3333", "+0.1667"] in page.rows
-    assert ["compressed", "pytorch checkpoint of the deployed model", "20", "0.3000 +/- 0.1025",
+    assert ["compressed", "deployed artifact compressed-gguf-f16 in llama.cpp", "20", "0.3000 +/- 0.1025",
             "0.2500 +/- 0.0968"] in page.rows
     assert ["min_zero_shot_retention", "1.000", "measured", ">= 0.9", "PASS"] in page.rows
     assert "| tiny_choice | acc | 6 |" in md  # report.md keeps its Markdown tables

@@ -153,18 +153,37 @@ def test_retention_is_in_report_json_with_both_accuracies_their_ses_and_what_was
     assert z["metric"] == "acc_norm"
     assert z["retention"] == pytest.approx(z["compressed"]["acc_norm"] / z["dense"]["acc_norm"])
     assert z["retention_se"] == pytest.approx(zs.retention_se(per["dense"]["acc_norm"], per["compressed"]["acc_norm"]))
-    # which model and runtime: the deployed artifact's PyTorch checkpoint, never the artifact itself
-    assert z["compressed"]["scored"] == "pytorch checkpoint of the deployed model"
-    assert z["compressed"]["model"] == "compress/model" and z["dense"]["model"] == opts.model
-    assert z["compressed"]["runtime"] == "pytorch (transformers), float32 on cpu"
-    assert z["artifact_scored"] is False and z["deployed_artifact"] == report["signoff"]["artifact"]
-    assert "not the artifact in llama.cpp" in z["note"]
+    # which model and runtime: the deployed artifact and its dense peer, each served in llama.cpp
+    assert z["artifact_scored"] is True and z["deployed_artifact"] == report["signoff"]["artifact"]
+    assert z["compressed"]["scored"] == "deployed artifact compressed-gguf-f16 in llama.cpp"
+    assert z["dense"]["scored"] == "dense artifact dense-gguf-f16 in llama.cpp"
+    assert z["compressed"]["model"] == "export/compressed-gguf-f16.gguf"
+    assert z["dense"]["model"] == "export/dense-gguf-f16.gguf"
+    assert z["compressed"]["runtime"] == "llama.cpp f16, through fusedeploy serve (lm-eval local-completions)"
+    assert "compression's effect at the deployed precision" in z["note"]
     assert z["se_target"] == 0.015 and z["se_target_met"] is False  # 20 items cannot reach 1.5 points
     assert "min_zero_shot_retention" not in report["signoff"]["budgets"]  # reported, budgeted only when asked
     md = (out / "report" / "report.md").read_text()
     assert f"| retention | compressed / dense, acc_norm | {ITEMS} |" in md and "seed 0" in md
-    assert "| compressed | pytorch checkpoint of the deployed model |" in md
-    assert "pytorch checkpoint of the deployed model" in (out / "report" / "report.html").read_text()
+    assert "| compressed | deployed artifact compressed-gguf-f16 in llama.cpp |" in md
+    assert "deployed artifact compressed-gguf-f16 in llama.cpp" in (out / "report" / "report.html").read_text()
+
+
+def test_the_runtime_scores_each_ending_as_pytorch_does_within_verifys_tolerance(zs_build, smol_tokenizer):
+    """The dense f16 GGUF's log-likelihoods, served, against lm-eval's `hf` model on its fp32 checkpoint."""
+    from fusedeploy.formats import TOLERANCES
+    from fusedeploy.models.loading import load_model
+
+    opts, _, out = zs_build
+    detail = json.loads((out / "zeroshot" / "zeroshot.json").read_text())
+    items = [zs.load_items(DATA)[i] for i in detail["indices"]]
+    model, tok, _ = load_model(opts.model, device="cpu", dtype="float32")
+    reference = zs.score(model, tok, items)["loglikelihoods"]
+    per_token = TOLERANCES["half"]["mean_abs_diff"]
+    for item, served, want in zip(items, detail["per_item"]["dense"]["loglikelihoods"], reference):
+        for choice, got, expected in zip(item["choices"], served, want):
+            n = len(tok(item["query"] + " " + choice)["input_ids"]) - len(tok(item["query"])["input_ids"])
+            assert got == pytest.approx(expected, abs=per_token * n), (item["query"], choice)
 
 
 def _report_with_budget(out, budget: float) -> dict:
@@ -190,7 +209,7 @@ def test_the_builds_retention_is_what_the_signoff_judges(zs_build, tmp_path):
     passed = _report_with_budget(out, at)
     check = passed["signoff"]["budgets"]["min_zero_shot_retention"]
     assert check["result"] == "PASS" and check["figure"] == pytest.approx(r) and check["op"] == ">="
-    assert check["basis"] == "measured" and check["n"] == ITEMS and "pytorch checkpoint" in check["note"]
+    assert check["basis"] == "measured" and check["n"] == ITEMS and "deployed artifact" in check["note"]
     md = (out / "report" / "report.md").read_text()
     assert f"| min_zero_shot_retention | {r:.3f} | measured | >= {at:g} | PASS |" in md
 
@@ -256,7 +275,7 @@ def test_the_stage_is_keyed_on_the_datas_content_the_size_and_seed(zs_build, tmp
     z = again["zero_shot"]
     assert (f"zero-shot acc_norm: dense {z['dense']['acc_norm']:.4f}, compressed {z['compressed']['acc_norm']:.4f}"
             in " ".join(err.split())), err
-    assert "scored: pytorch checkpoint of the deployed model" in " ".join(err.split())
+    assert "scored: deployed artifact compressed-gguf-f16 in llama.cpp" in " ".join(err.split())
 
     fewer = build(BuildOptions.quick(**{**opts.__dict__, "recipe": "quick", "out": str(out), "zero_shot": str(copy),
                                         "zero_shot_items": 8}))

@@ -251,8 +251,8 @@ def _run(opts: BuildOptions, out: Path, ready: Prepared) -> dict:
         stage(tasks_stage, tasks_stage.Config(k), {"export": exported, "tasks": Path(opts.eval_tasks), **model})
     if ready.zero_shot is not None:
         z = ready.zero_shot
-        stage(zeroshot_stage, zeroshot_stage.Config(k, z.items, z.seed),
-              {"export": exported, "zero_shot": Path(z.path), **model})
+        stage(zeroshot_stage, zeroshot_stage.Config(z.items, z.seed, profile.runtime),
+              {"export": exported, "zero_shot": Path(z.path)})
     stage(profile_stage, profile_stage.Config(prompt, opts.new_tokens, opts.profile_runs, profile.model_dump(),
                                               shape.__dict__,
                                               {r: formats.runtime(r).kv_bytes for r in ready.runtimes}),

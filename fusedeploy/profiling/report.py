@@ -4,9 +4,9 @@ The sign-off judges the compressed artifact in the profile's runtime: each
 speed and memory budget against the figure projected onto the target from
 this host's measurements, the quality budget against the measured perplexity
 ratio to the dense artifact (on text calibration never read), the zero-shot
-retention budget against compressed/dense acc_norm as lm-eval measured it on the
-PyTorch checkpoints (the report says that is what was scored), and every
-artifact's verify result (a failed verify fails it).
+retention budget against the deployed artifact's acc_norm over its dense peer's,
+both scored by lm-eval in the deployed runtime, and every artifact's verify
+result (a failed verify fails it).
 """
 
 from __future__ import annotations
@@ -441,7 +441,7 @@ def _zero_shot_blocks(report: dict) -> list:
     text = (f"Zero-shot retention ({z['task']}): {sub['n']} items of `{Path(z['data']['path']).name}` "
             f"({z['data']['items_in_file']} in the file, sha256 {z['data']['sha256'][:12]}), chosen by a seeded "
             f"permutation (seed {sub['seed']}); both models scored the same items. Standard errors: "
-            f"sqrt(p(1-p)/n), retention's paired (delta method). Scored in {z['compressed']['runtime']}.")
+            f"sqrt(p(1-p)/n), retention's paired (delta method).")
     if z.get("note"):
         text += " " + z["note"]
     return [text, Table(("model", "scored", "n", "acc +/- SE", "acc_norm +/- SE"), rows)]

@@ -41,19 +41,17 @@ def versions() -> dict:
     return out
 
 
-def zero_shot_record(scored: dict, deployed: dict, k: int) -> dict:
-    """The zeroshot stage's figures, with which artifact they stand for and what was scored in its place."""
-    where = f"{deployed['runtime']} {deployed['precision']}"
-    if k:
-        note = (f"lm-eval scored the PyTorch checkpoint the deployed artifact `{deployed['name']}` ({where}) was "
-                f"exported from, not the artifact in {deployed['runtime']}: FuseDeploy wires no lm-eval backend for "
-                "that runtime. Export and quantization effects are not in these accuracies; the verify stage "
-                "measures how closely the artifact follows this checkpoint.")
+def zero_shot_record(scored: dict, deployed: dict) -> dict:
+    """The zeroshot stage's figures, with a note on what was scored: the deployed artifact in its runtime."""
+    if scored["dense_artifact"] == scored["deployed_artifact"]:
+        note = (f"Nothing was removed: the deployed artifact `{deployed['name']}` is the dense model, scored once in "
+                f"{deployed['runtime']} for both rows.")
     else:
-        note = (f"Nothing was removed: the deployed artifact `{deployed['name']}` ({where}) is an export of the dense "
-                "model, whose PyTorch checkpoint lm-eval scored once for both rows.")
-    return {**scored, "deployed_artifact": deployed["name"], "deployed_runtime": deployed["runtime"],
-            "deployed_precision": deployed["precision"], "artifact_scored": False, "note": note}
+        note = (f"Both are the build's artifacts at {deployed['runtime']} {deployed['precision']}, each served by "
+                "`fusedeploy serve` and scored by lm-eval on the runtime's own prompt log-probabilities: the "
+                "retention is compression's effect at the deployed precision.")
+    return {**scored, "deployed_runtime": deployed["runtime"], "deployed_precision": deployed["precision"],
+            "note": note}
 
 
 def run(config: Config, inputs: dict, work: Path) -> dict:
@@ -92,7 +90,7 @@ def run(config: Config, inputs: dict, work: Path) -> dict:
     if opts["eval_tasks"] is not None:
         report["task_accuracy"] = inputs["tasks"].outputs
     if opts.get("zero_shot") is not None:
-        report["zero_shot"] = zero_shot_record(inputs["zeroshot"].outputs, deployed, k)
+        report["zero_shot"] = zero_shot_record(inputs["zeroshot"].outputs, deployed)
     report["serving"] = profiled.outputs.get("serving")
     prompt = opts["prompt_tokens"] or profile.prompt_tokens
     report["projection"] = projection_check(shape, profile, deployed, dense or deployed, k, prompt,
