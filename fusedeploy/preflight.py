@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .textfiles import read_utf8
 
 HEADROOM = 1.1  # free space wanted beyond the estimate: filesystem overhead, metadata
 
@@ -111,12 +112,7 @@ def check_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     check_path_length(p)
     if not p.is_file():
         raise UserError(f"{what} not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text; save it as UTF-8 YAML") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    text = read_utf8(p, f"{what} {path}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -124,7 +120,7 @@ def check_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{what} {path}: expected a mapping of setting: value at the top level")
+        raise UserError(f"{what} {path}: expected a mapping (name: value) at the top level")
     return data
 
 

@@ -7,11 +7,11 @@ path needs no network and this repository carries no copied text.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
 from ..hub import hub_reachable, offline_requested
+from ..textfiles import json_lines, read_utf8
 
 BUILTIN = "builtin"
 # short name -> (datasets path, config, text field, split for calibration, split for evaluation, revision).
@@ -33,25 +33,12 @@ def builtin_text() -> str:
 def _read_jsonl(path: Path, field: str) -> str:
     """One JSON object per line, the text under `field`. Messages name no flag: several commands read JSONL."""
     parts = []
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    raise UserError(f"{path}:{lineno}: not valid JSON; each line must be one JSON object") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{lineno}: a JSON {type(record).__name__}, not an object; "
-                                    f"each line must be an object such as {{\"{field}\": \"...\"}}")
-                if field not in record:
-                    keys = ", ".join(map(repr, list(record)[:5])) or "none"
-                    raise UserError(f"{path}:{lineno}: no field {field!r} (its fields: {keys}); "
-                                    f"put each line's text under {field!r}")
-                parts.append(str(record[field]))
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    for lineno, record in json_lines(read_utf8(path, str(path)), str(path), f'{{"{field}": "..."}}'):
+        if field not in record:
+            keys = ", ".join(map(repr, list(record)[:5])) or "none"
+            raise UserError(f"{path}, line {lineno}: no field {field!r} (its fields: {keys}); "
+                            f"put each line's text under {field!r}")
+        parts.append(str(record[field]))
     return "\n\n".join(parts)
 
 

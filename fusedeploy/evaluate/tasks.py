@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from ..textfiles import decode_utf8, json_lines, read_bytes
 
 
 def _task_files(path: Path) -> list[Path]:
@@ -61,18 +62,12 @@ def _check_data_file(task_file: Path, task: str, kind: str, data: Path) -> None:
     line; Parquet: the format's magic bytes.
     """
     where = f"{task_file}: data file {data.name} of task {task!r}"
-    try:
-        raw = data.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    raw = read_bytes(data, where)
     if kind == "parquet":
         if not (raw.startswith(b"PAR1") and raw.endswith(b"PAR1")):
             raise UserError(f"{where} is not a Parquet file; give one with the task's records")
         return
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{where} is not UTF-8 text; save it as UTF-8") from None
+    text = decode_utf8(raw, where)
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError(f"{where} is empty; give it the task's records")
@@ -86,15 +81,8 @@ def _check_data_file(task_file: Path, task: str, kind: str, data: Path) -> None:
             return
         except ValueError:
             pass
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise UserError(f"{where}, line {lineno}: not valid JSON; each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}, line {lineno}: a JSON {type(record).__name__}, not an object")
+        for _ in json_lines(text, where):
+            pass
 
 
 @contextlib.contextmanager

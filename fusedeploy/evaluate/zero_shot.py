@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..textfiles import json_lines, read_utf8
 
 CHOICES = 4  # HellaSwag's endings per item
+EXPECTED = f'{{"query": "...", "choices": [{CHOICES} endings], "label": 0-{CHOICES - 1}}}'
 METRIC = "acc_norm"  # retention's metric: acc_norm (per-character length-normalised log-likelihood)
 SE_TARGET = 0.015  # the largest standard error of an accuracy the default subset allows (1.5 points)
 TASK = "fusedeploy_hellaswag"
@@ -75,35 +77,19 @@ def load_items(path: str | Path) -> list[dict]:
     where = f"zero-shot data {path}"
     if not path.is_file():
         raise UserError(f"{where} not found" if not path.exists() else f"{where} is not a file; give a .jsonl file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{where} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"{where}: cannot read it ({exc.strerror or exc})") from None
-    items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise UserError(f"{where}, line {lineno}: not valid JSON; each line must be one JSON object") from None
-        items.append(_item(record, f"{where}, line {lineno}"))
+    items = [_item(record, f"{where}, line {lineno}")
+             for lineno, record in json_lines(read_utf8(path, where), where, EXPECTED)]
     if not items:
         raise UserError(f"{where} is empty; give it HellaSwag items (one JSON object per line)")
     return items
 
 
-def _item(record, where: str) -> dict:
-    expected = f'{{"query": "...", "choices": [{CHOICES} endings], "label": 0-{CHOICES - 1}}}'
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: a JSON {type(record).__name__}, not an object {expected}")
+def _item(record: dict, where: str) -> dict:
     query, choices, label = record.get("query"), record.get("choices"), record.get("label")
     if not isinstance(query, str) or not query.strip():
-        raise UserError(f"{where}: no `query` text; each item is {expected}")
+        raise UserError(f"{where}: no `query` text; each item is {EXPECTED}")
     if not (isinstance(choices, list) and len(choices) == CHOICES and all(isinstance(c, str) for c in choices)):
-        raise UserError(f"{where}: `choices` must be a list of {CHOICES} strings; each item is {expected}")
+        raise UserError(f"{where}: `choices` must be a list of {CHOICES} strings; each item is {EXPECTED}")
     if isinstance(label, str) and label.isdigit():  # the Hub's HellaSwag keeps labels as strings
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < CHOICES:

@@ -10,11 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .. import formats
 from ..errors import UserError
+from ..preflight import check_yaml_mapping
 
 
 class Budgets(BaseModel):
@@ -177,14 +177,7 @@ def load_profile(name_or_path: str) -> Profile:
                             "(or give a path to your own .yaml)")
     elif not path.is_file():
         raise UserError(f"profile file not found: {name_or_path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"profile {path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"profile {path} is not UTF-8 text; save it as UTF-8 YAML") from None
-    if not isinstance(data, dict):
-        raise UserError(f"profile {path}: expected a mapping of fields at the top level")
+    data = check_yaml_mapping(path, "profile")
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
