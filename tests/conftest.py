@@ -49,6 +49,22 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dir) -> str:
+    """The tiny Llama most compression tests share (read-only: runs write elsewhere)."""
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> str:
+    """40,000 characters of the built-in text: enough calibration for the tiny models."""
+    from fusedeploy.data import load_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(load_text("builtin")[:40000])
+    return str(path)
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Run `fusedeploy ARGS` in-process; returns (exit code, stdout, stderr)."""

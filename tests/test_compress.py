@@ -10,7 +10,6 @@ import torch
 
 from fusedeploy.compress import CompressJob, FusedLinear, compress_model, fold_model, load_recipe
 from fusedeploy.compress.distill import REPAIRS, attach_fusion, distill_group, group_range
-from fusedeploy.compress.fused import wrap_block
 from fusedeploy.compress.runner import BlockRunner
 from fusedeploy.compress.scores import ActivationCache, mi_scores
 from .reference import mi_scores_bruteforce
@@ -32,15 +31,6 @@ def tokenizer():
 def tiny_dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("tiny")
     return {t: str(save_tiny_model(t, tokenizer, root / t)) for t in TYPES}
-
-
-@pytest.fixture(scope="session")
-def calib_file(tmp_path_factory):
-    from fusedeploy.data import load_text
-
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(load_text("builtin")[:40000])
-    return str(path)
 
 
 def _ids(n=2, t=24, seed=0):

@@ -19,27 +19,11 @@ from fusedeploy.compress.scores import ActivationCache, mi_scores
 from fusedeploy.compress.search import SELECTIONS, evolve, removal_kl
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
-from fusedeploy.models.loading import load_tokenizer, resolve_model
 from .reference import removal_kl_bruteforce
-from .tiny import save_tiny_model, tiny_model
+from .tiny import tiny_model
 
 VOCAB = 300
 EVO = {"evo_generations": 2, "evo_candidates": 3}
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    tok = load_tokenizer(resolve_model("smollm2-135m"))
-    return str(save_tiny_model("llama", tok, tmp_path_factory.mktemp("tiny") / "llama"))
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from fusedeploy.data import load_text
-
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(load_text("builtin")[:40000])
-    return str(path)
 
 
 def _fitness(weights):

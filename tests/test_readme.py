@@ -13,7 +13,6 @@ import functools
 import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

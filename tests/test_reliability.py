@@ -335,7 +335,7 @@ def test_signoff_and_planner_fail_non_finite_figures():
 
 
 def test_busy_host_is_flagged_not_signed_off_silently():
-    from fusedeploy.profiling.report import _markdown, signoff
+    from fusedeploy.profiling.report import signoff
 
     profile = {"budgets": {"max_memory_gb": 1.0, "min_decode_tokens_per_s": 1.0, "max_time_to_first_token_s": 1.0}}
     measured = {"host_load": {"busy": True, "cores": 2, "others_cores_before": 1.5, "others_cores_during": 1.8},
@@ -476,8 +476,6 @@ def test_build_folder_claim_force_and_legacy(tmp_path):
 
 
 def test_one_writer_per_output(tmp_path):
-    from fusedeploy.errors import UserError
-
     import fcntl
 
     with outputs.claim(tmp_path / "o.gguf"):

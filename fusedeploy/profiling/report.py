@@ -352,7 +352,6 @@ def _budget_table(s: dict) -> Table:
 
 def _details(report: dict) -> list:
     """The report's body after the title and the budget table: paragraphs (Markdown inline marks) and Tables."""
-    s = report["signoff"]
     blocks: list = []
     texts = report.get("evaluation_text")
     if texts:
