@@ -11,29 +11,14 @@ import torch
 from fusedeploy.compress import CompressJob, compress_model, load_recipe
 from fusedeploy.compress import driver as driver_mod
 from fusedeploy.compress.distill import lr_factor
-from fusedeploy.compress.heal import heal, token_kl
+from fusedeploy.compress import heal as heal_mod
+from fusedeploy.compress.heal import heal, sliced_kl_backward, token_kl
 from fusedeploy.compress.runner import BlockRunner
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
-from fusedeploy.models.loading import load_tokenizer, resolve_model
-from .tiny import save_tiny_model, tiny_model
+from .tiny import tiny_model
 
 VOCAB = 300
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    tok = load_tokenizer(resolve_model("smollm2-135m"))
-    return str(save_tiny_model("llama", tok, tmp_path_factory.mktemp("tiny") / "llama"))
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from fusedeploy.data import load_text
-
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(load_text("builtin")[:40000])
-    return str(path)
 
 
 def test_warmup_ramps_then_follows_the_cosine_to_zero():
@@ -114,6 +99,43 @@ def test_healing_brings_the_logits_closer_to_the_dense_model_and_leaves_a_plain_
     assert not any(p.requires_grad for p in student.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(student.model.layers[0].self_attn.q_proj.weight,
                                                       teacher.model.layers[0].self_attn.q_proj.weight))
+
+
+def test_the_sliced_healing_loss_equals_the_whole_one_with_the_same_gradients(monkeypatch):
+    """Slices of 7 tokens (the last one shorter) against the logits of all 2 x 24 tokens at once. The
+    student shares the dense model's head and final norm, as a compressed model does."""
+    teacher = tiny_model("llama", VOCAB, seed=0).requires_grad_(False)
+    student = tiny_model("llama", VOCAB, seed=0)
+    adapter = adapter_for(student)
+    adapter.remove_blocks(student, [2, 3])
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense_logits = teacher(input_ids=ids).logits
+    dense_before_norm = _last_block_output(teacher, ids)  # what the healing pass's dense store holds
+    assert torch.allclose(adapter.logits(teacher, dense_before_norm), dense_logits, atol=1e-5)
+
+    whole = token_kl(student(input_ids=ids).logits, dense_logits)
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(heal_mod, "LOGIT_ELEMENTS", VOCAB * 7)
+    loss = sliced_kl_backward(student, adapter, student.model(input_ids=ids).last_hidden_state, dense_before_norm)
+    assert loss == pytest.approx(whole.item(), rel=1e-5)
+    got = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in got:
+        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-7), name
+
+
+def _last_block_output(model, ids):
+    captured = {}
+    last = adapter_for(model).blocks(model)[-1]
+    handle = last.register_forward_hook(lambda mod, args, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return captured["h"]
 
 
 def test_a_healed_run_resumes_to_the_same_model_and_reloads_stock(tiny_llama, calib_file, tmp_path):

@@ -9,6 +9,15 @@ The teacher's logits need no second model: compression never touches the final n
 head, so they are the model's own head on the dense model's last hidden state, taken once for
 every sequence before the first removal (one more fine-tuning set of activations on the host).
 
+Neither model's logits are ever whole: a mini-batch's tokens x vocabulary logits (b x T x V x 4
+bytes, 0.4 GB for 8 x 256 tokens and a 49k vocabulary, 4 GB for 8 x 2048 and 128k; the softmaxes,
+the KL and their gradients are as many again) would be the largest tensors of the run. The
+student's decoder runs once per step; its output is cut off the graph, the head and the KL run
+on slices of tokens of at most LOGIT_ELEMENTS logits each, every slice's backward adds into the
+output's gradient, and that gradient then runs back through the decoder once (the same idea as
+chunked cross-entropy in training frameworks; the loss and gradients are the same sums, grouped
+differently).
+
 The LoRA is PEFT's: a plain additive adapter, whose layer computes `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
 the full weight gradient the fusion terms need, merged back with `merge_and_unload` so the
 checkpoint stays a stock one.
@@ -30,11 +39,38 @@ from .runner import autocast_for
 from .settings import CompressSettings
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), each over the vocabulary."""
+LOGIT_ELEMENTS = 1 << 24  # logits in one slice of the healing loss (64 MB in fp32)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary per token: its mean over tokens, or (`"sum"`) its sum."""
     s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
     t = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    return F.kl_div(s, t, log_target=True, reduction=reduction)
+
+
+def sliced_kl_backward(model: nn.Module, adapter, normed: torch.Tensor, dense_hidden: torch.Tensor) -> float:
+    """Mean token KL of `model`'s head on `normed` (the decoder's output) against the dense head on
+    `dense_hidden` (the dense last block's output), its gradient run back into `normed`'s graph.
+
+    Returns the loss. Slices of tokens keep at most LOGIT_ELEMENTS logits of either model alive.
+    """
+    head = model.get_output_embeddings()
+    leaf = normed.detach().flatten(0, -2).requires_grad_(True)
+    dense = dense_hidden.flatten(0, -2)
+    vocab = head.weight.shape[0]
+    step = max(1, LOGIT_ELEMENTS // vocab)
+    total = 0.0
+    for start in range(0, len(leaf), step):
+        with torch.no_grad():
+            target = adapter.logits(model, dense[start:start + step])
+        logits = adapter.cap_logits(model.config, head(leaf[start:start + step]))
+        part = token_kl(logits, target, reduction="sum") / len(leaf)
+        part.backward()
+        total += float(part.detach())
+        del target, logits, part
+    normed.backward(leaf.grad.view_as(normed))
+    return total
 
 
 def _block_linear_names(model: nn.Module, adapter) -> list[str]:
@@ -67,29 +103,33 @@ def heal(model: nn.Module, adapter, ids: torch.Tensor, dense_final: ActivationSt
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, warmup))
     gen = torch.Generator().manual_seed(settings.seed * 1013 + 5)
     student.to(device).train()
+    # each block keeps only its input for the backward and recomputes the rest there: one more
+    # forward of the trunk per step (the host peak of a SmolLM2 step: 4.6 -> 2.7 GiB)
+    checkpointed = bool(model.supports_gradient_checkpointing)
+    if checkpointed:
+        model.activation_checkpointing_enable({"use_reentrant": False})
     order: list[int] = []
     while len(order) < steps * batch:  # one shuffled pass after another
         order += torch.randperm(len(ids), generator=gen).tolist()
     index_batches = [torch.tensor(order[k * batch:(k + 1) * batch]) for k in range(steps)]
     losses = []
+    decoder = adapter.decoder(model)  # PEFT put its LoRA layers into `model`'s own modules
     for step, (index, hidden) in enumerate(dense_final.gathered(index_batches)):
-        with torch.no_grad(), autocast_for(device, compute_dtype):
-            target = adapter.logits(model, hidden)
-        with autocast_for(device, compute_dtype):
-            logits = student(input_ids=ids[index].to(device), use_cache=False).logits
-        loss = token_kl(logits, target)
-        del target, logits, hidden
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with autocast_for(device, compute_dtype):
+            normed = decoder(input_ids=ids[index].to(device), use_cache=False).last_hidden_state
+            losses.append(sliced_kl_backward(model, adapter, normed, hidden))
+        del normed, hidden
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))  # read every step anyway for the progress line
         if not math.isfinite(losses[-1]):  # the step already wrote NaN/Inf into the LoRA: nothing to keep
             raise UserError(f"the healing pass diverged: its loss became {losses[-1]} at step {step + 1} of "
                             f"{steps}; lower heal_lr (now {settings.heal_lr:g}) or set heal_steps=0, then start "
                             "over with --force")
         if progress:
             progress("heal", step + 1, steps, f"loss {losses[-1]:.4g} (start {losses[0]:.4g})")
+    if checkpointed:
+        model.activation_checkpointing_disable()
     student.merge_and_unload()  # folds the LoRA into the base weights of `model` itself
     model.eval().requires_grad_(False)
     tail = losses[-max(1, steps // 4):]
