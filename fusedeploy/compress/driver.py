@@ -40,7 +40,7 @@ from . import hostplan
 from . import state as saved_state
 from . import steps as steps_mod
 from .calibration import SELF, generate_samples
-from .activations import ActivationStore, StreamStats, reset_stream_stats
+from .activations import ActivationStore, StreamStats, reset_stream_stats, spilling
 from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
 from .heal import heal
@@ -231,12 +231,13 @@ def _compress(job: CompressJob, progress) -> dict:
     if outputs.secondary_rank():  # rank 0 alone reports
         progress = None
     run = _setup(job, progress)
-    _keep_dense(run)
-    if job.resume and saved_state.exists(run.state_folder):
-        _restore(run)
-    elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
-        _discard_state(run.state_folder)
-    stats = _iterate(run, progress)
+    with spilling(run.out if run.host_plan.spill else None):  # activations in mapped files when the plan says so
+        _keep_dense(run)
+        if job.resume and saved_state.exists(run.state_folder):
+            _restore(run)
+        elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
+            _discard_state(run.state_folder)
+        stats = _iterate(run, progress)
     if run.dense_final is not None:
         run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
                                run.compute_dtype, progress)
@@ -348,7 +349,15 @@ def _plan_host_memory(job: CompressJob, repair: Repair | None, dev: torch.device
     budget = hostplan.budget_bytes(job.max_host_memory)
     shapes = hostplan.meta_shapes(load_config(resolve_model(job.model)))
     act_bytes = torch.empty((), dtype=compute_dtype).element_size()
-    return hostplan.plan(shapes, job.settings, repair, act_bytes, dev.type == "cpu", budget, job.stream)
+    force, resumed = job.stream, None
+    if force is None and job.resume and saved_state.exists(state_dir(job.out)):
+        force = resumed = saved_state.streamed(state_dir(job.out))  # a resume continues the way the run began
+    planned = hostplan.plan(shapes, job.settings, repair, act_bytes, dev.type == "cpu", budget, force)
+    if resumed is False and planned.in_memory > planned.budget:
+        raise UserError(f"the saved state at {state_dir(job.out)} was made with the whole model in memory, which needs "
+                        f"about {planned.in_memory / hostplan.GB:.2f} GB and --max-host-memory is "
+                        f"{planned.budget / hostplan.GB:.2f} GB; resume with more, or start over with --force")
+    return planned
 
 
 def _check_streamable(job: CompressJob, repair: Repair | None) -> None:

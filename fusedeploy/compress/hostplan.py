@@ -29,6 +29,10 @@ GB = 1e9
 # neighbour beyond its master copy (fused.py, FusedLinear.delta_weight). Measured on the CPU with the
 # streaming test's model; a GPU keeps these on the device instead.
 GROUP_TRAINING_COPIES = 3
+# What a run adds to the process measured when planning, beyond the terms below: the run's own module
+# objects, the libraries' first-forward workspaces, allocator slack. Measured at 20-25 MB with the
+# streaming test's 64-block model on the CPU; rounded up.
+RUN_OVERHEAD = 40 * 1_000_000
 
 
 @dataclass(frozen=True)
@@ -120,15 +124,16 @@ def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget:
          force_stream: bool | None = None) -> Plan:
     """The plan for one run, or a one-line refusal when even one group cannot fit in `budget`."""
     process = resident_bytes()
+    fixed = process + RUN_OVERHEAD
     budget = machine_bytes() if budget is None else budget
     g = min(settings.group_size, shapes.n_blocks - 1)
     group = _group(shapes, settings, repair, on_cpu)
     acts_mem = _activations(shapes, settings, act_bytes, repair, streamed=False)
     acts_str = _activations(shapes, settings, act_bytes, repair, streamed=True)
     whole = shapes.n_blocks * shapes.block_bytes + shapes.trunk_bytes
-    in_memory = process + whole + acts_mem + group
+    in_memory = fixed + whole + acts_mem + group
     held = (g + 1 if repair is not None else 1) + 1  # the group (or the block scored), and one being read
-    base = process + shapes.trunk_bytes + held * shapes.block_bytes + group
+    base = fixed + shapes.trunk_bytes + held * shapes.block_bytes + group
     streamed, spilled = base + acts_str, base
     if force_stream is False or (force_stream is None and in_memory <= budget):
         return Plan(budget, process, in_memory, streamed, spilled, acts_mem, "in-memory", False)
@@ -136,7 +141,7 @@ def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget:
         raise UserError(
             f"this run needs about {spilled / GB:.2f} GB of host memory even with its blocks streamed from disk "
             f"(a group of {g + 1} blocks with its training copies {(held * shapes.block_bytes + group) / GB:.2f} GB, "
-            f"embeddings and head {shapes.trunk_bytes / GB:.2f} GB, this process {process / GB:.2f} GB) and "
+            f"embeddings and head {shapes.trunk_bytes / GB:.2f} GB, this process and its run {fixed / GB:.2f} GB) and "
             f"--max-host-memory is {budget / GB:.2f} GB; raise --max-host-memory or shrink the group "
             f"(--set group_size=N, now {settings.group_size})")
     return Plan(budget, process, in_memory, streamed, spilled, acts_str, "streamed", streamed > budget)

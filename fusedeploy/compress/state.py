@@ -84,6 +84,15 @@ def exists(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file()
 
 
+def streamed(folder: Path) -> bool | None:
+    """Whether a saved run streamed its blocks (None: unreadable; `load` reports that in its words)."""
+    try:
+        facts = json.loads((folder / STATE_FILE).read_text())
+        return bool(facts["fingerprint"].get("streamed", False))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """(facts, block weights) of a saved run, only if it is the same run (same fingerprint).
 

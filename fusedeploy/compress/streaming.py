@@ -13,6 +13,11 @@ so a kill mid-iteration leaves the last saved state's files intact.
 
 Files are opened per read (`safe_open` maps the whole file; a mapping kept open would count every
 page ever read as resident), and nothing is unpickled.
+
+glibc's allocator raises its mmap threshold each time a large buffer is freed, after which
+block-sized tensors come from the heap and freed ones stay with the process (on the streaming
+test, 60 MB more at the peak than the run ever used at once). `return_freed_memory` fixes the
+threshold, so every block-sized buffer is mapped on allocation and unmapped when freed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,22 @@ from torch import nn
 from ..errors import UserError
 
 BLOCK_FILE = "block-{orig}.{version}.safetensors"
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand large freed buffers back to the system (a no-op elsewhere); see the module's docstring."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own starting value, now fixed
 
 
 class Checkpoint:
@@ -89,6 +110,7 @@ def open_model(spec: str):
     from ..models.loading import load_config, load_tokenizer, resolve_model
 
     source = resolve_model(spec)
+    return_freed_memory()
     if source.gguf_file:
         raise UserError(f"{spec} is a GGUF file; streaming reads a Hugging Face folder of safetensors: "
                         "convert it once, or raise --max-host-memory so the model loads whole")
@@ -98,6 +120,10 @@ def open_model(spec: str):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval().requires_grad_(False)
+    if model.can_generate():  # the generation config as from_pretrained reads it (the file, else config.json)
+        model.adjust_generation_fn(None, True, False, source.location, cache_dir=None, force_download=False,
+                                   proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
+                                   trust_remote_code=False)
     blocks = adapter.blocks(model)
     prefix = blocks_prefix(model, blocks)
     state = model.state_dict()
