@@ -89,7 +89,7 @@ def _run_child(model: Path, calib: str, out: Path, mode: str, allowance: int) ->
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "compression.json"}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "compression.json" and p.is_file()}
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
@@ -182,3 +182,28 @@ def test_streaming_refuses_what_it_cannot_do(tiny_llama, calib_file, tmp_path):
         compress_model(CompressJob(tiny_llama, tmp_path / "c", 0.34, calib=calib_file, settings=quick,
                                    max_host_memory=0.01))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method,overrides,keep_steps", [
+    ("fusegpt-oneshot", {}, True),
+    ("fusegpt-evo", {"evo_generations": 2, "evo_candidates": 2}, False),
+    ("fusegpt", {"target": "dense"}, False),
+    ("sleb", {}, False),
+    ("static-fusion", {}, False),
+    ("mi-lora", {}, False),
+])
+def test_every_method_streamed_writes_what_it_writes_in_memory(method, overrides, keep_steps, tiny_llama,
+                                                                calib_file, tmp_path):
+    """Same blocks removed, same files (kept steps included), for each kind of scorer, selection and repair."""
+    outs = {}
+    for stream in (False, True):
+        out = tmp_path / f"stream-{stream}"
+        report = compress_model(CompressJob(tiny_llama, out, 0.34, method=method, calib=calib_file,
+                                            settings=load_recipe("quick", overrides), stream=stream,
+                                            keep_steps=keep_steps))
+        assert report["memory"]["host_plan"]["mode"] == ("streamed" if stream else "in-memory")
+        outs[stream] = out
+    a, b = outs.values()
+    assert _files(a) == _files(b)
+    if keep_steps:
+        assert _files(a / "steps") == _files(b / "steps") and len(_files(a / "steps")) == 6  # 3 removals
