@@ -207,3 +207,31 @@ def test_every_method_streamed_writes_what_it_writes_in_memory(method, overrides
     assert _files(a) == _files(b)
     if keep_steps:
         assert _files(a / "steps") == _files(b / "steps") and len(_files(a / "steps")) == 6  # 3 removals
+
+
+def test_the_plan_streams_spills_or_refuses_by_the_budget(monkeypatch):
+    """Decisions from shapes alone: 32 blocks of 100 MB, a 10 MB trunk, this process counted as 400 MB."""
+    from fusedeploy.compress import hostplan
+    from fusedeploy.compress.distill import REPAIRS
+
+    monkeypatch.setattr(hostplan, "resident_bytes", lambda: 400 * MB)
+    shapes = hostplan.Shapes(n_blocks=32, block_bytes=100 * MB, trunk_bytes=10 * MB, linear_sides=20_000,
+                             hidden=4096)
+    small = load_recipe("quick", {"group_size": 3})
+
+    def plan(gb, settings=small):
+        return hostplan.plan(shapes, settings, REPAIRS["fusion"], 4, True, int(gb * hostplan.GB))
+
+    roomy = plan(100)
+    assert roomy.mode == "in-memory" and roomy.in_memory > 32 * 100 * MB
+    tight = plan(3)
+    assert tight.mode == "streamed" and not tight.spill and tight.streamed <= 3 * hostplan.GB < tight.in_memory
+    many = load_recipe("quick", {"group_size": 3, "mi_samples": 64, "seq_len": 2048})  # 2 GB per cached state
+    spilled = plan(3, many)
+    assert spilled.mode == "streamed" and spilled.spill and spilled.streamed_spilled <= 3 * hostplan.GB
+    with pytest.raises(UserError, match="even with its blocks streamed.*group_size"):
+        plan(1)
+    assert hostplan.plan(shapes, small, REPAIRS["fusion"], 4, True, 100 * 10**9, force_stream=True).mode == "streamed"
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="positive number"):
+            hostplan.budget_bytes(bad)
