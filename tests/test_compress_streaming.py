@@ -235,3 +235,27 @@ def test_the_plan_streams_spills_or_refuses_by_the_budget(monkeypatch):
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(UserError, match="positive number"):
             hostplan.budget_bytes(bad)
+
+
+def test_a_planted_block_file_is_refused_not_unpickled(tiny_llama, calib_file, tmp_path):
+    import pickle
+
+    settings = load_recipe("quick")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(kind, done, total, status=""):
+        if kind == "iteration" and done == 1:
+            raise Interrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupt):
+        compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, stream=True),
+                       progress=stop)
+    marker = tmp_path / "pwned"
+    planted = next((tmp_path / "out.state").glob("block-*.safetensors"))
+    planted.write_bytes(pickle.dumps({"x": str(marker)}))
+    with pytest.raises(UserError, match="unreadable block file"):
+        compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True))
+    assert not marker.exists() and not out.exists()

@@ -304,7 +304,7 @@ def _setup(job: CompressJob, progress=None) -> _Run:
 
     # fp32 master weights everywhere; bf16/fp16 compute on CUDA through autocast.
     if run.host_plan.mode == "streamed":
-        _check_streamable(job, repair)
+        _check_streamable(job, repair, ranks)
         run.model, run.tokenizer, checkpoint, prefix = open_streamed(job.model)
         run.stream = StreamedBlocks(checkpoint, prefix, adapter_for(run.model).blocks(run.model), state_dir(out))
         log.info("streaming %s from disk: about %.2f GB of host memory planned, %.2f GB allowed%s", job.model,
@@ -360,9 +360,12 @@ def _plan_host_memory(job: CompressJob, repair: Repair | None, dev: torch.device
     return planned
 
 
-def _check_streamable(job: CompressJob, repair: Repair | None) -> None:
+def _check_streamable(job: CompressJob, repair: Repair | None, ranks: Ranks) -> None:
     """What a streamed run cannot do, refused before any weight is read."""
     settings = job.settings
+    if ranks.active:  # rank 0 alone writes the changed blocks the others would have to read back
+        raise UserError("the model is streamed from disk (it does not fit --max-host-memory), which runs in one "
+                        "process; run without torchrun, or raise --max-host-memory")
     if job.calib == SELF:
         raise UserError("the model is streamed from disk (it does not fit --max-host-memory), and sampling its own "
                         "calibration text would read every block for every token; give a text with --calib")

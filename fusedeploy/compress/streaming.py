@@ -158,7 +158,11 @@ class StreamedBlocks:
         orig = self.origin[block]
         names = list(block.state_dict())
         if orig in self.files:
-            return self.checkpoint.read(names, folder=self.folder, file=self.files[orig])
+            try:
+                return self.checkpoint.read(names, folder=self.folder, file=self.files[orig])
+            except Exception:  # noqa: BLE001 - safetensors refuses anything but its own format, in many types
+                raise UserError(f"the saved state at {self.folder} has an unreadable block file "
+                                f"({self.files[orig]}); use --force to start over") from None
         got = self.checkpoint.read([f"{self.prefix}{orig}.{n}" for n in names])
         out = {}
         for n in names:
