@@ -259,3 +259,25 @@ def test_a_planted_block_file_is_refused_not_unpickled(tiny_llama, calib_file, t
     with pytest.raises(UserError, match="unreadable block file"):
         compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True))
     assert not marker.exists() and not out.exists()
+
+
+def test_build_hands_its_budget_to_compression_outside_the_stage_key(monkeypatch, tmp_path):
+    """`build --max-host-memory` reaches the compression job; the stage's config (its key) does not carry it."""
+    import dataclasses
+
+    import fusedeploy.compress as compress_pkg
+    from fusedeploy.pipeline import stages
+    from fusedeploy.pipeline.stages import compress as stage
+
+    seen = {}
+
+    def fake(job, progress=None):
+        seen["budget"] = job.max_host_memory
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(compress_pkg, "compress_model", fake)
+    config = stage.Config(0.25, "fusegpt", "quick", "builtin", None, None, None, False)
+    assert "max_host_memory" not in {f.name for f in dataclasses.fields(config)}
+    with stages.announcing(lambda msg: None, None, 12.5), pytest.raises(RuntimeError, match="stop"):
+        stage.run(config, {"model": tmp_path}, tmp_path)
+    assert seen["budget"] == 12.5
