@@ -25,13 +25,14 @@ from ..errors import UserError
 GB = 1e9
 
 # While a group trains, every fused linear builds its fp32 effective weight, and autograd keeps the
-# (B·A) product and the Hadamard product for the backward pass: about three weight-sized tensors per
-# neighbour beyond its master copy (fused.py, FusedLinear.delta_weight). Measured on the CPU with the
-# streaming test's model; a GPU keeps these on the device instead.
+# (B·A) product and the Hadamard product for the backward pass: up to three weight-sized tensors per
+# neighbour beyond its master copy (fused.py, FusedLinear.delta_weight); a GPU keeps these on the
+# device instead. An upper bound, not a fit: on the CPU, a group of 3 blocks of 3.1 MB added 31 MB
+# at its peak where the plan counts 45 MB for the group (64-block test model, 2026-12-03).
 GROUP_TRAINING_COPIES = 3
 # What a run adds to the process measured when planning, beyond the terms below: the run's own module
-# objects, the libraries' first-forward workspaces, allocator slack. Measured at 20-25 MB with the
-# streaming test's 64-block model on the CPU; rounded up.
+# objects, the libraries' first-forward workspaces, allocator slack. Measured at 15-25 MB with the
+# streaming test's 64-block model on the CPU (2026-12-03); rounded up.
 RUN_OVERHEAD = 40 * 1_000_000
 
 
