@@ -281,3 +281,24 @@ def test_build_hands_its_budget_to_compression_outside_the_stage_key(monkeypatch
     with stages.announcing(lambda msg: None, None, 12.5), pytest.raises(RuntimeError, match="stop"):
         stage.run(config, {"model": tmp_path}, tmp_path)
     assert seen["budget"] == 12.5
+
+
+def test_the_block_by_block_writer_writes_what_save_pretrained_writes_when_sharded(tmp_path):
+    """Shards, index and header layout byte for byte, with a shard size small enough to split a tiny model."""
+    from fusedeploy.compress.shards import ShardedWriter, entries_of
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from .tiny import tiny_model
+
+    model = tiny_model("llama", 256, tie_word_embeddings=True)
+    (tmp_path / "stock").mkdir()
+    (tmp_path / "ours").mkdir()
+    model.save_pretrained(tmp_path / "stock", max_shard_size=200_000)
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    with ShardedWriter(tmp_path / "ours", entries_of(state.items()), model.num_parameters(),
+                       max_shard_size=200_000) as writer:
+        for name in reversed(list(state)):  # any order: each tensor lands at its planned offset
+            writer.put(name, state[name])
+    stock = {p.name: p.read_bytes() for p in (tmp_path / "stock").glob("model*")}
+    assert len(stock) > 2 and "model.safetensors.index.json" in stock
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()} == stock

@@ -77,7 +77,8 @@ class ShardedWriter:
     entry must be put exactly once before the block ends, or the checkpoint is refused.
     """
 
-    def __init__(self, folder: Path, entries: dict[str, Entry], total_parameters: int):
+    def __init__(self, folder: Path, entries: dict[str, Entry], total_parameters: int,
+                 max_shard_size: int | str | None = None):
         from huggingface_hub import split_state_dict_into_shards_factory
         from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -85,7 +86,7 @@ class ShardedWriter:
         pattern = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
         self.split = split_state_dict_into_shards_factory(entries, get_storage_size=lambda e: e.nbytes,
                                                           filename_pattern=pattern,
-                                                          max_shard_size=_default_shard_size())
+                                                          max_shard_size=max_shard_size or _default_shard_size())
         self.index_name, self.total_parameters = SAFE_WEIGHTS_INDEX_NAME, total_parameters
         self._where: dict[str, tuple[str, int]] = {}
         self._files: dict[str, object] = {}
@@ -109,7 +110,7 @@ class ShardedWriter:
         filename, offset = self._where[name]
         f = self._files[filename]
         f.seek(offset)
-        f.write(memoryview(tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()))
+        f.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._left.discard(name)
 
     def __exit__(self, kind, exc, tb) -> None:
