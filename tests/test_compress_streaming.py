@@ -302,3 +302,19 @@ def test_the_block_by_block_writer_writes_what_save_pretrained_writes_when_shard
     stock = {p.name: p.read_bytes() for p in (tmp_path / "stock").glob("model*")}
     assert len(stock) > 2 and "model.safetensors.index.json" in stock
     assert {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()} == stock
+
+
+def test_a_sharded_checkpoint_streams_from_its_index(tmp_path, calib_file):
+    """Blocks read through model.safetensors.index.json from several shards; the output is the in-memory one."""
+    from .tiny import tiny_model
+
+    source = tmp_path / "sharded"
+    tiny_model("llama", 256).save_pretrained(source, max_shard_size=300_000)
+    _byte_tokenizer().save_pretrained(source)
+    assert len(list(source.glob("model-*.safetensors"))) > 2
+    outs = []
+    for stream in (False, True):
+        outs.append(tmp_path / f"out-{stream}")
+        compress_model(CompressJob(str(source), outs[-1], 0.34, calib=calib_file, settings=load_recipe("quick"),
+                                   stream=stream))
+    assert _files(outs[0]) == _files(outs[1])
