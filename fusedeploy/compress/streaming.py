@@ -110,10 +110,10 @@ def open_model(spec: str):
     from ..models.loading import load_config, load_tokenizer, resolve_model
 
     source = resolve_model(spec)
-    return_freed_memory()
     if source.gguf_file:
         raise UserError(f"{spec} is a GGUF file; streaming reads a Hugging Face folder of safetensors: "
                         "convert it once, or raise --max-host-memory so the model loads whole")
+    return_freed_memory()
     config = load_config(source)
     adapter = adapter_for(config)
     checkpoint = Checkpoint(source.location)
@@ -135,7 +135,7 @@ def open_model(spec: str):
                             "raise --max-host-memory so the model loads whole")
     trunk = [k for k in state if not k.startswith(prefix) and k in checkpoint.where]
     for name, value in checkpoint.read(trunk).items():
-        _place(model, name, value.to(torch.float32))
+        _place(model, name, value.to(torch.float32) if value.is_floating_point() else value)
     model.tie_weights()
     left = [k for k, v in model.state_dict().items() if not k.startswith(prefix) and v.device.type == "meta"]
     if left:
