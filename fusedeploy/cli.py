@@ -67,6 +67,9 @@ RevisionOpt = Annotated[Optional[str], typer.Option(
     help="Hub models: the branch, tag or commit to use (same as --model org/name@revision).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present)")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, float16, bfloat16 (default: bf16 on GPU, fp32 on CPU)")]
+MaxHostMemoryOpt = Annotated[Optional[float], typer.Option(
+    "--max-host-memory", help="GB of host memory compression may use (default: the machine's); a model whose "
+    "in-memory run does not fit is streamed from disk block by block (docs/compression.md).")]
 
 
 @app.command()
@@ -150,11 +153,13 @@ def compress(
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print compression.json to stdout.")] = False,
     keep_steps: Annotated[bool, typer.Option("--keep-steps", help="Also keep what rebuilds the model after every removed block (the quality-vs-sparsity curve).")] = False,
+    max_host_memory: MaxHostMemoryOpt = None,
     revision: RevisionOpt = None,
 ) -> None:
     """Remove blocks with FuseGPT (or a baseline) and write a folded Hugging Face checkpoint."""
     from . import outputs, preflight
     from .compress import CompressJob, compress_model, load_recipe, parse_overrides
+    from .compress.hostplan import budget_bytes
     from .console import compression_progress
 
     model = _with_revision(model, revision)
@@ -175,12 +180,14 @@ def compress(
     if config is not None:
         preflight.check_yaml_mapping(config, "config file")
     settings = load_recipe(recipe, overrides, config_file=config)
+    budget_bytes(max_host_memory)  # a budget that is no size, before anything is written
     source = preflight.model_location(model)
     preflight.prepare_output(out, force, [source, calib, config], preflight.weights_bytes(source),
                              folder=True)
     with outputs.claim(out), compression_progress() as progress:
         job = CompressJob(model, out, sparsity, method=method, calib=calib, settings=settings, resume=resume,
-                          force=force, device=device, dtype=dtype, keep_steps=keep_steps)
+                          force=force, device=device, dtype=dtype, keep_steps=keep_steps,
+                          max_host_memory=max_host_memory)
         report = compress_model(job, progress=progress)
         outputs.mark(out, "compressed-model")
     if as_json:
@@ -444,6 +451,7 @@ def build(
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    max_host_memory: MaxHostMemoryOpt = None,
     revision: RevisionOpt = None,
 ) -> None:
     """Plan, compress, export, verify, profile and sign off a model for a hardware profile."""
@@ -457,7 +465,8 @@ def build(
               eval_data=eval_data, runtimes=tuple(runtime or ()), max_ppl_ratio=max_ppl_ratio, force=force,
               device=device, dtype=dtype, max_sparsity=max_sparsity, eval_tasks=eval_tasks,
               max_accuracy_drop=max_accuracy_drop, serve_load=serve_load, zero_shot=zero_shot,
-              zero_shot_items=zero_shot_items, min_zero_shot_retention=min_zero_shot_retention)
+              zero_shot_items=zero_shot_items, min_zero_shot_retention=min_zero_shot_retention,
+              max_host_memory=max_host_memory)
     opts = BuildOptions.quick(**kw) if recipe == "quick" else BuildOptions(recipe=recipe, **kw)
     from .console import compression_progress
 

@@ -91,6 +91,12 @@ CASES = [
     ("compress-calib-jsonl-list", "compress --model {m} --recipe quick --calib {w}/list.jsonl --out {w}/c", "not an object"),
     ("compress-calib-missing", "compress --model {m} --recipe quick --calib {w}/missing.txt --out {w}/c", "text source not found"),
     ("compress-model-without-tokenizer", "compress --model {w}/notok --recipe quick --out {w}/c", "tokenizer"),
+    ("compress-host-memory-below-one-group", "compress --model {m} --recipe quick --calib {w}/text.txt "
+     "--max-host-memory 0.01 --out {w}/c", "even with its blocks streamed"),
+    ("compress-host-memory-zero", "compress --model {m} --max-host-memory 0 --out {w}/c",
+     "--max-host-memory must be a positive number"),
+    ("compress-host-memory-nan", "compress --model {m} --max-host-memory nan --out {w}/c",
+     "--max-host-memory must be a positive number"),
     # export gguf
     ("gguf-unknown-type", "export gguf --model {m} --out {w}/o.gguf --type q3", "unknown GGUF type"),
     ("gguf-out-is-input", "export gguf --model {m} --out {m} --force", "is the input"),
@@ -148,6 +154,8 @@ CASES = [
     ("build-unknown-profile", "build --profile nope --model {m} --out {w}/b", "unknown profile"),
     ("build-unknown-recipe", "build --profile edge-8gb --model {m} --recipe turbo --out {w}/b", "unknown --recipe"),
     ("build-unknown-dtype", "build --profile edge-8gb --model {m} --dtype fp8 --out {w}/b", "unknown --dtype"),
+    ("build-host-memory-negative", "build --profile edge-8gb --model {m} --max-host-memory -1 --out {w}/b",
+     "--max-host-memory must be a positive number"),
     ("build-ppl-ratio-below-one", "build --profile edge-8gb --model {m} --max-ppl-ratio 0.5 --out {w}/b", "at least 1"),
     ("build-sparsity-all-blocks", "build --profile edge-8gb --model {m} --sparsity 0.99 --out {w}/b", "would remove all"),
     ("build-out-is-file", "build --profile edge-8gb --model {m} --out {w}/afile", "is a file"),

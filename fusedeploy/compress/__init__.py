@@ -6,8 +6,9 @@ Modules: `methods` (the registry: a scorer and a repair per method), `settings` 
 prefix, BI, SLEB), `search` (a one-shot method's set: the lowest scores, or fusegpt-evo's
 evolutionary search), `fused` (FusedLinear, fold), `distill` (groups, repairs, local KL distillation
 with rollback), `parallel` (torch.distributed split of scoring and distillation), `state`
-(resumable state as JSON + safetensors), `driver` (`compress_model(job)`: setup, restore, iterate,
-write the checkpoint).
+(resumable state as JSON + safetensors), `hostplan` (host memory: the in-memory or the streamed plan),
+`streaming` (blocks read from safetensors only while used), `shards` (a checkpoint written tensor by
+tensor), `driver` (`compress_model(job)`: setup, restore, iterate, write the checkpoint).
 
 Choices where the algorithm leaves room (docs/algorithm.md; documented here and in the modules):
 - After each iteration every FusedLinear is merged into a plain dense layer. An already-fused

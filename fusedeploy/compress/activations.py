@@ -10,12 +10,21 @@ the "device" are the same memory and the copies are no-ops.
 `StreamStats` counts the activation bytes the store has put on the device and not yet released,
 and their peak: the number the memory formula in docs/compression.md predicts and the CPU tests check
 does not grow with the number of calibration sequences.
+
+When even the host cannot hold the sets (the host-memory plan says so, hostplan.py), `spilling`
+puts every store created inside it in a memory-mapped file beside the output instead: the kernel
+pages it in and out as mini-batches are read. The file is unlinked as soon as it is mapped, so
+nothing is left behind by a kill; its name follows the output's temporaries (`.name.<random>.tmp`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,13 +52,45 @@ def reset_stream_stats() -> StreamStats:
     return STATS
 
 
+_SPILL: list[Path] = []  # the output whose folder spilled stores go to, while `spilling` is active
+
+
+@contextlib.contextmanager
+def spilling(out: Path | None):
+    """Stores created inside are memory-mapped files beside `out` (None: in memory, as always)."""
+    if out is None:
+        yield
+        return
+    _SPILL.append(Path(out))
+    try:
+        yield
+    finally:
+        _SPILL.pop()
+
+
+def _mapped(shape: tuple[int, ...], dtype: torch.dtype, out: Path) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    fd, path = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        os.ftruncate(fd, max(1, n * torch.empty((), dtype=dtype).element_size()))
+        data = torch.from_file(path, shared=True, size=n, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the mapping lives on; the file is gone from the folder
+    return data.view(shape)
+
+
 class ActivationStore:
-    """`n` sequences of activations `[n, *tail]` in host memory, in the compute dtype."""
+    """`n` sequences of activations `[n, *tail]` in host memory (or a mapped file), in the compute dtype."""
 
     def __init__(self, n: int, tail: Sequence[int], dtype: torch.dtype, device: torch.device):
         self.device = device
-        pin = device.type == "cuda"
-        self.data = torch.empty((n, *tail), dtype=dtype, pin_memory=pin)
+        if _SPILL:  # unpinned: a mapped file cannot be pinned, so its copies to a GPU are synchronous
+            self.data = _mapped((n, *tail), dtype, _SPILL[-1])
+        else:
+            self.data = torch.empty((n, *tail), dtype=dtype, pin_memory=device.type == "cuda")
         self._pending: torch.cuda.Event | None = None  # last asynchronous device->host write
 
     # -- shape -----------------------------------------------------------------

@@ -9,6 +9,11 @@ remove (`search.SELECTIONS`); the activation cache recomputes what a removal inv
 State after every completed iteration goes to `<out>.state/` (see `state.py`: JSON and
 safetensors, written so a kill never leaves a half-written state). The final checkpoint is
 written to a temporary folder beside the job's `out` and renamed into place.
+
+Host memory is planned before anything loads (`hostplan.py`): a model whose in-memory run does
+not fit `max_host_memory` is streamed (`streaming.py`): its blocks are read from the checkpoint
+when used, a changed block is kept as a file of the state, and the output is written block by
+block (`shards.py`) into the same files the in-memory path writes.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import torch
 from .. import outputs, preflight
 from ..errors import UserError
 from ..models.loading import save_tokenizer
+from . import hostplan
 from . import state as saved_state
 from . import steps as steps_mod
 from .calibration import SELF, generate_samples
-from .activations import ActivationStore, StreamStats, reset_stream_stats
+from .activations import ActivationStore, StreamStats, reset_stream_stats, spilling
 from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
 from .heal import heal
@@ -42,6 +48,8 @@ from .methods import Method, method as lookup_method
 from .parallel import Ranks, from_environment, local_device
 from .runner import BlockRunner
 from .scores import SCORERS, ActivationCache
+from .shards import ShardedWriter, entries_of
+from .streaming import StreamedBlocks, open_model as open_streamed
 from .search import SELECTIONS
 from .settings import CompressJob, CompressSettings
 
@@ -69,7 +77,8 @@ def has_resumable_state(out_dir) -> bool:
 
 # What this module and steps.py write in a state folder: the state, its weights, the kept steps,
 # and the temporaries of their atomic writes (`<name>.<random>.tmp`, see state._atomic_write).
-_STATE_FILES = re.compile(r"(state\.json|blocks-\d+\.safetensors)(\.[A-Za-z0-9_]+\.tmp)?")
+_STATE_FILES = re.compile(r"(state\.json|blocks-\d+\.safetensors|block-\d+\.\d+\.safetensors)"
+                          r"(\.[A-Za-z0-9_]+\.tmp)?")
 _STEP_FILES = re.compile(r"step-\d+\.(json|safetensors)(\.[A-Za-z0-9_]+\.tmp)?")
 
 
@@ -116,10 +125,13 @@ def _remove_state(folder: Path) -> None:
 
 
 def non_finite_weight(modules: list[torch.nn.Module]) -> str | None:
-    """The name of the first weight holding NaN or Inf, else None (a cheap scan of the tensors)."""
+    """The name of the first weight holding NaN or Inf, else None (a cheap scan of the tensors).
+
+    A streamed model's blocks not in memory (meta tensors) are skipped: each is checked when read.
+    """
     for module in modules:
         for name, prm in module.named_parameters():
-            if not bool(torch.isfinite(prm).all()):
+            if prm.device.type != "meta" and not bool(torch.isfinite(prm).all()):
                 return name
     return None
 
@@ -160,7 +172,18 @@ class _Run:
     dense_states: list[ActivationStore] | None = None  # target "dense": the dense model's input of every block
     dense_final: ActivationStore | None = None  # healing: the dense model's last hidden state per sequence
     heal_record: dict | None = None
+    host_plan: hostplan.Plan | None = None
+    stream: object = None  # streaming.StreamedBlocks when the blocks are read from disk
     started: float = field(default_factory=time.time)
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None
+
+    @property
+    def offload(self) -> bool:
+        """Blocks stay off the compute device between uses (asked for, or streamed from disk)."""
+        return self.settings.offload or self.streamed
 
     @property
     def settings(self) -> CompressSettings:
@@ -183,7 +206,8 @@ class _Run:
         return {"model": job.model, "method": job.method, "sparsity": job.sparsity, "calib": job.calib,
                 "calib_part": job.calib_part,
                 "settings": settings, "device": self.device.type,
-                "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": job.keep_steps}
+                "dtype": str(self.compute_dtype), "world": self.ranks.world, "keep_steps": job.keep_steps,
+                **({"streamed": True} if self.streamed else {})}  # another state format (state.py)
 
 
 def compress_model(job: CompressJob, progress: Callable[..., None] | None = None) -> dict:
@@ -207,21 +231,24 @@ def _compress(job: CompressJob, progress) -> dict:
     if outputs.secondary_rank():  # rank 0 alone reports
         progress = None
     run = _setup(job, progress)
-    _keep_dense(run)
-    if job.resume and saved_state.exists(run.state_folder):
-        _restore(run)
-    elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
-        _discard_state(run.state_folder)
-    stats = _iterate(run, progress)
+    with spilling(run.out if run.host_plan.spill else None):  # activations in mapped files when the plan says so
+        _keep_dense(run)
+        if job.resume and saved_state.exists(run.state_folder):
+            _restore(run)
+        elif run.state_folder.exists() and run.ranks.main:  # --force, or a folder without a state: start over
+            _discard_state(run.state_folder)
+        stats = _iterate(run, progress)
     if run.dense_final is not None:
         run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
                                run.compute_dtype, progress)
         run.model.to("cpu")
-    require_finite([run.model], "the compressed model")  # nothing non-finite is ever written as an output
+    # nothing non-finite is ever written as an output (streamed: the trunk here, each block as it is written)
+    require_finite([run.model], "the compressed model")
     report = _report(run, stats)
     if run.ranks.main:
         write_output(run.model, run.tokenizer, report, run.out,
-                     steps_dir=run.state_folder / steps_mod.FOLDER if job.keep_steps else None)
+                     steps_dir=run.state_folder / steps_mod.FOLDER if job.keep_steps else None,
+                     save_weights=(lambda folder: write_streamed_weights(run, folder)) if run.streamed else None)
         _remove_state(run.state_folder)
     run.ranks.barrier()
     return report
@@ -273,9 +300,18 @@ def _setup(job: CompressJob, progress=None) -> _Run:
     compute_dtype = pick_dtype(dev, dtype)
     repair = REPAIRS[chosen.repair] if chosen.repair else None
     run = _Run(job, chosen, repair, dev, compute_dtype, ranks)
+    run.host_plan = _plan_host_memory(job, repair, dev, compute_dtype)
 
     # fp32 master weights everywhere; bf16/fp16 compute on CUDA through autocast.
-    run.model, run.tokenizer, _ = load_model(job.model, device="cpu", dtype="float32")
+    if run.host_plan.mode == "streamed":
+        _check_streamable(job, repair, ranks)
+        run.model, run.tokenizer, checkpoint, prefix = open_streamed(job.model)
+        run.stream = StreamedBlocks(checkpoint, prefix, adapter_for(run.model).blocks(run.model), state_dir(out))
+        log.info("streaming %s from disk: about %.2f GB of host memory planned, %.2f GB allowed%s", job.model,
+                 run.host_plan.streamed / hostplan.GB, run.host_plan.budget / hostplan.GB,
+                 "; activations spilled to disk" if run.host_plan.spill else "")
+    else:
+        run.model, run.tokenizer, _ = load_model(job.model, device="cpu", dtype="float32")
     run.model.requires_grad_(False)
     broken = non_finite_weight([run.model])
     if broken is not None:  # would surface as NaN scores, a sampler crash or a NaN loss much later
@@ -303,6 +339,39 @@ def _setup(job: CompressJob, progress=None) -> _Run:
     if repair and repair.trains and settings.epochs > 0 and settings.ft_samples < 2:
         raise UserError("local distillation needs ft_samples >= 2 (the KL softmax runs over the batch)")
     return run
+
+
+def _plan_host_memory(job: CompressJob, repair: Repair | None, dev: torch.device,
+                      compute_dtype: torch.dtype) -> hostplan.Plan:
+    """The in-memory or the streamed plan, from the model's config alone; a one-line refusal when neither fits."""
+    from ..models.loading import load_config, resolve_model
+
+    budget = hostplan.budget_bytes(job.max_host_memory)
+    shapes = hostplan.meta_shapes(load_config(resolve_model(job.model)))
+    act_bytes = torch.empty((), dtype=compute_dtype).element_size()
+    force, resumed = job.stream, None
+    if force is None and job.resume and saved_state.exists(state_dir(job.out)):
+        force = resumed = saved_state.streamed(state_dir(job.out))  # a resume continues the way the run began
+    planned = hostplan.plan(shapes, job.settings, repair, act_bytes, dev.type == "cpu", budget, force)
+    if resumed is False and planned.in_memory > planned.budget:
+        raise UserError(f"the saved state at {state_dir(job.out)} was made with the whole model in memory, which needs "
+                        f"about {planned.in_memory / hostplan.GB:.2f} GB and --max-host-memory is "
+                        f"{planned.budget / hostplan.GB:.2f} GB; resume with more, or start over with --force")
+    return planned
+
+
+def _check_streamable(job: CompressJob, repair: Repair | None, ranks: Ranks) -> None:
+    """What a streamed run cannot do, refused before any weight is read."""
+    settings = job.settings
+    if ranks.active:  # rank 0 alone writes the changed blocks the others would have to read back
+        raise UserError("the model is streamed from disk (it does not fit --max-host-memory), which runs in one "
+                        "process; run without torchrun, or raise --max-host-memory")
+    if job.calib == SELF:
+        raise UserError("the model is streamed from disk (it does not fit --max-host-memory), and sampling its own "
+                        "calibration text would read every block for every token; give a text with --calib")
+    if settings.heal_steps and repair and repair.trains:
+        raise UserError("the model is streamed from disk (it does not fit --max-host-memory), and the healing "
+                        "pass trains every kept block at once; set heal_steps=0 (--set heal_steps=0)")
 
 
 def calibration_tokens(tokenizer, calib: str, calib_part: str | None, seq_len: int) -> torch.Tensor:
@@ -334,9 +403,9 @@ def _keep_dense(run: _Run) -> None:
     wants_targets = trains and s.target == "dense" and s.epochs > 0
     if not (wants_targets or (trains and s.heal_steps)):
         return
-    if not s.offload:
+    if not run.offload:
         run.model.to(run.device)
-    runner = BlockRunner(run.model, run.adapter, run.device, run.compute_dtype, offload=s.offload)
+    runner = BlockRunner(run.model, run.adapter, run.device, run.compute_dtype, offload=s.offload, stream=run.stream)
     runner.capture_kwargs(s.seq_len)
     x0 = runner.block0_inputs(run.ft_ids, s.score_batch)
     if wants_targets:
@@ -356,7 +425,9 @@ def _restore(run: _Run) -> None:
         run.adapter.remove_blocks(run.model, [idx])
         run.original.pop(idx)
         run.removed.append(orig)
-    if blocks is not None:  # None: saved before the first removal, the blocks are the dense model's
+    if run.streamed:  # the changed blocks' files; the others are still the checkpoint's
+        run.stream.files = {int(k): v for k, v in facts.get("block_files", {}).items()}
+    elif blocks is not None:  # None: saved before the first removal, the blocks are the dense model's
         run.adapter.blocks(run.model).load_state_dict(blocks)
     run.iterations, run.plan, run.oneshot_scores = facts["iterations"], facts["plan"], facts["oneshot_scores"]
     run.search = facts.get("search")  # absent from states written before fusegpt-evo
@@ -368,12 +439,12 @@ def _restore(run: _Run) -> None:
 def _iterate(run: _Run, progress) -> StreamStats:
     """Remove blocks one per iteration until the target count; saves the state after each."""
     settings, dev = run.settings, run.device
-    if not settings.offload:
+    if not run.offload:
         run.model.to(dev)
     stats = reset_stream_stats()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    runner = BlockRunner(run.model, run.adapter, dev, run.compute_dtype, offload=settings.offload)
+    runner = BlockRunner(run.model, run.adapter, dev, run.compute_dtype, offload=settings.offload, stream=run.stream)
     runner.capture_kwargs(settings.seq_len)
     batch = settings.score_batch
     cache = ActivationCache(runner, runner.block0_inputs(run.mi_ids, batch), batch)
@@ -390,7 +461,7 @@ def _iterate(run: _Run, progress) -> StreamStats:
             changed = [o for o in rec.get("group_original", []) if o != rec["removed_original"]]
             steps_mod.save_step(run.state_folder / steps_mod.FOLDER, len(run.removed), rec["removed_original"],
                                 list(run.original),
-                                {o: runner.blocks[run.original.index(o)] for o in changed},
+                                {o: _block_state(run, runner.blocks[run.original.index(o)]) for o in changed},
                                 {"sparsity_removed": len(run.removed) / run.n_blocks})
         _save_state(run)
         if progress:
@@ -398,19 +469,30 @@ def _iterate(run: _Run, progress) -> StreamStats:
             if "loss_after" in rec:
                 status += f", loss {rec['loss_before']:.4g} -> {rec['loss_after']:.4g}"
             progress("iteration", len(run.removed), run.n_remove, status)
-    fold_model(run.adapter, run.model)
-    run.model.to("cpu")
+    fold_model(run.adapter, run.model)  # streamed: every group was folded in its iteration; a no-op
+    if not run.streamed:
+        run.model.to("cpu")
     return stats
 
 
+def _block_state(run: _Run, block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A block's weights, read back from its file when the model is streamed."""
+    return run.stream.read(block) if run.streamed else block.state_dict()
+
+
 def _save_state(run: _Run, weights: bool = True) -> None:
-    """Rank 0 saves the resumable state; `weights` False before the first removal (dense blocks)."""
+    """Rank 0 saves the resumable state; `weights` False before the first removal (dense blocks).
+
+    A streamed run names its changed blocks' files instead (written during the iteration).
+    """
     if run.ranks.main:
-        saved_state.save(run.state_folder, {
-            "fingerprint": saved_state.normalized(run.fingerprint()), "removed": run.removed,
-            "iterations": run.iterations, "plan": run.plan, "oneshot_scores": run.oneshot_scores,
-            "search": run.search, "elapsed_s": run.elapsed_before + time.time() - run.started,
-        }, run.adapter.blocks(run.model).state_dict() if weights else None)
+        facts = {"fingerprint": saved_state.normalized(run.fingerprint()), "removed": run.removed,
+                 "iterations": run.iterations, "plan": run.plan, "oneshot_scores": run.oneshot_scores,
+                 "search": run.search, "elapsed_s": run.elapsed_before + time.time() - run.started}
+        if run.streamed:
+            saved_state.save(run.state_folder, facts, None, block_files=dict(run.stream.files) if weights else {})
+        else:
+            saved_state.save(run.state_folder, facts, run.adapter.blocks(run.model).state_dict() if weights else None)
     run.ranks.barrier()
 
 
@@ -445,12 +527,17 @@ def _one_iteration(run: _Run, runner: BlockRunner, cache: ActivationCache, ft_x0
         rec["group_original"] = [run.original[i] for i in range(lo, hi)]
         x = runner.run_range_batched(0, lo, ft_x0, settings.score_batch)
         target = run.dense_states[run.original[hi - 1] + 1] if run.dense_states else None
-        rec.update(distill_group(runner, lo, hi, p, x, run.repair, settings, seed=settings.seed * 7919 + it,
-                                 progress=progress, ranks=run.ranks, target=target))
-        rec["fold_error"] = fold_group(runner, lo, hi, p, x, settings.score_batch)
-        # checked before the state is saved: a resumable state never holds NaN/Inf weights
-        require_finite([runner.blocks[i] for i in range(lo, hi)],
-                       f"the group around block {run.original[p]} after its distillation")
+        with runner.held(lo, hi):  # streamed: the group stays in memory while it is fused, trained and folded
+            rec.update(distill_group(runner, lo, hi, p, x, run.repair, settings, seed=settings.seed * 7919 + it,
+                                     progress=progress, ranks=run.ranks, target=target))
+            rec["fold_error"] = fold_group(runner, lo, hi, p, x, settings.score_batch)
+            # checked before the state is saved: a resumable state never holds NaN/Inf weights
+            require_finite([runner.blocks[i] for i in range(lo, hi)],
+                           f"the group around block {run.original[p]} after its distillation")
+            if run.streamed and run.ranks.main:
+                for i in range(lo, hi):
+                    if i != p:
+                        run.stream.save(runner.blocks[i], it + 1)
         del x
         rec["time_distill_s"] = round(time.time() - t_d, 3)
     runner.remove(p)
@@ -478,7 +565,7 @@ def _report(run: _Run, stats: StreamStats) -> dict:
         "timings": {"total_s": round(total, 3), "iterations_s": round(sum(r["time_s"] for r in run.iterations), 3),
                     **({"search_s": run.search["time_s"]} if run.search else {})},
         "resumed": bool(job.resume and run.elapsed_before),
-        "memory": _memory_record(run.device, stats),
+        "memory": {**_memory_record(run.device, stats), "host_plan": run.host_plan.record()},
     }
 
 
@@ -493,12 +580,44 @@ def _memory_record(dev: torch.device, stream_stats) -> dict:
     return rec
 
 
-def write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None) -> None:
+def write_streamed_weights(run: _Run, folder: Path) -> None:
+    """A streamed model's checkpoint, block by block, as `save_pretrained` lays it out (shards.py).
+
+    `save_pretrained` with no tensors writes config.json and generation_config.json exactly as for
+    the whole model; the trunk's tied weights are dropped as it drops them.
+    """
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    model, stream = run.model, run.stream
+    model.save_pretrained(folder, state_dict={})
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    blocks = run.adapter.blocks(model)
+    with ShardedWriter(folder, entries_of(state.items()), model.num_parameters()) as writer:
+        for name, t in state.items():
+            if not name.startswith(stream.prefix):
+                writer.put(name, t)
+        for j, block in enumerate(blocks):
+            tensors = stream.read(block)
+            bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                       None)
+            if bad is not None:
+                raise UserError(f"the compressed model holds NaN or Inf weights ({stream.prefix}{j}.{bad}); "
+                                "nothing was written -- lower the learning rates and start over with --force")
+            for n, t in tensors.items():
+                writer.put(f"{stream.prefix}{j}.{n}", t)
+            del tensors
+
+
+def write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | None = None,
+                 save_weights: Callable[[Path], None] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     outputs.mark(tmp, "compressed-model")  # the output never exists unmarked
     try:
-        model.save_pretrained(tmp)
+        if save_weights is None:
+            model.save_pretrained(tmp)
+        else:
+            save_weights(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
         if steps_dir is not None:

@@ -21,6 +21,13 @@ differently).
 The LoRA is PEFT's: a plain additive adapter, whose layer computes `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
 the full weight gradient the fusion terms need, merged back with `merge_and_unload` so the
 checkpoint stays a stock one.
+
+A model streamed from disk (streaming.py) is refused here, in one line, rather than healed block
+by block: every step backpropagates a vocabulary-wide loss through all kept blocks, so streaming
+it would read and write every block twice per step (forward, then backward with its activations
+kept or recomputed), turning a 16-step pass into thousands of block reads, and the per-block
+schedule would be a different algorithm from the one the in-memory run uses, so the two would no
+longer write the same checkpoint. `--set heal_steps=0` runs without it.
 """
 
 from __future__ import annotations

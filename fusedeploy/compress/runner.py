@@ -7,6 +7,10 @@ some families differ per layer (Gemma 3: sliding vs. full attention masks and
 local vs. global rotary tables), and they stay attached to the block object
 when blocks are removed. Block-0 inputs are captured the same way, so family
 specifics such as Gemma's embedding scaling are the model's own business.
+
+A streamed model (streaming.py) runs through the offload paths, which already visit one block
+(scoring) or one group (distillation) at a time: entering a block there also reads it from disk,
+leaving it drops it again. On a CPU the device moves are no-ops and only the reads remain.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ class BlockRunner:
     """Holds per-block forward kwargs and runs blocks / consecutive groups on hidden states."""
 
     def __init__(self, model: nn.Module, adapter, device: torch.device, compute_dtype: torch.dtype,
-                 offload: bool = False):
+                 offload: bool = False, stream=None):
         self.model = model
         self.adapter = adapter
         self.device = device
         self.compute_dtype = compute_dtype
-        self.offload = offload
+        self.stream = stream  # streaming.StreamedBlocks, or None: every block is in memory
+        self.offload = offload or stream is not None
         self.block_kwargs: list[dict] = []  # aligned with the *current* blocks
 
     # -- context ---------------------------------------------------------------
@@ -69,12 +74,12 @@ class BlockRunner:
                 if i == len(store) - 1:
                     raise _Stop
                 if streaming:  # offload: each block visits the device for its own forward only
-                    mod.to(self.device)
+                    self._enter(mod)
             hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         streaming = self.offload
         if streaming:
             def back(mod, args, out):
-                mod.to("cpu")  # returns None: a forward hook's return value would replace the output
+                self._leave(mod)  # returns None: a forward hook's return value would replace the output
             hooks += [b.register_forward_hook(back) for b in blocks]
         try:
             with self.trunk_on_device(), self.autocast():
@@ -167,13 +172,42 @@ class BlockRunner:
             yield
             return
         moved = [self.blocks[i] for i in range(start, stop)]
-        for b in moved:
-            b.to(self.device)
+        entered = []
         try:
+            for b in moved:
+                self._enter(b)
+                entered.append(b)
             yield
         finally:
-            for b in moved:
-                b.to("cpu")
+            for b in entered:
+                self._leave(b)
+
+    @contextlib.contextmanager
+    def held(self, start: int, stop: int):
+        """A streamed model keeps blocks start..stop-1 in memory for the duration (a group being trained)."""
+        if self.stream is None:
+            yield
+            return
+        kept = [self.blocks[i] for i in range(start, stop)]
+        taken = []
+        try:
+            for b in kept:
+                self.stream.acquire(b)
+                taken.append(b)
+            yield
+        finally:
+            for b in taken:
+                self.stream.release(b)
+
+    def _enter(self, block: nn.Module) -> None:
+        if self.stream is not None:
+            self.stream.acquire(block)
+        block.to(self.device)
+
+    def _leave(self, block: nn.Module) -> None:
+        block.to("cpu")
+        if self.stream is not None:
+            self.stream.release(block)
 
     def remove(self, index: int) -> None:
         """Drop one current block from the model (renumbering via the adapter) and its kwargs."""

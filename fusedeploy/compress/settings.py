@@ -154,7 +154,9 @@ class CompressJob:
     The command line, the build's compress stage and the benchmarks each describe a run once and
     hand it to `compress_model` whole, instead of threading a dozen arguments through every phase.
     `settings` are the recipe's hyperparameters (`CompressSettings`, None = `load_recipe()`); the
-    rest says which model, output, data and device. The driver checks the values in its first phase
+    rest says which model, output, data and device, and how much host memory the run may take
+    (`max_host_memory`; `stream` forces the streamed or the in-memory plan, for tests and
+    benchmarks). The driver checks the values in its first phase
     and fingerprints the resumable state from them (model, method, sparsity, calib, calib_part,
     settings, keep_steps, with the device and dtype they resolve to). `resume` and `force` only say
     what to do with an earlier run's state or output. A progress callback is not part of the job:
@@ -173,6 +175,8 @@ class CompressJob:
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     keep_steps: bool = False  # also keep what rebuilds the model after every removal (`steps.rebuild`)
+    max_host_memory: float | None = None  # GB the run may use on the host (None: the machine's; `hostplan`)
+    stream: bool | None = None  # blocks read from disk when used: None = when the in-memory plan does not fit
 
     def __post_init__(self):
         if self.settings is None:

@@ -12,6 +12,12 @@ A state saved before the first removal (a one-shot method's plan, once a costly 
 fusegpt-evo's search has made it) holds no weights: the blocks are the dense model's, which the
 run loads anyway. Its `weights` is null, and only a state with nothing removed may say so.
 Fields added later (`search`) are read with a default, so a state written before them still loads.
+
+A streamed run (streaming.py) never holds all blocks, so its state names one file per changed
+block instead (`block_files`: original index -> `block-<index>.<iteration>.safetensors`), each
+written during its iteration under a name no earlier state uses; `state.json` naming them replaces
+the old one, then files no state names go. Its fingerprint says `streamed`, so neither kind of
+run resumes the other's state.
 """
 
 from __future__ import annotations
@@ -45,15 +51,20 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save(folder: Path, facts: dict, blocks: dict[str, torch.Tensor] | None) -> None:
+def save(folder: Path, facts: dict, blocks: dict[str, torch.Tensor] | None,
+         block_files: dict[int, str] | None = None) -> None:
     """Write one completed iteration's state; `facts` must be JSON (it carries `removed`).
 
     `blocks` None: nothing removed yet, the blocks are the dense model's and no weights are written.
+    `block_files`: a streamed run's changed blocks, already written in `folder`.
     """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    if blocks is None:
+    if block_files is not None:
+        weights = None
+        facts = {**facts, "block_files": {str(k): v for k, v in sorted(block_files.items())}}
+    elif blocks is None:
         if facts["removed"]:
             raise ValueError("a state after a removal must hold the blocks' weights")
         weights = None
@@ -63,13 +74,23 @@ def save(folder: Path, facts: dict, blocks: dict[str, torch.Tensor] | None) -> N
         _atomic_write(folder / weights, lambda tmp: save_file(tensors, tmp))
     record = {"version": VERSION, "weights": weights, **facts}
     _atomic_write(folder / STATE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record)))
-    for old in folder.glob("blocks-*.safetensors"):
-        if old.name != weights:
+    named = set((block_files or {}).values())
+    for old in [*folder.glob("blocks-*.safetensors"), *folder.glob("block-*.*.safetensors")]:
+        if old.name != weights and old.name not in named:
             old.unlink(missing_ok=True)
 
 
 def exists(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file()
+
+
+def streamed(folder: Path) -> bool | None:
+    """Whether a saved run streamed its blocks (None: unreadable; `load` reports that in its words)."""
+    try:
+        facts = json.loads((folder / STATE_FILE).read_text())
+        return bool(facts["fingerprint"].get("streamed", False))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor] | None]:
@@ -88,6 +109,13 @@ def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]
             or facts.get("fingerprint") != normalized(fingerprint):
         raise UserError(f"the saved state at {folder} is from a different run "
                         "(model, method, sparsity, data, settings or device differ); use --force to start over")
+    if "block_files" in facts:  # a streamed run's: each named file must be there
+        files = facts["block_files"]
+        if not isinstance(files, dict) or not all(
+                k.isdigit() and isinstance(v, str) and (folder / v).parent == folder and (folder / v).is_file()
+                for k, v in files.items()):
+            raise UserError(f"the saved state at {folder} lacks its block files; use --force to start over")
+        return facts, None
     if facts.get("weights", "") is None and facts.get("removed") == []:
         return facts, None
     weights = folder / str(facts.get("weights", ""))

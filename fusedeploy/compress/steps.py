@@ -20,16 +20,16 @@ from ..errors import UserError
 FOLDER = "steps"
 
 
-def save_step(folder: Path, k: int, removed_original: int, kept: list[int], blocks: dict[int, torch.nn.Module],
-              extra: dict) -> None:
-    """Step k: original block `removed_original` went; `blocks` (original index -> block) changed."""
+def save_step(folder: Path, k: int, removed_original: int, kept: list[int],
+              blocks: dict[int, dict[str, torch.Tensor]], extra: dict) -> None:
+    """Step k: original block `removed_original` went; `blocks` (original index -> its state_dict) changed."""
     from safetensors.torch import save_file
 
     from .state import _atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{orig}.{name}": t.detach().to("cpu").contiguous()
-               for orig, block in blocks.items() for name, t in block.state_dict().items()}
+               for orig, state in blocks.items() for name, t in state.items()}
     _atomic_write(folder / f"step-{k}.safetensors", lambda tmp: save_file(tensors, tmp))
     facts = {"k": k, "removed_original": removed_original, "kept_blocks": kept,
              "changed_blocks": sorted(blocks), **extra}

@@ -50,6 +50,7 @@ class BuildOptions:
     min_zero_shot_retention: float | None = None  # overrides the profile's budgets.min_zero_shot_retention
     device: str | None = None  # compression device (default: cuda when present)
     dtype: str | None = None  # compression compute dtype (default: bf16 on cuda, fp32 on cpu)
+    max_host_memory: float | None = None  # GB compression may use on the host (None: the machine's)
     runtimes: tuple[str, ...] = ()  # default: the profile's runtime
     verify_windows: int = 4
     verify_ctx: int = 512
@@ -148,6 +149,10 @@ def _preflight(opts: BuildOptions) -> Prepared:
         from ..models.loading import pick_device, pick_dtype
 
         pick_dtype(pick_device(opts.device), opts.dtype)
+    if opts.max_host_memory is not None:  # a budget that is no size fails here; one too small, at compression
+        from ..compress.hostplan import budget_bytes
+
+        budget_bytes(opts.max_host_memory)
     source = resolve_model(opts.model)
     model_dir = Path(source.location)
     shape = ModelShape.from_config(load_config(source))
@@ -198,7 +203,7 @@ def build(opts: BuildOptions, progress=None, compress_progress=None) -> dict:
     say = progress or (lambda msg: log.info(msg))
     ready = _preflight(opts)
     out = Path(opts.out)
-    with outputs.claim(out), stages.announcing(say, compress_progress):
+    with outputs.claim(out), stages.announcing(say, compress_progress, opts.max_host_memory):
         outputs.claim_build_folder(out, STAGES, force=opts.force)
         return _run(opts, out, ready)
 

@@ -5,7 +5,9 @@ declaring, as an Olive pass does, a frozen `Config`, the names of the `INPUTS` i
 `run(config, inputs, workdir) -> outputs`. `run_declared` keys the stage on (its name, the
 config, the digests of its inputs) and hands `run` those and nothing else: what a stage reads is
 what its key holds, so a stale key cannot come from forgetting to list a setting. Progress
-messages, which change no output, reach a stage through `say` / `compress_progress`.
+messages and the host-memory budget, which change no output (a streamed compression writes the
+very checkpoint an in-memory one does), reach a stage through `say` / `compress_progress` /
+`host_memory`.
 
 A stage is finished when `<build>/<name>/manifest.json` exists. Work happens
 in `<build>/<name>.partial/`, which is kept across interruptions (so a stage
@@ -195,6 +197,7 @@ def run_declared(build_dir: Path, module: ModuleType, config, inputs: dict[str, 
 
 _say: ContextVar[Callable[[str], None]] = ContextVar("say", default=lambda msg: log.info(msg))
 _compress_progress: ContextVar[Callable | None] = ContextVar("compress_progress", default=None)
+_host_memory: ContextVar[float | None] = ContextVar("host_memory", default=None)
 
 
 def say(message: str) -> None:
@@ -207,14 +210,21 @@ def compress_progress() -> Callable | None:
     return _compress_progress.get()
 
 
+def host_memory() -> float | None:
+    """GB of host memory the build's compression may use (`--max-host-memory`; None: the machine's)."""
+    return _host_memory.get()
+
+
 @contextmanager
-def announcing(say_: Callable[[str], None], compress_progress_: Callable | None) -> Iterator[None]:
-    tokens = _say.set(say_), _compress_progress.set(compress_progress_)
+def announcing(say_: Callable[[str], None], compress_progress_: Callable | None,
+               host_memory_: float | None = None) -> Iterator[None]:
+    tokens = _say.set(say_), _compress_progress.set(compress_progress_), _host_memory.set(host_memory_)
     try:
         yield
     finally:
         _say.reset(tokens[0])
         _compress_progress.reset(tokens[1])
+        _host_memory.reset(tokens[2])
 
 
 def model_folder(model: Path) -> Path:

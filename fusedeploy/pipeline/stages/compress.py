@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import outputs
-from . import compress_progress, model_folder
+from . import compress_progress, host_memory, model_folder
 
 NAME = "compress"
 INPUTS = ("model", "calib")  # calib: only when the calibration text is a local file or folder
@@ -43,7 +43,7 @@ def run(config: Config, inputs: dict, work: Path) -> dict:
             job = CompressJob(str(model), target, config.sparsity, method=config.method, calib=config.calib,
                               calib_part=config.calib_part, settings=load_recipe(config.recipe),
                               resume=has_resumable_state(target), device=config.device, dtype=config.dtype,
-                              keep_steps=config.keep_steps)
+                              keep_steps=config.keep_steps, max_host_memory=host_memory())
             summary = compress_model(job, progress=compress_progress())
         outputs.mark(target, "compressed-model")
     return {"model_dir": "model", "compressed": True, "removed_blocks": summary.get("removed_blocks")}

@@ -1,0 +1,178 @@
+"""How much host memory a compression run needs, planned against `--max-host-memory` before any work.
+
+Two plans are priced from the model's shapes (its config, built on the meta device: no weights
+read) and the run's settings: the whole model in memory, and the model streamed from its
+safetensors (streaming.py): embeddings, final norm and head resident, blocks read when used. The
+run takes the in-memory plan when it fits, else the streamed one; when the activation sets do not
+fit beside even that, they are spilled to memory-mapped files (activations.py); when one group
+cannot fit at all, the run is refused in one line before anything is loaded. The formula, term by
+term, is in docs/compression.md ("Models larger than host memory"); the `GROUP_TRAINING_COPIES`
+factor below is the one measured term.
+
+Everything is in bytes; "this process" is its resident memory when planning (the interpreter,
+torch and the libraries), counted because the budget is the machine's, not the run's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import UserError
+
+GB = 1e9
+
+# While a group trains, every fused linear builds its fp32 effective weight, and autograd keeps the
+# (B·A) product and the Hadamard product for the backward pass: up to three weight-sized tensors per
+# neighbour beyond its master copy (fused.py, FusedLinear.delta_weight); a GPU keeps these on the
+# device instead. An upper bound, not a fit: on the CPU, a group of 3 blocks of 3.1 MB added 31 MB
+# at its peak where the plan counts 45 MB for the group (64-block test model, 2026-12-03).
+GROUP_TRAINING_COPIES = 3
+# What a run adds to the process measured when planning, beyond the terms below: the run's own module
+# objects, the libraries' first-forward workspaces, allocator slack. Measured at 15-25 MB with the
+# streaming test's 64-block model on the CPU (2026-12-03); rounded up.
+RUN_OVERHEAD = 40 * 1_000_000
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan reads from a model: sizes in fp32 bytes, and the widths activations have."""
+
+    n_blocks: int
+    block_bytes: int  # the largest block's fp32 master copy
+    trunk_bytes: int  # embeddings, final norm, head (tied ones once)
+    linear_sides: int  # Σ (in + out) over one block's linear layers: the factors' sizes scale with it
+    hidden: int
+
+
+def shapes_of(model, adapter) -> Shapes:
+    """Sizes from parameter shapes only: works on a model built on the meta device."""
+    blocks = adapter.blocks(model)
+    inside = {id(p) for p in blocks.parameters()}
+    seen: set[int] = set()
+    trunk = 0
+    for p in model.parameters():
+        if id(p) not in inside and id(p) not in seen:
+            seen.add(id(p))
+            trunk += p.numel() * 4
+    block_bytes = max(sum(p.numel() for p in b.parameters()) * 4 for b in blocks)
+    sides = max(sum(sum(lin.weight.shape) for lin in adapter.block_linears(b).values()) for b in blocks)
+    return Shapes(len(blocks), block_bytes, trunk, sides, int(model.config.hidden_size))
+
+
+def meta_shapes(config) -> Shapes:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..models import adapter_for
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return shapes_of(model, adapter_for(config))
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    process: int  # this process before any weight is loaded
+    in_memory: int  # peak of the in-memory run, this process included
+    streamed: int  # peak of the streamed run with the activations in memory
+    streamed_spilled: int  # ... with the activations in memory-mapped files
+    activations: int
+    mode: str  # "in-memory" | "streamed"
+    spill: bool
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _activations(shapes: Shapes, settings, act_bytes: int, repair, streamed: bool) -> int:
+    unit = settings.seq_len * shapes.hidden * act_bytes  # one sequence's hidden states
+    n = shapes.n_blocks
+    mi = settings.mi_samples * unit
+    total = (n + 1) * mi  # the scoring cache: every block's input, and the last output
+    if streamed:
+        total += n * mi  # block-major scoring carries every candidate's state forward at once
+    if repair is not None:
+        ft = settings.ft_samples * unit
+        total += 4 * ft  # block-0 inputs, the group's input, its teacher, and one being computed
+        if repair.trains and settings.target == "dense" and settings.epochs > 0:
+            total += (n + 1) * ft
+        if repair.trains and settings.heal_steps:
+            total += ft
+    return total
+
+
+def _group(shapes: Shapes, settings, repair, on_cpu: bool) -> int:
+    """What a group's repair adds to its blocks' master copies (which the in-memory plan already counts)."""
+    if repair is None:
+        return 0
+    g = min(settings.group_size, shapes.n_blocks - 1)
+    b = shapes.block_bytes
+    extra = g * b if repair.fusion else 0  # each neighbour's fp32 copy of p's weights (W_p)
+    if repair.trains and settings.epochs > 0:
+        extra += g * b  # the snapshot a diverged attempt rolls back to
+        ranks = settings.fusion_rank * bool(repair.fusion) + settings.lora_rank * repair.lora
+        extra += g * 16 * ranks * shapes.linear_sides  # factors: values, gradients, two Adam moments
+        if on_cpu:
+            extra += GROUP_TRAINING_COPIES * g * b
+    return extra
+
+
+def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget: int | None,
+         force_stream: bool | None = None) -> Plan:
+    """The plan for one run, or a one-line refusal when even one group cannot fit in `budget`."""
+    process = resident_bytes()
+    fixed = process + RUN_OVERHEAD
+    budget = machine_bytes() if budget is None else budget
+    g = min(settings.group_size, shapes.n_blocks - 1)
+    group = _group(shapes, settings, repair, on_cpu)
+    acts_mem = _activations(shapes, settings, act_bytes, repair, streamed=False)
+    acts_str = _activations(shapes, settings, act_bytes, repair, streamed=True)
+    whole = shapes.n_blocks * shapes.block_bytes + shapes.trunk_bytes
+    in_memory = fixed + whole + acts_mem + group
+    held = (g + 1 if repair is not None else 1) + 1  # the group (or the block scored), and one being read
+    base = fixed + shapes.trunk_bytes + held * shapes.block_bytes + group
+    streamed, spilled = base + acts_str, base
+    if force_stream is False or (force_stream is None and in_memory <= budget):
+        return Plan(budget, process, in_memory, streamed, spilled, acts_mem, "in-memory", False)
+    if spilled > budget:
+        raise UserError(
+            f"this run needs about {spilled / GB:.2f} GB of host memory even with its blocks streamed from disk "
+            f"(a group of {g + 1} blocks with its training copies {(held * shapes.block_bytes + group) / GB:.2f} GB, "
+            f"embeddings and head {shapes.trunk_bytes / GB:.2f} GB, this process and its run {fixed / GB:.2f} GB) and "
+            f"--max-host-memory is {budget / GB:.2f} GB; raise --max-host-memory or shrink the group "
+            f"(--set group_size=N, now {settings.group_size})")
+    return Plan(budget, process, in_memory, streamed, spilled, acts_str, "streamed", streamed > budget)
+
+
+def resident_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def machine_bytes() -> int:
+    """The machine's physical memory, or the container's limit when it has a lower one (cgroup v2, then v1)."""
+    import psutil
+
+    total = int(psutil.virtual_memory().total)
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def budget_bytes(gb: float | None) -> int | None:
+    """`--max-host-memory GB` in bytes (None: the machine's); a value that is no size is refused."""
+    if gb is None:
+        return None
+    if not (isinstance(gb, (int, float)) and math.isfinite(gb) and gb > 0):
+        raise UserError(f"--max-host-memory must be a positive number of GB, got {gb}")
+    return int(gb * GB)
