@@ -94,7 +94,9 @@ def test_an_edited_profile_with_the_same_name_is_not_signed_off_from_stale_stage
     opts, _, finished = quick_build
     out = tmp_path / "b"
     shutil.copytree(finished, out)
-    assert json.loads((out / "report" / "report.json").read_text())["signoff"]["result"] == "PASS"
+    # the finished build judged decode against the shipped profile's budget (its verdict hangs on this host's speed)
+    assert json.loads((out / "report" / "report.json").read_text())["signoff"]["budgets"][
+        "min_decode_tokens_per_s"]["budget"] == 15
     old_report_key = json.loads((out / "report" / "manifest.json").read_text())["key"]
     data = yaml.safe_load((profiles_dir() / "edge-8gb.yaml").read_text())
     data["budgets"]["min_decode_tokens_per_s"] = 150
@@ -178,7 +180,8 @@ def test_task_accuracy_is_reported_and_budgeted(run_cli, quick_build, tmp_path):
     assert t["n"] == 6 and 0 <= t["dense"] <= 1 and 0 <= t["compressed"] <= 1
     assert t["drop"] == pytest.approx(t["dense"] - t["compressed"])
     check = report["signoff"]["budgets"]["max_accuracy_drop"]
-    assert check["figure"] == pytest.approx(t["drop"]) and check["result"] == "PASS" and code == 0
+    assert check["figure"] == pytest.approx(t["drop"]) and check["result"] == "PASS"
+    assert code == (0 if report["signoff"]["result"] == "PASS" else 1)  # the speed budgets hang on this host
     assert "| tiny_choice | acc | 6 |" in (out / "report" / "report.md").read_text()
 
     # an accuracy budget with no tasks to judge it could only fail: refused before any stage runs
