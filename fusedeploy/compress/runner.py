@@ -171,16 +171,11 @@ class BlockRunner:
         if not self.offload:
             yield
             return
-        moved = [self.blocks[i] for i in range(start, stop)]
-        entered = []
-        try:
-            for b in moved:
-                self._enter(b)
-                entered.append(b)
+        with contextlib.ExitStack() as stack:  # leaves every block entered so far, whatever happens
+            for i in range(start, stop):
+                self._enter(self.blocks[i])
+                stack.callback(self._leave, self.blocks[i])
             yield
-        finally:
-            for b in entered:
-                self._leave(b)
 
     @contextlib.contextmanager
     def held(self, start: int, stop: int):
@@ -188,16 +183,11 @@ class BlockRunner:
         if self.stream is None:
             yield
             return
-        kept = [self.blocks[i] for i in range(start, stop)]
-        taken = []
-        try:
-            for b in kept:
-                self.stream.acquire(b)
-                taken.append(b)
+        with contextlib.ExitStack() as stack:  # releases every block acquired so far, whatever happens
+            for i in range(start, stop):
+                self.stream.acquire(self.blocks[i])
+                stack.callback(self.stream.release, self.blocks[i])
             yield
-        finally:
-            for b in taken:
-                self.stream.release(b)
 
     def _enter(self, block: nn.Module) -> None:
         if self.stream is not None:
