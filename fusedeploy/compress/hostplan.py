@@ -62,15 +62,19 @@ def shapes_of(model, adapter) -> Shapes:
     return Shapes(len(blocks), block_bytes, trunk, sides, int(model.config.hidden_size))
 
 
-def meta_shapes(config) -> Shapes:
+def meta_model(config):
+    """The model of `config` with its parameters on the meta device (fp32 shapes, no memory, no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def meta_shapes(config) -> Shapes:
     from ..models import adapter_for
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return shapes_of(model, adapter_for(config))
+    return shapes_of(meta_model(config), adapter_for(config))
 
 
 @dataclass(frozen=True)

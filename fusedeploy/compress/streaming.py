@@ -103,11 +103,9 @@ def _place(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def open_model(spec: str):
     """(model with meta blocks and a resident trunk in fp32, tokenizer, Checkpoint, block prefix)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from ..models import adapter_for
     from ..models.loading import load_config, load_tokenizer, resolve_model
+    from .hostplan import meta_model
 
     source = resolve_model(spec)
     if source.gguf_file:
@@ -117,8 +115,7 @@ def open_model(spec: str):
     config = load_config(source)
     adapter = adapter_for(config)
     checkpoint = Checkpoint(source.location)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = meta_model(config)
     model.eval().requires_grad_(False)
     if model.can_generate():  # the generation config as from_pretrained reads it (the file, else config.json)
         model.adjust_generation_fn(None, True, False, source.location, cache_dir=None, force_download=False,
