@@ -3,12 +3,15 @@ two healing steps (22 kept blocks, 8 x 256 tokens, the `cpu` recipe's batch, the
 
     python benchmarks/heal_memory.py
 
+The allocator is set up as a compression run sets it (`hostplan.return_freed_memory`);
+`--glibc-default` leaves glibc's dynamic mmap threshold, to show what that setting is worth.
 The dense model's last hidden states are random (memory does not depend on their values); the
 loss is printed so that two versions of `compress/heal.py` can be checked for the same result.
 """
 
 from __future__ import annotations
 
+import argparse
 import resource
 import sys
 import time
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from fusedeploy.compress import load_recipe  # noqa: E402
 from fusedeploy.compress.activations import ActivationStore  # noqa: E402
 from fusedeploy.compress.heal import heal  # noqa: E402
+from fusedeploy.compress.hostplan import return_freed_memory  # noqa: E402
 from fusedeploy.models import adapter_for  # noqa: E402
 from fusedeploy.models.loading import load_model  # noqa: E402
 
@@ -32,6 +36,10 @@ def high_water_gib() -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
+    if not ap.parse_args().glibc_default:
+        return_freed_memory()
     model, _, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
     model.requires_grad_(False)
     adapter = adapter_for(model)

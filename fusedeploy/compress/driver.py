@@ -223,6 +223,7 @@ def compress_model(job: CompressJob, progress: Callable[..., None] | None = None
     status carries the best KL so far), "epoch" (one per distillation epoch, status
     carries the loss) and "heal" (one per healing step). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
+    hostplan.return_freed_memory()
     with outputs.claim(job.out):  # one writer per output; clears our own half-written temporaries
         return _compress(job, progress)
 

@@ -34,6 +34,7 @@ GROUP_TRAINING_COPIES = 3
 # objects, the libraries' first-forward workspaces, allocator slack. Measured at 15-25 MB with the
 # streaming test's 64-block model on the CPU (2026-12-03); rounded up.
 RUN_OVERHEAD = 40 * 1_000_000
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,31 @@ def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget:
             f"--max-host-memory is {budget / GB:.2f} GB; raise --max-host-memory or shrink the group "
             f"(--set group_size=N, now {settings.group_size})")
     return Plan(budget, process, in_memory, streamed, spilled, acts_str, "streamed", streamed > budget)
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand large freed buffers back to the system (a no-op elsewhere).
+
+    glibc's allocator raises its mmap threshold each time a large buffer is freed (up to 32 MB),
+    after which tensors below it come from the heap, and the heap keeps what was freed. A run
+    allocates and frees activation-sized tensors all the time, so its resident memory climbs
+    far above what it ever uses at once: two healing steps on SmolLM2 added 2.17 GiB to their
+    process with the dynamic threshold and 0.96 GiB with it fixed (`benchmarks/heal_memory.py`,
+    the same loss), and the streaming test's run 60 MB more at its peak than it used at once.
+    Fixing the threshold at glibc's own starting value maps every such buffer on allocation and
+    unmaps it when freed; the plan's figures assume it.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own starting value, now fixed
 
 
 def resident_bytes() -> int:

@@ -13,11 +13,6 @@ so a kill mid-iteration leaves the last saved state's files intact.
 
 Files are opened per read (`safe_open` maps the whole file; a mapping kept open would count every
 page ever read as resident), and nothing is unpickled.
-
-glibc's allocator raises its mmap threshold each time a large buffer is freed, after which
-block-sized tensors come from the heap and freed ones stay with the process (on the streaming
-test, 60 MB more at the peak than the run ever used at once). `return_freed_memory` fixes the
-threshold, so every block-sized buffer is mapped on allocation and unmapped when freed.
 """
 
 from __future__ import annotations
@@ -31,22 +26,6 @@ from torch import nn
 from ..errors import UserError
 
 BLOCK_FILE = "block-{orig}.{version}.safetensors"
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def return_freed_memory() -> None:
-    """Make glibc hand large freed buffers back to the system (a no-op elsewhere); see the module's docstring."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        return
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own starting value, now fixed
 
 
 class Checkpoint:
@@ -111,7 +90,6 @@ def open_model(spec: str):
     if source.gguf_file:
         raise UserError(f"{spec} is a GGUF file; streaming reads a Hugging Face folder of safetensors: "
                         "convert it once, or raise --max-host-memory so the model loads whole")
-    return_freed_memory()
     config = load_config(source)
     adapter = adapter_for(config)
     checkpoint = Checkpoint(source.location)
