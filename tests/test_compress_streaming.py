@@ -219,7 +219,7 @@ def test_the_plan_streams_spills_or_refuses_by_the_budget(monkeypatch):
 
     monkeypatch.setattr(hostplan, "resident_bytes", lambda: 400 * MB)
     shapes = hostplan.Shapes(n_blocks=32, block_bytes=100 * MB, trunk_bytes=10 * MB, linear_sides=20_000,
-                             hidden=4096)
+                             hidden=4096, vocab=32_000)
     small = load_recipe("quick", {"group_size": 3})
 
     def plan(gb, settings=small):
@@ -229,15 +229,35 @@ def test_the_plan_streams_spills_or_refuses_by_the_budget(monkeypatch):
     assert roomy.mode == "in-memory" and roomy.in_memory > 32 * 100 * MB
     tight = plan(3)
     assert tight.mode == "streamed" and not tight.spill and tight.streamed <= 3 * hostplan.GB < tight.in_memory
-    many = load_recipe("quick", {"group_size": 3, "mi_samples": 64, "seq_len": 2048})  # 2 GB per cached state
-    spilled = plan(3, many)
-    assert spilled.mode == "streamed" and spilled.spill and spilled.streamed_spilled <= 3 * hostplan.GB
+    # 2 GB per cached state; the group's training keeps 2.6 GB of its mini-batch's activations
+    many = load_recipe("quick", {"group_size": 3, "mi_samples": 64, "seq_len": 2048})
+    spilled = plan(6, many)
+    assert spilled.mode == "streamed" and spilled.spill and spilled.streamed_spilled <= 6 * hostplan.GB
     with pytest.raises(UserError, match="even with its blocks streamed.*group_size"):
         plan(1)
     assert hostplan.plan(shapes, small, REPAIRS["fusion"], 4, True, 100 * 10**9, force_stream=True).mode == "streamed"
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(UserError, match="positive number"):
             hostplan.budget_bytes(bad)
+
+
+def test_the_in_memory_plan_counts_the_healing_pass_where_it_runs(monkeypatch):
+    """The healing pass (after the last group, in memory only) raises the in-memory peak where its
+    logits outweigh a group's extras, for a repair that trains; a repair that does not train never heals."""
+    from fusedeploy.compress import hostplan
+    from fusedeploy.compress.distill import REPAIRS
+
+    monkeypatch.setattr(hostplan, "resident_bytes", lambda: 400 * MB)
+    # SmolLM2-135M's shapes: 30 blocks of 17 MB, a 113 MB tied embedding, a 49,152-token vocabulary
+    shapes = hostplan.Shapes(n_blocks=30, block_bytes=17 * MB, trunk_bytes=113 * MB, linear_sides=10_176,
+                             hidden=576, vocab=49_152)
+
+    def in_memory(repair, **overrides):
+        return hostplan.plan(shapes, load_recipe("cpu", overrides), REPAIRS[repair], 4, True, 10**12).in_memory
+
+    assert in_memory("fusion") > in_memory("fusion", heal_steps=0)
+    assert in_memory("lora") > in_memory("lora", heal_steps=0)
+    assert in_memory("static") == in_memory("static", heal_steps=0)
 
 
 def test_a_planted_block_file_is_refused_not_unpickled(tiny_llama, calib_file, tmp_path):

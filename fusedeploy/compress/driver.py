@@ -223,7 +223,6 @@ def compress_model(job: CompressJob, progress: Callable[..., None] | None = None
     status carries the best KL so far), "epoch" (one per distillation epoch, status
     carries the loss) and "heal" (one per healing step). Under torchrun every process calls this; rank 0 writes. Returns compression.json.
     """
-    hostplan.return_freed_memory()
     with outputs.claim(job.out):  # one writer per output; clears our own half-written temporaries
         return _compress(job, progress)
 
@@ -240,8 +239,9 @@ def _compress(job: CompressJob, progress) -> dict:
             _discard_state(run.state_folder)
         stats = _iterate(run, progress)
     if run.dense_final is not None:
-        run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
-                               run.compute_dtype, progress)
+        with hostplan.freed_memory_returned():  # its peak: 2.17 -> 0.96 GiB on SmolLM2 for 22 % more time
+            run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
+                                   run.compute_dtype, progress)
         run.model.to("cpu")
     # nothing non-finite is ever written as an output (streamed: the trunk here, each block as it is written)
     require_finite([run.model], "the compressed model")

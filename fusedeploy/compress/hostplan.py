@@ -16,6 +16,7 @@ torch and the libraries), counted because the budget is the machine's, not the r
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +35,10 @@ GROUP_TRAINING_COPIES = 3
 # objects, the libraries' first-forward workspaces, allocator slack. Measured at 15-25 MB with the
 # streaming test's 64-block model on the CPU (2026-12-03); rounded up.
 RUN_OVERHEAD = 40 * 1_000_000
+# The healing pass's loss on one slice of tokens holds several logit-sized fp32 tensors at once (the
+# student's logits, both log-softmaxes, the KL terms, their gradients; heal.py). HEAL_LOGIT_COPIES is
+# how many, fitted to the measured peak (see heal_bytes).
+HEAL_LOGIT_COPIES = 8
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
@@ -46,6 +51,7 @@ class Shapes:
     trunk_bytes: int  # embeddings, final norm, head (tied ones once)
     linear_sides: int  # Σ (in + out) over one block's linear layers: the factors' sizes scale with it
     hidden: int
+    vocab: int
 
 
 def shapes_of(model, adapter) -> Shapes:
@@ -60,7 +66,8 @@ def shapes_of(model, adapter) -> Shapes:
             trunk += p.numel() * 4
     block_bytes = max(sum(p.numel() for p in b.parameters()) * 4 for b in blocks)
     sides = max(sum(sum(lin.weight.shape) for lin in adapter.block_linears(b).values()) for b in blocks)
-    return Shapes(len(blocks), block_bytes, trunk, sides, int(model.config.hidden_size))
+    return Shapes(len(blocks), block_bytes, trunk, sides, int(model.config.hidden_size),
+                  int(model.get_output_embeddings().weight.shape[0]))
 
 
 def meta_model(config):
@@ -110,7 +117,7 @@ def _activations(shapes: Shapes, settings, act_bytes: int, repair, streamed: boo
     return total
 
 
-def _group(shapes: Shapes, settings, repair, on_cpu: bool) -> int:
+def _group(shapes: Shapes, settings, repair, on_cpu: bool, act_bytes: int) -> int:
     """What a group's repair adds to its blocks' master copies (which the in-memory plan already counts)."""
     if repair is None:
         return 0
@@ -121,9 +128,27 @@ def _group(shapes: Shapes, settings, repair, on_cpu: bool) -> int:
         extra += g * b  # the snapshot a diverged attempt rolls back to
         ranks = settings.fusion_rank * bool(repair.fusion) + settings.lora_rank * repair.lora
         extra += g * 16 * ranks * shapes.linear_sides  # factors: values, gradients, two Adam moments
+        tokens = min(settings.batch_size, settings.ft_samples) * settings.seq_len  # one step's mini-batch
+        extra += (g + 1) * tokens * shapes.linear_sides * act_bytes  # every linear's ends, kept for the backward
         if on_cpu:
             extra += GROUP_TRAINING_COPIES * g * b
     return extra
+
+
+def heal_bytes(shapes: Shapes, settings, repair, act_bytes: int) -> int:
+    """What the healing pass adds to the in-memory run (a streamed run refuses the pass); it follows the
+    last group's distillation, so the two never add up."""
+    if repair is None or not repair.trains or not settings.heal_steps:
+        return 0
+    from .heal import LOGIT_ELEMENTS
+
+    tokens = min(settings.batch_size, settings.ft_samples) * settings.seq_len  # one step's mini-batch
+    n = shapes.n_blocks  # every kept block (fewer than this by the removed ones)
+    inputs = n * tokens * shapes.hidden * act_bytes  # each checkpointed block keeps its input for the backward
+    block = tokens * shapes.linear_sides * act_bytes  # the block recomputed in the backward: its linears' ends
+    lora = 16 * settings.heal_rank * shapes.linear_sides * n  # LoRA values, gradients, two Adam moments
+    logits = min(LOGIT_ELEMENTS, tokens * shapes.vocab)  # one slice's
+    return inputs + block + lora + HEAL_LOGIT_COPIES * logits * 4
 
 
 def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget: int | None,
@@ -133,11 +158,11 @@ def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget:
     fixed = process + RUN_OVERHEAD
     budget = machine_bytes() if budget is None else budget
     g = min(settings.group_size, shapes.n_blocks - 1)
-    group = _group(shapes, settings, repair, on_cpu)
+    group = _group(shapes, settings, repair, on_cpu, act_bytes)
     acts_mem = _activations(shapes, settings, act_bytes, repair, streamed=False)
     acts_str = _activations(shapes, settings, act_bytes, repair, streamed=True)
     whole = shapes.n_blocks * shapes.block_bytes + shapes.trunk_bytes
-    in_memory = fixed + whole + acts_mem + group
+    in_memory = fixed + whole + acts_mem + max(group, heal_bytes(shapes, settings, repair, act_bytes))
     held = (g + 1 if repair is not None else 1) + 1  # the group (or the block scored), and one being read
     base = fixed + shapes.trunk_bytes + held * shapes.block_bytes + group
     streamed, spilled = base + acts_str, base
@@ -153,18 +178,7 @@ def plan(shapes: Shapes, settings, repair, act_bytes: int, on_cpu: bool, budget:
     return Plan(budget, process, in_memory, streamed, spilled, acts_str, "streamed", streamed > budget)
 
 
-def return_freed_memory() -> None:
-    """Make glibc hand large freed buffers back to the system (a no-op elsewhere).
-
-    glibc's allocator raises its mmap threshold each time a large buffer is freed (up to 32 MB),
-    after which tensors below it come from the heap, and the heap keeps what was freed. A run
-    allocates and frees activation-sized tensors all the time, so its resident memory climbs
-    far above what it ever uses at once: two healing steps on SmolLM2 added 2.17 GiB to their
-    process with the dynamic threshold and 0.96 GiB with it fixed (`benchmarks/heal_memory.py`,
-    the same loss), and the streaming test's run 60 MB more at its peak than it used at once.
-    Fixing the threshold at glibc's own starting value maps every such buffer on allocation and
-    unmaps it when freed; the plan's figures assume it.
-    """
+def _mallopt(param: int, value: int) -> None:
     import ctypes
     import ctypes.util
 
@@ -174,8 +188,35 @@ def return_freed_memory() -> None:
         mallopt = getattr(libc, "mallopt", None)
     except OSError:
         return
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own starting value, now fixed
+    if mallopt is not None:  # glibc; a no-op elsewhere
+        mallopt(param, value)
+
+
+def return_freed_memory() -> None:
+    """From now on in this process, glibc gives back what it frees (see `freed_memory_returned`)."""
+    _mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's own starting value, now fixed
+
+
+@contextmanager
+def freed_memory_returned():
+    """While inside, glibc maps every buffer over 128 kB on allocation and unmaps it when freed.
+
+    glibc raises its mmap threshold each time a large buffer is freed (up to 32 MB); tensors below
+    it then come from the heap, which keeps what was freed, so resident memory climbs well above
+    what is ever live at once. Fixing the threshold at glibc's starting value keeps it at what is
+    live, and costs a page fault per page of every new buffer. Measured on SmolLM2-135M
+    (2026-12-06, 2-core box, idle): two healing steps added 2.17 GiB to their process with the
+    dynamic threshold and 0.96 GiB with it fixed, 32 s against 39 s (`benchmarks/heal_memory.py`);
+    one distillation iteration of the `cpu` recipe peaked at 3.01 against 2.42 GB but took 1.9x
+    as long, so only the healing pass and streamed runs (whose budget is the point, from before
+    the model is opened: `return_freed_memory`) use it. Leaving restores the largest threshold the
+    dynamic rule reaches (glibc cannot go back to the rule itself).
+    """
+    return_freed_memory()
+    try:
+        yield
+    finally:
+        _mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
 def resident_bytes() -> int:

@@ -84,12 +84,13 @@ def open_model(spec: str):
     """(model with meta blocks and a resident trunk in fp32, tokenizer, Checkpoint, block prefix)."""
     from ..models import adapter_for
     from ..models.loading import load_config, load_tokenizer, resolve_model
-    from .hostplan import meta_model
+    from .hostplan import meta_model, return_freed_memory
 
     source = resolve_model(spec)
     if source.gguf_file:
         raise UserError(f"{spec} is a GGUF file; streaming reads a Hugging Face folder of safetensors: "
                         "convert it once, or raise --max-host-memory so the model loads whole")
+    return_freed_memory()  # the run is about its budget (hostplan.freed_memory_returned)
     config = load_config(source)
     adapter = adapter_for(config)
     checkpoint = Checkpoint(source.location)
