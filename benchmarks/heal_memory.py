@@ -26,7 +26,7 @@ from fusedeploy.compress.activations import ActivationStore  # noqa: E402
 from fusedeploy.compress import heal as heal_module  # noqa: E402
 from fusedeploy.compress.heal import heal  # noqa: E402
 from fusedeploy.compress.distill import REPAIRS  # noqa: E402
-from fusedeploy.compress.hostplan import freed_memory_returned, heal_bytes, shapes_of  # noqa: E402
+from fusedeploy.compress.hostplan import heal_bytes, return_freed_memory, shapes_of  # noqa: E402
 from fusedeploy.models import adapter_for  # noqa: E402
 from fusedeploy.models.loading import load_model  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
                     help="logits per slice of the loss (default: heal.LOGIT_ELEMENTS); two values fit the plan's copies")
     args = ap.parse_args()
     if not args.glibc_default:
-        freed_memory_returned().__enter__()  # for the whole process, which only heals
+        return_freed_memory()  # for the whole process, which only heals
     if args.logit_elements:
         heal_module.LOGIT_ELEMENTS = args.logit_elements
     model, _, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
