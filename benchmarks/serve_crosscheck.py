@@ -109,8 +109,10 @@ def run_bench_serve(url: str, key: str, prompts: Path, args) -> dict:
 
 def run_guidellm(url: str, key: str, model_id: str, prompts: Path, tokenizer: Path, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "guidellm", "run",
-           "--backend", f"kind=openai_http,target={url},model={model_id},api_key={key},"
-                        "request_format=/v1/completions",
+           # greedy, as bench-serve asks: guidellm sends no temperature of its own, so a server's
+           # default (1.0, sampling) would decide, and og's sampler costs more per token than its argmax
+           "--backend", json.dumps({"kind": "openai_http", "target": url, "model": model_id, "api_key": key,
+                                    "request_format": "/v1/completions", "extras": {"body": {"temperature": 0.0}}}),
            "--profile", f"kind=concurrent,streams={args.concurrency}",
            "--constraint", f"kind=max_duration,seconds={args.duration:g}",
            "--data", f"kind=json_file,path={prompts}",

@@ -35,10 +35,15 @@ GROUP_TRAINING_COPIES = 3
 # objects, the libraries' first-forward workspaces, allocator slack. Measured at 15-25 MB with the
 # streaming test's 64-block model on the CPU (2026-12-03); rounded up.
 RUN_OVERHEAD = 40 * 1_000_000
-# The healing pass's loss on one slice of tokens holds several logit-sized fp32 tensors at once (the
-# student's logits, both log-softmaxes, the KL terms, their gradients; heal.py). HEAL_LOGIT_COPIES is
-# how many, fitted to the measured peak (see heal_bytes).
-HEAL_LOGIT_COPIES = 8
+# The healing pass holds, beyond its checkpointed inputs and LoRA: one slice of its loss, several
+# logit-sized fp32 tensors at once (the student's logits, both log-softmaxes, the KL terms, their
+# gradients; heal.py), and the block being recomputed for its backward, with its intermediate
+# activations and their gradients, a few times its linears' inputs and outputs. Both counts are
+# fitted, not derived: `benchmarks/heal_memory.py` on SmolLM2 (22 blocks, 8 x 256 tokens, the
+# allocator as the pass sets it) grew by 0.96 GiB with 2^24 logits a slice and 0.64 GiB with
+# 2^22 (2026-12-06): 7 slice copies, and 5 x the block term for the rest.
+HEAL_LOGIT_COPIES = 7
+HEAL_BLOCK_COPIES = 5
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
@@ -145,7 +150,7 @@ def heal_bytes(shapes: Shapes, settings, repair, act_bytes: int) -> int:
     tokens = min(settings.batch_size, settings.ft_samples) * settings.seq_len  # one step's mini-batch
     n = shapes.n_blocks  # every kept block (fewer than this by the removed ones)
     inputs = n * tokens * shapes.hidden * act_bytes  # each checkpointed block keeps its input for the backward
-    block = tokens * shapes.linear_sides * act_bytes  # the block recomputed in the backward: its linears' ends
+    block = HEAL_BLOCK_COPIES * tokens * shapes.linear_sides * act_bytes  # the block recomputed in the backward
     lora = 16 * settings.heal_rank * shapes.linear_sides * n  # LoRA values, gradients, two Adam moments
     logits = min(LOGIT_ELEMENTS, tokens * shapes.vocab)  # one slice's
     return inputs + block + lora + HEAL_LOGIT_COPIES * logits * 4
