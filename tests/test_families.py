@@ -408,6 +408,14 @@ def test_gemma4_quick_compress_reloads_with_stock_transformers(tokenizer, tmp_pa
                                    rtol=0, atol=0)
 
 
+def test_gemma4_moe_compress_is_refused():
+    """Routed experts cannot be fused into a neighbour's (as Mistral 4); the dense variant is not refused."""
+    adapter = ADAPTERS["gemma4_text"]
+    moe = tiny_config("gemma4_text", 64, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    assert "routed experts" in adapter.refusal(moe, "compress")
+    assert adapter.refusal(tiny_config("gemma4_text", 64), "compress") is None
+
+
 def test_gemma4_gguf_and_onnx_are_refused_in_one_line_before_any_work(tokenizer, tmp_path):
     folder = save(tiny_model("gemma4_text", len(tokenizer)), tokenizer, tmp_path / "g4", remove=(1, 4))
     with pytest.raises(UserError, match=r"cannot export Gemma 4 \(gemma4_text\) to GGUF: not supported yet: "

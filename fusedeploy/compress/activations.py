@@ -52,8 +52,6 @@ class StreamStats:
         self.live_bytes -= n
 
 
-
-
 def side_of(batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """The per-sequence arrays riding with a mini-batch of hidden states (empty for most families)."""
     return getattr(batch, "_fd_side", None) or {}

@@ -16,7 +16,7 @@ from .base import ATTENTION_LINEARS, MLP_LINEARS, SEQUENCE_IDS, ArchitectureAdap
 
 # Gemma 4's per-layer inputs of a mini-batch, kept with it through one run of blocks but never stored:
 # a side array whose name starts with "~" is not written (compress/activations.py), as it would be
-# blocks x D wide per token (35 x 256 in E2B, six times the hidden states)
+# blocks x D wide per token (35 x 256 in E2B, several times the hidden states)
 PER_LAYER_INPUTS = "~per_layer_inputs"
 
 
@@ -186,6 +186,14 @@ class Gemma4TextAdapter(ArchitectureAdapter):
                 "graphs have neither per-layer input embeddings nor K/V shared between blocks, so it would build "
                 "another function",
     }
+
+    def refusal(self, config, step: str) -> str | None:
+        """The MoE variant (`enable_moe_block`) is refused for compress, as Mistral 4 is: expert e of one block
+        is not expert e of another, so a removed block's routed experts have nothing to fuse into."""
+        if step == "compress" and getattr(config, "enable_moe_block", False):
+            return ("not supported: its blocks carry routed experts (enable_moe_block), and a removed block's experts "
+                    "have no same-named neighbour to fuse into, so fusion is not defined for them")
+        return super().refusal(config, step)
 
     def logit_softcap(self, config) -> float | None:
         return getattr(config, "final_logit_softcapping", None) or None
