@@ -283,17 +283,137 @@ def test_gemma4_refuses_removing_a_block_whose_kv_others_read():
     assert model.config.num_kv_shared_layers == 0 and model.config.kv_sharing_modes == [None, None, "store", "store"]
 
 
-def test_gemma4_compress_is_refused_in_one_line(tokenizer, tmp_path, run_cli, capsys):
+def _gemma4_runner(model, seq_len):
+    from fusedeploy.compress.runner import BlockRunner
+
+    runner = BlockRunner(model, ADAPTERS["gemma4_text"], torch.device("cpu"), torch.float32)
+    runner.capture_kwargs(seq_len)
+    return runner
+
+
+@torch.no_grad()
+def _block_inputs(model, ids):
+    """What every block receives in the whole model's forward, and the final norm's input."""
+    got, hooks = [], [b.register_forward_pre_hook(lambda m, a: got.append(a[0])) for b in model.model.layers]
+    hooks.append(model.model.norm.register_forward_pre_hook(lambda m, a: got.append(a[0])))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def test_gemma4_block_replay_equals_the_whole_forward():
+    """Block by block, in mini-batches of 2 of 4 different sequences: every block's input and the last output are
+    the whole forward's (measured bitwise equal on CPU), because each block gets its own per-layer input slice
+    from the token ids and the readers the K/V that the storing blocks wrote. Also after removing blocks 1 and 4,
+    and for the MI candidate "without block 4" (a reader)."""
+    import copy
+
+    from fusedeploy.compress.scores import ActivationCache, candidate_outputs, mi_scores
+
+    model = tiny_model("gemma4_text", 256).requires_grad_(False)
+    runner = _gemma4_runner(model, 40)
+    ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(0))
+    cache = ActivationCache(runner, runner.block0_inputs(ids, 2), batch=2)
+    want = _block_inputs(model, ids)
+    assert len(cache.states) == len(want) == 7
+    for state, ref in zip(cache.states, want):
+        torch.testing.assert_close(state.data, ref, rtol=1e-6, atol=1e-6)
+    # the K/V of the storing blocks 2 (sliding) and 3 (full) ride with the activations up to their last reader
+    assert [sorted(k for k in s.side if k[:2] in ("k:", "v:")) for s in cache.states] == [
+        [], [], [], ["k:sliding_attention", "v:sliding_attention"],
+        ["k:full_attention", "k:sliding_attention", "v:full_attention", "v:sliding_attention"],
+        ["k:full_attention", "v:full_attention"], []]
+    # blocks whose removal is refused (storers 2, 3; block 5 while 4 is sliding) are never candidates
+    scores = mi_scores(cache)
+    assert [i for i, s in enumerate(scores) if s == float("inf")] == [2, 3, 5]
+    without4 = copy.deepcopy(model)
+    runner.adapter.remove_blocks(without4, [4])
+    (i, batches), = candidate_outputs(cache, [4])
+    got = torch.cat([h for _, h in batches])
+    torch.testing.assert_close(got, _block_inputs(without4, ids)[-1], rtol=1e-6, atol=1e-6)
+
+    runner.remove(4)
+    runner.remove(1)
+    cache.block_removed(1)
+    want = _block_inputs(model, ids)
+    assert len(cache.states) == len(want) == 5
+    for state, ref in zip(cache.states, want):
+        torch.testing.assert_close(state.data, ref, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(cache.final.data, _block_inputs(tiny_model("gemma4_text", 256), ids)[-1])
+
+
+def test_gemma4_fusion_fuses_what_matches_and_lists_the_rest():
+    """A sliding reader (no k/v projections, 16-wide heads) fused into a full-attention neighbour (32-wide heads):
+    its MLP and per-layer input linears are fused, its q/o projections are dropped and said; at init the model
+    is the pruned one."""
+    from fusedeploy.compress import FusedLinear, load_recipe
+    from fusedeploy.compress.distill import REPAIRS, attach_fusion
+
+    model = tiny_model("gemma4_text", 256).requires_grad_(False)
+    adapter = ADAPTERS["gemma4_text"]
+    runner = _gemma4_runner(model, 24)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pruned = tiny_model("gemma4_text", 256)
+        adapter.remove_blocks(pruned, [4])
+        want = pruned(ids, use_cache=False).logits
+    dropped = attach_fusion(runner, 3, 5, 4, REPAIRS["fusion"], load_recipe("quick", {"group_size": 1}))
+    assert dropped == ["self_attn.o_proj", "self_attn.q_proj"]
+    terms = {n: m._n_terms for n, m in adapter.blocks(model)[3].named_modules() if isinstance(m, FusedLinear)}
+    assert terms == {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 0,
+                     "mlp.gate_proj": 1, "mlp.up_proj": 1, "mlp.down_proj": 1,
+                     "per_layer_input_gate": 1, "per_layer_projection": 1}
+    runner.remove(4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma4_quick_compress_reloads_with_stock_transformers(tokenizer, tmp_path, run_cli, capsys, monkeypatch):
+    """`fusedeploy compress --recipe quick` removes 2 of 6 blocks (never one whose K/V others read); the output
+    reloads with stock transformers and computes the in-memory compressed model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from fusedeploy.compress import driver
+
     save(tiny_model("gemma4_text", len(tokenizer)), tokenizer, tmp_path / "g4")
     calib = tmp_path / "calib.txt"
-    calib.write_text("some text " * 2000)
+    calib.write_text(SAMPLE_TEXT.read_text(encoding="utf-8")[:40000])
+    ids = torch.randint(0, len(tokenizer), (2, 48), generator=torch.Generator().manual_seed(2))
+    in_memory = {}
+    write = driver.write_output
+
+    def keep_logits(model, *args, **kwargs):
+        with torch.no_grad():
+            in_memory["logits"] = model(input_ids=ids, use_cache=False).logits
+        return write(model, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "write_output", keep_logits)
     capsys.readouterr()  # (the save's progress bar)
-    code, out, err = run_cli("compress", "--model", tmp_path / "g4", "--sparsity", "0.25", "--calib", calib,
+    code, out, err = run_cli("compress", "--model", tmp_path / "g4", "--sparsity", "0.3", "--calib", calib,
                              "--out", tmp_path / "out", "--recipe", "quick")
-    assert code == 2 and "Traceback" not in err
-    assert [line for line in err.splitlines() if line.strip()] == [next(l for l in err.splitlines() if "error:" in l)]
-    assert "cannot compress Gemma 4 (gemma4_text): not supported yet: each block takes a per-layer input" in err
-    assert not (tmp_path / "out").exists()
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "compression.json").read_text())
+    assert len(report["removed_blocks"]) == 2 and not {2, 3} & set(report["removed_blocks"])
+    assert [s == float("inf") for s in report["iterations"][0]["mi_scores"]][2:4] == [True, True]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    types = tiny_config("gemma4_text", 8).layer_types
+    config = reloaded.config
+    assert config.num_hidden_layers == 4 and config.layer_types == [types[i] for i in report["kept_blocks"]]
+    assert config.num_kv_shared_layers == sum(1 for i in report["kept_blocks"] if i >= 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, use_cache=False).logits, in_memory["logits"],
+                                   rtol=0, atol=0)
+
+
+def test_gemma4_moe_compress_is_refused():
+    """Routed experts cannot be fused into a neighbour's (as Mistral 4); the dense variant is not refused."""
+    adapter = ADAPTERS["gemma4_text"]
+    moe = tiny_config("gemma4_text", 64, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    assert "routed experts" in adapter.refusal(moe, "compress")
+    assert adapter.refusal(tiny_config("gemma4_text", 64), "compress") is None
 
 
 def test_gemma4_gguf_and_onnx_are_refused_in_one_line_before_any_work(tokenizer, tmp_path):

@@ -15,6 +15,14 @@ When even the host cannot hold the sets (the host-memory plan says so, hostplan.
 puts every store created inside it in a memory-mapped file beside the output instead: the kernel
 pages it in and out as mini-batches are read. The file is unlinked as soon as it is mapped, so
 nothing is left behind by a kill; its name follows the output's temporaries (`.name.<random>.tmp`).
+
+Some families need per-sequence data beside the hidden states to replay a block: Gemma 4 computes
+each block's per-layer input from the token ids, and its last blocks read K/V that earlier blocks
+stored in the same forward. A store therefore holds named `side` arrays with the same rows (the
+token ids, shared by every store of one sequence set; the K/V live at its depth). A mini-batch
+read from a store carries its rows of them (`side_of`), the runner hands them on to its output
+(`with_side`) and `write` stores them, so every consumer of hidden states stays unchanged. A side
+array whose name starts with "~" lives with its mini-batch only and is never stored.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.base import SEQUENCE_IDS  # the side array every store of one sequence set shares (never rewritten)
+
 
 @dataclass
 class StreamStats:
@@ -40,6 +50,18 @@ class StreamStats:
 
     def release(self, n: int) -> None:
         self.live_bytes -= n
+
+
+def side_of(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-sequence arrays riding with a mini-batch of hidden states (empty for most families)."""
+    return getattr(batch, "_fd_side", None) or {}
+
+
+def with_side(batch: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Attach per-sequence arrays to a mini-batch of hidden states; returns the same tensor."""
+    if side:
+        batch._fd_side = side
+    return batch
 
 
 # One counter per process: every store streams through it, so the peak covers inputs and outputs.
@@ -87,11 +109,14 @@ class ActivationStore:
 
     def __init__(self, n: int, tail: Sequence[int], dtype: torch.dtype, device: torch.device):
         self.device = device
-        if _SPILL:  # unpinned: a mapped file cannot be pinned, so its copies to a GPU are synchronous
-            self.data = _mapped((n, *tail), dtype, _SPILL[-1])
-        else:
-            self.data = torch.empty((n, *tail), dtype=dtype, pin_memory=device.type == "cuda")
+        self.data = self._alloc((n, *tail), dtype)
+        self.side: dict[str, torch.Tensor] = {}  # per-sequence arrays with the same rows (module docstring)
         self._pending: torch.cuda.Event | None = None  # last asynchronous device->host write
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if _SPILL:  # unpinned: a mapped file cannot be pinned, so its copies to a GPU are synchronous
+            return _mapped(shape, dtype, _SPILL[-1])
+        return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
 
     # -- shape -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -103,21 +128,32 @@ class ActivationStore:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.data, *self.side.values()))
 
     def like(self) -> ActivationStore:
-        return ActivationStore(len(self), self.data.shape[1:], self.data.dtype, self.device)
+        """An empty store for the same sequences: it shares their token ids; other side arrays come with writes."""
+        out = ActivationStore(len(self), self.data.shape[1:], self.data.dtype, self.device)
+        if SEQUENCE_IDS in self.side:
+            out.side[SEQUENCE_IDS] = self.side[SEQUENCE_IDS]
+        return out
 
     # -- writing ---------------------------------------------------------------
     def write(self, start: int, batch: torch.Tensor) -> None:
         """Copy a device mini-batch into rows start.. (asynchronously from a GPU)."""
-        rows = self.data[start:start + batch.shape[0]]
-        if batch.device.type == "cuda":
-            rows.copy_(batch.detach(), non_blocking=True)
+        n = batch.shape[0]
+        pairs = [(self.data[start:start + n], batch)]
+        for name, t in side_of(batch).items():
+            if name.startswith("~") or (name == SEQUENCE_IDS and name in self.side):
+                continue  # transient; or the same sequences' ids, shared with the store this batch came from
+            if name not in self.side:
+                self.side[name] = self._alloc((len(self), *t.shape[1:]), t.dtype)
+            pairs.append((self.side[name][start:start + n], t))
+        cuda = any(t.device.type == "cuda" for _, t in pairs)
+        for rows, t in pairs:
+            rows.copy_(t.detach(), non_blocking=cuda)
+        if cuda:
             self._pending = torch.cuda.Event()
             self._pending.record()
-        else:
-            rows.copy_(batch.detach())
 
     def synchronize(self) -> None:
         """Wait for queued writes before the host reads the data itself (gathers, saving)."""
@@ -129,12 +165,19 @@ class ActivationStore:
     def batches(self, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, device tensor) for consecutive mini-batches, the next copy queued before yielding."""
         starts = list(range(0, len(self), batch))
-        yield from self._stream([(s, self.data[s:s + batch]) for s in starts])
+        yield from self._stream([(s, self._rows(slice(s, s + batch))) for s in starts])
 
     def gathered(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(index, device tensor) for mini-batches of arbitrary rows (the shuffled epochs)."""
         self.synchronize()
-        yield from self._stream([(idx, _Gather(self.data, idx)) for idx in index_batches])
+        yield from self._stream([(idx, self._rows(idx)) for idx in index_batches])
+
+    def _rows(self, which) -> dict[str, torch.Tensor | _Gather]:
+        """The hidden states (key None) and side arrays of some rows: a slice, or gathered indices."""
+        arrays = {None: self.data, **self.side}
+        if isinstance(which, slice):
+            return {k: v[which] for k, v in arrays.items()}
+        return {k: _Gather(v, which) for k, v in arrays.items()}
 
     def _stream(self, items) -> Iterator:
         """Double buffering: batch k+1's copy is queued before batch k is handed out."""
@@ -157,15 +200,15 @@ class ActivationStore:
             for n in live:
                 STATS.release(n)
 
-    def _to_device(self, src) -> tuple[torch.Tensor, int]:
-        host = src.materialize() if isinstance(src, _Gather) else src
-        if self.device.type == "cuda":
-            out = host.to(self.device, non_blocking=True)
-        else:
-            out = host
-        n = out.numel() * out.element_size()
+    def _to_device(self, rows: dict) -> tuple[torch.Tensor, int]:
+        moved, n = {}, 0
+        for key, src in rows.items():
+            host = src.materialize() if isinstance(src, _Gather) else src
+            out = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+            moved[key] = out
+            n += out.numel() * out.element_size()
         STATS.add(n)
-        return out, n
+        return with_side(moved.pop(None), moved), n
 
 
 class _Gather:

@@ -8,6 +8,12 @@ local vs. global rotary tables), and they stay attached to the block object
 when blocks are removed. Block-0 inputs are captured the same way, so family
 specifics such as Gemma's embedding scaling are the model's own business.
 
+What depends on the sequences rather than on their length cannot be captured once: Gemma 4's
+per-layer inputs (from the token ids) and the K/V its last blocks read from earlier ones. The
+adapter names those arguments (`sequence_arguments`), they are left out of the capture, and
+`adapter.run_block` supplies them per mini-batch from the side arrays that ride with the hidden
+states (activations.py): the token ids, which block-0 inputs record, and the K/V still to be read.
+
 A streamed model (streaming.py) runs through the offload paths, which already visit one block
 (scoring) or one group (distillation) at a time: entering a block there also reads it from disk,
 leaving it drops it again. On a CPU the device moves are no-ops and only the reads remain.
@@ -20,7 +26,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .activations import ActivationStore
+from .activations import SEQUENCE_IDS, ActivationStore, side_of, with_side
 
 
 class _Stop(Exception):
@@ -62,14 +68,16 @@ class BlockRunner:
         blocks = self.blocks
         store: list[dict | None] = [None] * len(blocks)
         hooks = []
+        positional, per_sequence = self.adapter.sequence_arguments
         for i, block in enumerate(blocks):
             def hook(mod, args, kwargs, i=i):
-                # No KV cache on replay: drop it under every name transformers has used (5.x: `cache`).
+                # No KV cache on replay: drop it under every name transformers has used (5.x: `cache`);
+                # per-sequence arguments are the adapter's to supply on every call.
                 kw = {k: v for k, v in kwargs.items()
-                      if k not in ("hidden_states", "cache", "past_key_values", "past_key_value")}
+                      if k not in ("hidden_states", "cache", "past_key_values", "past_key_value", *per_sequence)}
                 kw["use_cache"] = False
                 store[i] = _detach(kw)
-                if len(args) > 1:
+                if len(args) > 1 + positional:
                     raise RuntimeError("decoder block received extra positional arguments; adapter needed")
                 if i == len(store) - 1:
                     raise _Stop
@@ -96,7 +104,10 @@ class BlockRunner:
 
     @torch.no_grad()
     def block0_inputs(self, ids: torch.Tensor, batch: int) -> ActivationStore:
-        """Hidden states entering block 0 for every sequence in `ids` [n, T], kept on the host."""
+        """Hidden states entering block 0 for every sequence in `ids` [n, T], kept on the host.
+
+        A family whose blocks read the token ids (`sequence_arguments`) gets them recorded beside.
+        """
         first = self.blocks[0]
         got: list[torch.Tensor] = []
 
@@ -119,6 +130,8 @@ class BlockRunner:
                     store.write(s, x)
         finally:
             h.remove()
+        if any(self.adapter.sequence_arguments):
+            store.side[SEQUENCE_IDS] = ids.detach().to("cpu", torch.long)
         return store
 
     @contextlib.contextmanager
@@ -135,9 +148,9 @@ class BlockRunner:
 
     # -- running ---------------------------------------------------------------
     def run_block(self, index: int, h: torch.Tensor) -> torch.Tensor:
-        block = self.blocks[index]
-        out = block(h, **self.block_kwargs[index])
-        return out[0] if isinstance(out, tuple) else out
+        """One block on a mini-batch; the side arrays it carries go on to the output, as the adapter says."""
+        out, side = self.adapter.run_block(self.model, self.blocks, index, h, self.block_kwargs[index], side_of(h))
+        return with_side(out, side)
 
     def run_range(self, start: int, stop: int, h: torch.Tensor, skip: int | None = None) -> torch.Tensor:
         """Blocks start..stop-1 (current numbering) on one device mini-batch, optionally skipping one."""

@@ -6,6 +6,9 @@ output (before the final norm). Candidate `i` only runs blocks i+1..N-1 from
 `cache[i]`; after a block is fused away, `ActivationCache.refresh_from(lo)`
 recomputes only from the changed group onward.
 
+A block the family cannot remove (Gemma 4: one whose K/V later blocks read) scores +inf and is
+not run as a candidate: the model without it is not one FuseDeploy would make.
+
 Every state is an `ActivationStore` on the host; candidates are scored mini-batch by mini-batch,
 so the device never holds more than a couple of mini-batches of activations. With offload
 (blocks on the host) candidates advance block-major: each block visits the device once per
@@ -75,6 +78,12 @@ def candidate_outputs(cache: ActivationCache, which: list[int]) -> Iterator[tupl
         yield i, suffix(i)
 
 
+def refused_blocks(runner: BlockRunner) -> set[int]:
+    """Current blocks that cannot be removed on their own (`adapter.removal_refusal`)."""
+    config = runner.model.config
+    return {i for i in range(len(runner.blocks)) if runner.adapter.removal_refusal(config, [i]) is not None}
+
+
 class _CosMean:
     """Mean cosine similarity over every token, accumulated batch by batch."""
 
@@ -95,8 +104,9 @@ class _CosMean:
 def mi_scores(cache: ActivationCache, progress=None, ranks: Ranks = Ranks()) -> list[float]:
     """MI_i = 1 - mean cos(H(model), H(model without block i)), for every current block."""
     n = len(cache.states) - 1
-    mine = ranks.mine(n)
-    scores = {}
+    refused = refused_blocks(cache.runner)
+    mine = [i for i in ranks.mine(n) if i not in refused]
+    scores = {i: float("inf") for i in ranks.mine(n) if i in refused}
     for k, (i, batches) in enumerate(candidate_outputs(cache, mine)):
         cos = _CosMean()
         for (_, h), (_, ref) in zip(batches, cache.final.batches(cache.batch)):
@@ -117,7 +127,11 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def bi_scores(cache: ActivationCache) -> list[float]:
     """ShortGPT Block Influence: BI_i = 1 - mean cos(input of block i, its output)."""
     out = []
+    refused = refused_blocks(cache.runner)
     for i in range(len(cache.states) - 1):
+        if i in refused:
+            out.append(float("inf"))
+            continue
         cos = _CosMean()
         for (_, a), (_, b) in zip(cache.states[i].batches(cache.batch), cache.states[i + 1].batches(cache.batch)):
             cos.add(a, b)
@@ -144,8 +158,9 @@ def sleb_scores(model, adapter, cache: ActivationCache, ids: torch.Tensor, progr
     """SLEB: calibration LM loss of the model with each block removed (lowest = remove)."""
     runner = cache.runner
     n = len(cache.states) - 1
-    mine = ranks.mine(n)
-    out = {}
+    refused = refused_blocks(runner)
+    mine = [i for i in ranks.mine(n) if i not in refused]
+    out = {i: float("inf") for i in ranks.mine(n) if i in refused}
     with runner.trunk_on_device():
         for k, (i, batches) in enumerate(candidate_outputs(cache, mine)):
             total, count = 0.0, 0

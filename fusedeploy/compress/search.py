@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .parallel import Ranks
 from .runner import BlockRunner
 from .scores import ActivationCache
@@ -84,6 +85,10 @@ def removal_kl(cache: ActivationCache, sets: Sequence[frozenset[int]]) -> list[f
     runner, b = cache.runner, cache.batch
     model, adapter = runner.model, runner.adapter
     n = len(runner.blocks)
+    refused = [adapter.removal_refusal(model.config, s) is not None for s in sets]
+    if any(refused):  # a set the family cannot remove (Gemma 4: K/V others read) is never chosen
+        values = iter(removal_kl(cache, [s for s, r in zip(sets, refused) if not r]))
+        return [float("inf") if r else next(values) for r in refused]
     kept = [[i for i in range(n) if i not in s] for s in sets]
     x0, dense = cache.states[0], cache.final
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -214,10 +219,29 @@ def evolve(n_blocks: int, seed_set: frozenset[int], fitness: Callable[[list[froz
 
 
 # -- the selections ------------------------------------------------------------------------------
+def removal_order(candidates: Sequence[int], n_remove: int, runner: BlockRunner) -> list[int]:
+    """The first `n_remove` of `candidates` (in their order) that the family can remove one after another.
+
+    Most families take any; Gemma 4 refuses blocks whose K/V others read, and a last block whose
+    predecessor is sliding attention until that one is gone, so a refused block waits for later.
+    """
+    config, adapter = runner.model.config, runner.adapter
+    chosen: list[int] = []
+    pending = list(candidates)
+    while len(chosen) < n_remove:
+        nxt = next((i for i in pending if adapter.removal_refusal(config, {*chosen, i}) is None), None)
+        if nxt is None:
+            why = adapter.removal_refusal(config, {*chosen, pending[0]}) if pending else "too few blocks"
+            raise UserError(f"cannot remove {n_remove} of {len(runner.blocks)} blocks: {why}; lower the sparsity")
+        chosen.append(nxt)
+        pending.remove(nxt)
+    return chosen
+
+
 def _lowest(scores: list[float], n_remove: int, cache: ActivationCache, settings, progress,
             ranks: Ranks) -> tuple[list[int], dict | None]:
-    """The `n_remove` lowest scores, lowest first."""
-    return sorted(range(len(scores)), key=lambda i: scores[i])[:n_remove], None
+    """The `n_remove` lowest scores, lowest first (among blocks the family can remove in that order)."""
+    return removal_order(sorted(range(len(scores)), key=lambda i: scores[i]), n_remove, cache.runner), None
 
 
 def _evo(scores: list[float], n_remove: int, cache: ActivationCache, settings, progress,
@@ -234,7 +258,7 @@ def _evo(scores: list[float], n_remove: int, cache: ActivationCache, settings, p
 
     record = evolve(n, frozenset(seed_order), fitness, settings.evo_generations, settings.evo_candidates,
                     settings.seed, progress)
-    order = sorted(record["best_set"], key=lambda i: (scores[i], i))
+    order = removal_order(sorted(record["best_set"], key=lambda i: (scores[i], i)), n_remove, cache.runner)
     x0 = cache.states[0]
     record = {"criterion": "mean token KL(dense || plain removal of the set) on the scoring samples",
               "tokens": int(x0.shape[0] * x0.shape[1]), **record, "order": order,

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The side array (compress/activations.py) holding a mini-batch's token ids, for blocks that read them.
+SEQUENCE_IDS = "input_ids"
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -88,6 +90,27 @@ class ArchitectureAdapter:
 
     # Config attributes that hold one entry per block and must shrink with them.
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
+
+    # -- replaying one block at a time (compress/runner.py) -----------------------------
+    # What a block's forward takes that depends on the sequences, not only on their length:
+    # (positional arguments after the hidden states, keyword names). The runner leaves them out of
+    # the kwargs it captures once; `run_block` supplies them per mini-batch.
+    sequence_arguments: ClassVar[tuple[int, tuple[str, ...]]] = (0, ())
+
+    def run_block(self, model: nn.Module, blocks: nn.ModuleList, index: int, hidden: torch.Tensor,
+                  kwargs: dict, side: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Block `index` (current numbering) on a mini-batch, with its captured kwargs.
+
+        `side` holds the mini-batch's per-sequence arrays (compress/activations.py); returns the
+        block's output and the arrays that go on with it.
+        """
+        out = blocks[index](hidden, **kwargs)
+        return (out[0] if isinstance(out, tuple) else out), side
+
+    def removal_refusal(self, config, remove) -> str | None:
+        """Why removing these blocks (current indices) together is refused, or None: scoring and the
+        searches never pick such a block or set."""
+        return None
 
     # -- where things are -------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ATTENTION_LINEARS, MLP_LINEARS, ArchitectureAdapter
+from .base import ATTENTION_LINEARS, MLP_LINEARS, SEQUENCE_IDS, ArchitectureAdapter
+
+# Gemma 4's per-layer inputs of a mini-batch, kept with it through one run of blocks but never stored:
+# a side array whose name starts with "~" is not written (compress/activations.py), as it would be
+# blocks x D wide per token (35 x 256 in E2B, several times the hidden states)
+PER_LAYER_INPUTS = "~per_layer_inputs"
 
 
 @dataclass(frozen=True)
@@ -160,17 +165,17 @@ class Gemma4TextAdapter(ArchitectureAdapter):
       (a reader would silently read another block's K/V). The decoder's cached
       `first_kv_shared_layer_idx`, `unique_layer_types` and load-ignore list follow.
 
-    Compression, GGUF and ONNX export are refused (`unsupported`). Compression: each block takes a
-    per-layer input computed from the token ids, and the readers take K/V that the storing blocks produce in the same forward; the block runner replays
-    kwargs captured from one forward of zero ids, so it would feed them the wrong ones.
+    Compression replays one block at a time (compress/runner.py). Two arguments of a block depend on the
+    sequences and are supplied by `run_block` per mini-batch instead of being captured once: the block's
+    per-layer input (its slice, computed from the token ids the activations carry) and the shared K/V
+    states (what the storing blocks wrote, carried with the activations until the last block that reads
+    them). Blocks that cannot be removed (`removal_refusal`) are never candidates. GGUF and ONNX export
+    are refused (`unsupported`).
     """
 
     model_type = "gemma4_text"
     family = "Gemma 4"
     unsupported = {
-        "compress": "not supported yet: each block takes a per-layer input computed from the token ids, and "
-                    "the last blocks read K/V that earlier blocks store in the same forward; the block runner "
-                    "replays inputs captured from one forward and carries neither",
         # measured with llama-cpp-python 0.3.36 on tiny random models (docs/support.md, Gemma 4 notes)
         "gguf": "not supported yet: llama.cpp's converter writes Gemma4ForCausalLM and llama.cpp 0.3.36 loads it, but "
                 "its f32 logits differ from PyTorch's by 0.4-1.4% relative (above the 1e-3 FuseDeploy accepts) even "
@@ -181,6 +186,14 @@ class Gemma4TextAdapter(ArchitectureAdapter):
                 "graphs have neither per-layer input embeddings nor K/V shared between blocks, so it would build "
                 "another function",
     }
+
+    def refusal(self, config, step: str) -> str | None:
+        """The MoE variant (`enable_moe_block`) is refused for compress, as Mistral 4 is: expert e of one block
+        is not expert e of another, so a removed block's routed experts have nothing to fuse into."""
+        if step == "compress" and getattr(config, "enable_moe_block", False):
+            return ("not supported: its blocks carry routed experts (enable_moe_block), and a removed block's experts "
+                    "have no same-named neighbour to fuse into, so fusion is not defined for them")
+        return super().refusal(config, step)
 
     def logit_softcap(self, config) -> float | None:
         return getattr(config, "final_logit_softcapping", None) or None
@@ -195,9 +208,54 @@ class Gemma4TextAdapter(ArchitectureAdapter):
         Every block has its per-layer input gate and projection."""
         attn = [f"self_attn.{n}" for n in ATTENTION_LINEARS]
         if block is not None:
-            attn = [n for n in attn if isinstance(_submodule(block, n), nn.Linear)]
+            attn = [n for n in attn if _submodule(block, n) is not None]  # (also once wrapped for fusion)
         return tuple(attn) + tuple(f"mlp.{n}" for n in MLP_LINEARS) + (
             "per_layer_input_gate", "per_layer_projection")
+
+    # the per-layer input (second positional argument) and the dict the storing blocks write K/V into
+    sequence_arguments = (1, ("per_layer_input", "shared_kv_states"))
+
+    def run_block(self, model, blocks, index, hidden, kwargs, side):
+        """Replays the whole forward's call: the block's own per-layer input slice, and a K/V dict that
+        holds what earlier blocks stored (from `side`); what this block stores goes on in `side` as long
+        as a later block reads it."""
+        from transformers.cache_utils import KVSharingDict
+
+        per_layer_input, after = None, {k: v for k, v in side.items() if not k.startswith(("k:", "v:"))}
+        if model.config.hidden_size_per_layer_input:
+            every = side.get(PER_LAYER_INPUTS)  # computed by the first block of this mini-batch's run
+            if every is None:
+                if SEQUENCE_IDS not in side:
+                    raise RuntimeError("Gemma 4 blocks need the token ids with the activations (per-layer inputs)")
+                every = after[PER_LAYER_INPUTS] = self.per_layer_inputs(model, side[SEQUENCE_IDS]).to(hidden.device)
+            per_layer_input = every[:, :, index]
+        shared = KVSharingDict({name[2:]: (side[name], side["v:" + name[2:]])
+                                for name in side if name.startswith("k:")})
+        out = blocks[index](hidden, per_layer_input, shared_kv_states=shared, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        read_later = {b.self_attn.layer_type for b in blocks[index + 1:] if b.self_attn.is_kv_shared_layer}
+        for kind, (k, v) in shared.items():
+            if kind in read_later:
+                after["k:" + kind], after["v:" + kind] = k, v
+        return out, after
+
+    def per_layer_inputs(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """Every current block's per-layer input [b, T, blocks, D], by the decoder's own code (computing one
+        block's slice alone rounds differently); the tables hold one slice per current block."""
+        dec = self.decoder(model)
+        ids = ids.to(dec.embed_tokens.weight.device)
+        embeds = dec.embed_tokens(ids)
+        return dec.project_per_layer_inputs(embeds, dec.get_per_layer_inputs(ids, embeds))
+
+    def removal_refusal(self, config, remove) -> str | None:
+        """Why removing these blocks (current indices) together is refused, or None."""
+        from ..errors import UserError
+
+        try:
+            self.check_removal(config, set(remove))
+        except UserError as err:
+            return str(err)
+        return None
 
     def check_removal(self, config, remove: set[int]) -> None:
         from ..errors import UserError
