@@ -136,6 +136,18 @@ def non_finite_weight(modules: list[torch.nn.Module]) -> str | None:
     return None
 
 
+def standard_json(value):
+    """`value` with every non-finite float as null: compression.json is read by other tools, and JSON
+    has no Infinity (a block the family cannot remove scores +inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: standard_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(v) for v in value]
+    return value
+
+
 def require_finite(modules: list[torch.nn.Module], what: str) -> None:
     """One line, and no output, when training left NaN or Inf in any weight."""
     name = non_finite_weight(modules)
@@ -625,7 +637,7 @@ def write_output(model, tokenizer, report: dict, out: Path, steps_dir: Path | No
             shutil.copytree(steps_dir, tmp / steps_mod.FOLDER,  # the steps only, nobody else's files
                             ignore=lambda _, names: [n for n in names if not _STEP_FILES.fullmatch(n)
                                                      or n.endswith(".tmp")])
-        (tmp / "compression.json").write_text(json.dumps(report, indent=2))
+        (tmp / "compression.json").write_text(json.dumps(standard_json(report), indent=2, allow_nan=False))
         if out.exists():  # --force: swap the old output away only once the new one is complete
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, trash / "old")

@@ -6,8 +6,9 @@ safetensors (streaming.py): embeddings, final norm and head resident, blocks rea
 run takes the in-memory plan when it fits, else the streamed one; when the activation sets do not
 fit beside even that, they are spilled to memory-mapped files (activations.py); when one group
 cannot fit at all, the run is refused in one line before anything is loaded. The formula, term by
-term, is in docs/compression.md ("Models larger than host memory"); the `GROUP_TRAINING_COPIES`
-factor below is the one measured term.
+term, is in docs/compression.md ("Models larger than host memory"); the upper-case constants
+below are its measured terms, each with its measurement. This module also owns the one allocator
+setting that changes what a run holds (`freed_memory_returned`).
 
 Everything is in bytes; "this process" is its resident memory when planning (the interpreter,
 torch and the libraries), counted because the budget is the machine's, not the run's.
