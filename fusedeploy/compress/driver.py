@@ -251,7 +251,7 @@ def _compress(job: CompressJob, progress) -> dict:
             _discard_state(run.state_folder)
         stats = _iterate(run, progress)
     if run.dense_final is not None:
-        with hostplan.freed_memory_returned():  # its peak: 2.17 -> 0.96 GiB on SmolLM2 for 22 % more time
+        with hostplan.freed_memory_returned():  # its peak: 2.17 -> 0.96 GiB on SmolLM2 for 16-22 % more time
             run.heal_record = heal(run.model, run.adapter, run.ft_ids, run.dense_final, run.settings, run.device,
                                    run.compute_dtype, progress)
         run.model.to("cpu")
