@@ -272,6 +272,13 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     runtime, url, proc = server
     c = client(url)
     generated = "llamacpp:tokens_predicted_total" if runtime == "gguf" else "fusedeploy_generation_tokens_total"
+    long_answer = {"prompt": "Another long story", "max_tokens": 450, "ignore_eos": True}
+    # How long a whole long answer takes on this machine (a slot's context may end it before 450 tokens):
+    # the clients below give up at a tenth of that, so they leave while it is still being generated
+    # however fast or slow the box is.
+    t0 = time.perf_counter()
+    httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=120, json=long_answer).raise_for_status()
+    give_up = (time.perf_counter() - t0) / 10
     before = metric(url, generated)
     for _ in range(PARALLEL):  # as many long generations as there are slots, each dropped after 3 tokens
         stream = c.completions.create(model="", prompt="A long story", max_tokens=450, temperature=0, stream=True,
@@ -284,8 +291,8 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         stream.close()  # closes the connection mid-stream
     for _ in range(2):  # not streamed: the client gives up waiting (a read timeout closes the connection)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=httpx.Timeout(30, read=0.5),
-                       json={"prompt": "Another long story", "max_tokens": 450, "ignore_eos": True})
+            httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=httpx.Timeout(30, read=give_up),
+                       json=long_answer)
     # Generation stops (far fewer tokens than the 6 x 450 asked for) and the slots go idle; the bound is
     # generous for a loaded 2-core box.
     deadline = time.monotonic() + 30
