@@ -123,6 +123,11 @@ def _activations(shapes: Shapes, settings, act_bytes: int, repair, streamed: boo
     return total
 
 
+def _step_tokens(settings) -> int:
+    """Tokens in one optimizer step's mini-batch (distillation and healing alike)."""
+    return min(settings.batch_size, settings.ft_samples) * settings.seq_len
+
+
 def _group(shapes: Shapes, settings, repair, on_cpu: bool, act_bytes: int) -> int:
     """What a group's repair adds to its blocks' master copies (which the in-memory plan already counts)."""
     if repair is None:
@@ -134,8 +139,7 @@ def _group(shapes: Shapes, settings, repair, on_cpu: bool, act_bytes: int) -> in
         extra += g * b  # the snapshot a diverged attempt rolls back to
         ranks = settings.fusion_rank * bool(repair.fusion) + settings.lora_rank * repair.lora
         extra += g * 16 * ranks * shapes.linear_sides  # factors: values, gradients, two Adam moments
-        tokens = min(settings.batch_size, settings.ft_samples) * settings.seq_len  # one step's mini-batch
-        extra += (g + 1) * tokens * shapes.linear_sides * act_bytes  # every linear's ends, kept for the backward
+        extra += (g + 1) * _step_tokens(settings) * shapes.linear_sides * act_bytes  # every linear's ends, kept for the backward
         if on_cpu:
             extra += GROUP_TRAINING_COPIES * g * b
     return extra
@@ -148,7 +152,7 @@ def heal_bytes(shapes: Shapes, settings, repair, act_bytes: int) -> int:
         return 0
     from .heal import LOGIT_ELEMENTS
 
-    tokens = min(settings.batch_size, settings.ft_samples) * settings.seq_len  # one step's mini-batch
+    tokens = _step_tokens(settings)
     n = shapes.n_blocks  # every kept block (fewer than this by the removed ones)
     inputs = n * tokens * shapes.hidden * act_bytes  # each checkpointed block keeps its input for the backward
     block = HEAL_BLOCK_COPIES * tokens * shapes.linear_sides * act_bytes  # the block recomputed in the backward
