@@ -8,10 +8,11 @@ paired standard error, the subset (seed, size, digest), the per-item scores and 
 What is scored is the PyTorch checkpoints (a build scores its exported artifacts in their
 runtime instead, through `fusedeploy serve`).
 
-`--compressed` is a compressed Hugging Face checkpoint (`fusedeploy compress --out`), or a build
-folder, whose deployed model (the export stage's compressed reference) is then scored.
+`--compressed` names one or more compressed Hugging Face checkpoints (`fusedeploy compress --out`), or
+build folders, whose deployed model (the export stage's compressed reference) is then scored. The
+dense model is scored once for all of them; the JSON is a list, one record per compressed model.
 
-    python benchmarks/zero_shot.py --model smollm2-135m --compressed build/compress/model \
+    python benchmarks/zero_shot.py --model smollm2-135m --compressed build/compress/model other/model \
         --data /work/shared/data/hellaswag/val.jsonl --out-json benchmarks/results/zero-shot.json
 
 `--limit 20` scores only the first 20 items of the subset (the same items a full run starts with):
@@ -49,7 +50,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="the dense model (default: the built-in SmolLM2-135M)")
-    ap.add_argument("--compressed", required=True, help="compressed HF checkpoint folder, or a build folder")
+    ap.add_argument("--compressed", required=True, nargs="+",
+                    help="compressed HF checkpoint folders or build folders (the dense model is scored once)")
     ap.add_argument("--data", default=str(DATA / "hellaswag" / "val.jsonl"), help="HellaSwag-format JSONL")
     ap.add_argument("--items", type=int, default=DEFAULT_ITEMS, help="subset size (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="the permutation's seed (default: %(default)s)")
@@ -62,23 +64,27 @@ def main() -> None:
 
     from fusedeploy.evaluate.zero_shot import Subset, compare_zero_shot
 
-    compressed = deployed_checkpoint(Path(args.compressed))
+    compressed = [deployed_checkpoint(Path(c)) for c in args.compressed]
     items = min(args.items, args.limit) if args.limit else args.items  # the subset's prefix: its first items
-    t0 = time.time()
-    summary, detail = compare_zero_shot(args.model, compressed, Subset(args.data, items, args.seed),
-                                        device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    record = {"benchmark": "zero-shot retention", "smoke_test": args.limit is not None, "limit": args.limit,
-              "items_requested": args.items, **detail, "wall_s": round(time.time() - t0, 1),
-              "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "args": vars(args)}
+    load_before, t0 = os.getloadavg()[0], time.time()
+    compared = compare_zero_shot(args.model, compressed, Subset(args.data, items, args.seed),
+                                 device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    host = {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+    records = [{"benchmark": "zero-shot retention", "smoke_test": args.limit is not None, "limit": args.limit,
+                "items_requested": args.items, **detail, "wall_s_all_models": round(time.time() - t0, 1),
+                "host": host, "args": vars(args)} for _, detail in compared]
     out = Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    m = summary["metric"]
-    print(f"{summary['subset']['n']} items (seed {args.seed}{', smoke test' if args.limit else ''}): "
-          f"dense {m} {summary['dense'][m]:.4f} +/- {summary['dense'][m + '_se']:.4f}, compressed "
-          f"{summary['compressed'][m]:.4f} +/- {summary['compressed'][m + '_se']:.4f}, retention "
-          f"{summary['retention']:.4f} +/- {summary['retention_se']:.4f}; wrote {out}")
+    out.write_text(json.dumps(records, indent=2))
+    for summary in (s for s, _ in compared):
+        m = summary["metric"]
+        print(f"{summary['compressed']['model']}: {summary['subset']['n']} items (seed {args.seed}"
+              f"{', smoke test' if args.limit else ''}): dense {m} {summary['dense'][m]:.4f} +/- "
+              f"{summary['dense'][m + '_se']:.4f}, compressed {summary['compressed'][m]:.4f} +/- "
+              f"{summary['compressed'][m + '_se']:.4f}, retention {summary['retention']:.4f} +/- "
+              f"{summary['retention_se']:.4f}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -342,7 +342,8 @@ def _setup(job: CompressJob, progress=None) -> _Run:
         n_ft = settings.ft_samples if fine_tunes else 0
         ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed,
                                temperature=settings.self_temperature, top_p=settings.self_top_p,
-                               report=(lambda done, total: progress("calibration", done, total)) if progress else None)
+                               report=(lambda done, total: progress("calibration", done, total, "sequences sampled"))
+                               if progress else None)
         run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)
     else:
         ids = calibration_tokens(run.tokenizer, job.calib, job.calib_part, settings.seq_len)

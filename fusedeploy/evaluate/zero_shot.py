@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,32 +256,44 @@ def compare(dense: Scored, compressed: Scored | None, subset: Subset) -> tuple[d
 
     No compressed side (nothing removed): the dense scores stand for both, retention 1.
     """
+    return compare_each(dense, [compressed], subset)[0]
+
+
+def compare_each(dense: Scored, compressed: list[Scored | None], subset: Subset) -> list[tuple[dict, dict]]:
+    """`compare` for several compressed models against one dense model, which is scored once."""
     from importlib import metadata
 
     path = Path(subset.path).expanduser()
     items = load_items(path)
     indices = subset_indices(len(items), subset.items, subset.seed)
     chosen = [items[i] for i in indices]
+    t0 = time.perf_counter()
     d = dense.run(chosen)
-    c = compressed.run(chosen) if compressed is not None else d
-    result = {
+    dense_s = time.perf_counter() - t0
+    common = {
         "task": f"HellaSwag-style multiple choice ({CHOICES} endings), lm-eval {metadata.version('lm_eval')}",
         "data": {"path": str(path.resolve()), "sha256": _file_sha256(path), "items_in_file": len(items)},
         "subset": {"n": len(indices), "requested": subset.items, "seed": subset.seed, "selection": SELECTION,
                    "items_digest": items_digest(chosen)},
-        **retention(d, c),
-        "dense": {**summary(d), "scored": dense.scored, "model": dense.model, "runtime": dense.runtime},
-        "compressed": {**summary(c), **({"scored": compressed.scored, "model": compressed.model,
-                                         "runtime": compressed.runtime} if compressed is not None else
-                                        {"scored": f"{dense.scored} (nothing was removed: scored once for both)",
-                                         "model": dense.model, "runtime": dense.runtime})},
-        "se_target": SE_TARGET,
     }
-    result["se_target_met"] = max(result["dense"][f"{METRIC}_se"], result["compressed"][f"{METRIC}_se"]) <= SE_TARGET
-    detail = {**result, "indices": indices,
-              "per_item": {name: {m: r[m] for m in ("acc", "acc_norm", "loglikelihoods")}
-                           for name, r in (("dense", d), ("compressed", c))}}
-    return result, detail
+    dense_side = {**summary(d), "scored": dense.scored, "model": dense.model, "runtime": dense.runtime,
+                  "score_s": round(dense_s, 1)}
+    out = []
+    for side in compressed:
+        t0 = time.perf_counter()
+        c = side.run(chosen) if side is not None else d
+        c_s = time.perf_counter() - t0 if side is not None else dense_s
+        about = ({"scored": side.scored, "model": side.model, "runtime": side.runtime} if side is not None else
+                 {"scored": f"{dense.scored} (nothing was removed: scored once for both)", "model": dense.model,
+                  "runtime": dense.runtime})
+        result = {**common, **retention(d, c), "dense": dense_side,
+                  "compressed": {**summary(c), **about, "score_s": round(c_s, 1)}, "se_target": SE_TARGET}
+        result["se_target_met"] = max(result["dense"][f"{METRIC}_se"], result["compressed"][f"{METRIC}_se"]) <= SE_TARGET
+        detail = {**result, "indices": indices,
+                  "per_item": {name: {m: r[m] for m in ("acc", "acc_norm", "loglikelihoods")}
+                               for name, r in (("dense", d), ("compressed", c))}}
+        out.append((result, detail))
+    return out
 
 
 def pytorch_side(spec, scored: str, device: str = "cpu", dtype: str = "float32", batch_size: int = 8) -> Scored:
@@ -311,10 +324,11 @@ def artifact_side(artifact, name: str, scored: str, tokenizer_of) -> Scored:
                   f"{artifact.runtime} {artifact.precision}, through fusedeploy serve (lm-eval local-completions)")
 
 
-def compare_zero_shot(dense_model, compressed_model, subset: Subset, device: str = "cpu", dtype: str = "float32",
-                      batch_size: int = 8) -> tuple[dict, dict]:
-    """Two PyTorch checkpoints on the subset (`compare`): the dense model and a compressed one (None: nothing removed)."""
+def compare_zero_shot(dense_model, compressed_models: list, subset: Subset, device: str = "cpu",
+                      dtype: str = "float32", batch_size: int = 8) -> list[tuple[dict, dict]]:
+    """PyTorch checkpoints on the subset (`compare_each`): the dense model once, then each compressed one
+    (None: nothing removed)."""
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)
-    return compare(pytorch_side(dense_model, "dense pytorch checkpoint", **kw),
-                   None if compressed_model is None else pytorch_side(compressed_model, "compressed pytorch checkpoint",
-                                                                     **kw), subset)
+    return compare_each(pytorch_side(dense_model, "dense pytorch checkpoint", **kw),
+                        [None if m is None else pytorch_side(m, "compressed pytorch checkpoint", **kw)
+                         for m in compressed_models], subset)
