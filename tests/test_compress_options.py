@@ -171,3 +171,63 @@ def test_healing_with_offload_is_one_error(tiny_llama, calib_file, tmp_path):
         compress_model(CompressJob(tiny_llama, tmp_path / "x", 0.34, calib=calib_file,
                                    settings=load_recipe("quick", {"heal_steps": 2, "offload": True})))
     assert not (tmp_path / "x").exists()
+
+
+def _block_inputs(runner, ids, lo):
+    runner.capture_kwargs(ids.shape[1])
+    return runner.run_range_batched(0, lo, runner.block0_inputs(ids, 8), 8)
+
+
+def _squared(a, b) -> float:
+    return float(((a.double() - b.double()) ** 2).sum())
+
+
+def test_lstsq_init_folds_a_map_that_stands_in_for_the_removed_block_better_than_removal():
+    """Block 3 removed, its map folded into block 2: block 2's new output is closer to what block 3 wrote
+    than plain removal leaves, by exactly the residual the record states, and nothing else changed."""
+    from fusedeploy.compress.repair_init import lstsq_init
+
+    model = tiny_model("llama", VOCAB, seed=0).requires_grad_(False)
+    runner = BlockRunner(model, adapter_for(model), torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, VOCAB, (16, 24), generator=torch.Generator().manual_seed(5))
+    lo, p = 1, 3
+    x = _block_inputs(runner, ids, lo)
+    whole = torch.cat([h for _, h in x.batches(16)])
+    with torch.no_grad():
+        before, removed_output = runner.run_range(lo, p, whole), runner.run_range(lo, p + 1, whole)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    record = lstsq_init(runner, lo, p, x, 8)
+    with torch.no_grad():
+        after = runner.run_range(lo, p, whole)
+    plain, fit = _squared(removed_output, before), _squared(removed_output, after)
+    assert fit < 0.9 * plain
+    assert record["residual_plain"] == pytest.approx(plain, rel=1e-4)
+    assert record["residual_fit"] == pytest.approx(fit, rel=1e-3)
+    assert record["tokens"] == 16 * 24 and record["into"] == "mlp.down_proj"
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])]
+    assert changed == [f"model.layers.{p - 1}.mlp.down_proj.weight"]
+
+    # the group's first block removed: no block of the group before it, nothing folded
+    assert "skipped" in lstsq_init(runner, p, p, runner.run_range_batched(lo, p, x, 8), 8)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_lstsq_init_starts_a_run_and_is_recorded(tiny_llama, calib_file, tmp_path):
+    report = compress_model(CompressJob(tiny_llama, tmp_path / "m", 0.34, calib=calib_file,
+                                        settings=load_recipe("quick", {"repair_init": "lstsq"})))
+    inits = [r["repair_init"] for r in report["iterations"]]
+    assert len(inits) == len(report["removed_blocks"]) > 0 and report["settings"]["repair_init"] == "lstsq"
+    folded = [i for i in inits if "skipped" not in i]
+    assert folded and all(i["residual_fit"] < i["residual_plain"] for i in folded)
+
+
+@pytest.mark.parametrize("family, method, says", [("gemma3_text", "fusegpt", "norm first"),
+                                                   ("llama", "mi", "repairs nothing")])
+def test_lstsq_init_where_it_cannot_apply_is_one_error(tiny_model_dir, calib_file, tmp_path, family, method, says):
+    job = CompressJob(str(tiny_model_dir(family)), tmp_path / "m", 0.34, method=method, calib=calib_file,
+                      settings=load_recipe("quick", {"repair_init": "lstsq"}))
+    with pytest.raises(UserError, match=says) as err:
+        compress_model(job)
+    assert "\n" not in str(err.value) and "repair_init" in str(err.value)
+    assert not (tmp_path / "m").exists()

@@ -14,6 +14,7 @@ from ..errors import UserError
 from .activations import ActivationStore
 from .fused import FusedLinear, effective_linear, fold_block, wrap_block
 from .parallel import Ranks
+from .repair_init import lstsq_init
 from .runner import BlockRunner
 from .settings import CompressSettings
 
@@ -149,6 +150,7 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
     if batch < 2:
         raise ValueError("local distillation needs at least 2 sequences per mini-batch")
     y = target if target is not None else runner.run_range_batched(lo, hi, x, batch)  # teacher: the group with p
+    init = lstsq_init(runner, lo, p, x, batch) if settings.repair_init == "lstsq" else None
     unfused = attach_fusion(runner, lo, hi, p, repair, settings)
     neighbours = [i for i in range(lo, hi) if i != p]
     loss_before = _eval_loss(runner, lo, hi, p, x, y, batch)
@@ -157,6 +159,8 @@ def distill_group(runner: BlockRunner, lo: int, hi: int, p: int, x: ActivationSt
                         "training, so the model's weights or its activations hold NaN or Inf; check the model "
                         "(fusedeploy eval) and the calibration text")
     record = {"loss_before": loss_before, "loss_after": loss_before, "attempts": []}
+    if init is not None:
+        record["repair_init"] = init
     if unfused:  # p's linears no neighbour has (another kind of attention): dropped, said in compression.json
         record["unfused"] = unfused
         log.info("block %d: no neighbour of its kind within the group for %s; dropped", p, ", ".join(unfused))

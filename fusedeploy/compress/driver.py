@@ -267,8 +267,9 @@ def _compress(job: CompressJob, progress) -> dict:
     return report
 
 
-def _check_family(location: Path) -> None:
-    """A family FuseDeploy cannot compress is refused from its config.json, before any weights load."""
+def _check_family(location: Path, settings: CompressSettings) -> None:
+    """A family FuseDeploy cannot compress, or whose blocks cannot take the settings, is refused from its
+    config.json, before any weights load (a GGUF file's family is checked once it is loaded)."""
     from ..models import adapter_for
 
     if not (location.is_dir() and (location / "config.json").is_file()):
@@ -283,6 +284,13 @@ def _check_family(location: Path) -> None:
     refusal = adapter.refusal(config, "compress")
     if refusal:
         raise UserError(f"cannot compress {adapter.family} ({config.model_type}): {refusal}")
+    _check_repair_init(adapter, settings)
+
+
+def _check_repair_init(adapter, settings: CompressSettings) -> None:
+    if settings.repair_init == "lstsq" and adapter.residual_linear is None:
+        raise UserError(f"repair_init=lstsq folds a linear map into the block's last residual write, and "
+                        f"{adapter.family} blocks pass it through a norm first; drop --set repair_init=lstsq")
 
 
 def _setup(job: CompressJob, progress=None) -> _Run:
@@ -296,7 +304,10 @@ def _setup(job: CompressJob, progress=None) -> _Run:
         raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {job.sparsity}")
     out = Path(job.out)
     location = preflight.model_location(job.model)
-    _check_family(location)
+    if settings.repair_init != "none" and not chosen.repair:
+        raise UserError(f"repair_init starts a repair, and method {job.method!r} repairs nothing (plain removal); "
+                        "drop --set repair_init or choose a method that repairs, e.g. fusegpt")
+    _check_family(location, settings)
     outputs.check_separate(out, [location, None if job.calib == SELF else job.calib])
     outputs.check_replaceable(out, job.force)
     preflight.check_writable(out, preflight.weights_bytes(location), folder=True)
@@ -330,6 +341,7 @@ def _setup(job: CompressJob, progress=None) -> _Run:
     if broken is not None:  # would surface as NaN scores, a sampler crash or a NaN loss much later
         raise UserError(f"the model {job.model} holds NaN or Inf weights ({broken}); it cannot be compressed")
     run.adapter = adapter_for(run.model)
+    _check_repair_init(run.adapter, settings)
     run.n_blocks = len(run.adapter.blocks(run.model))
     run.n_remove = blocks_to_remove(run.n_blocks, job.sparsity)
     run.original = list(range(run.n_blocks))

@@ -57,6 +57,9 @@ class CompressSettings(BaseModel):
                                                  "(0 = off)")
     heal_rank: int = Field(8, ge=1, description="LoRA rank of the healing pass")
     heal_lr: float = Field(2e-4, gt=0, description="learning rate of the healing pass")
+    repair_init: Literal["none", "lstsq"] = Field(
+        "none", description="start of a repair: none (the paper) or lstsq, the removed block's least-squares linear "
+                            "map folded into the block before it, then fused and distilled (compress/repair_init.py)")
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

@@ -88,6 +88,11 @@ class ArchitectureAdapter:
         """Next-token logits from the last block's output, exactly as the model's forward computes them."""
         return self.cap_logits(model.config, model.get_output_embeddings()(self.final_norm(model)(hidden)))
 
+    # The block's last write to the residual stream: a linear whose output the block adds to its
+    # residual unchanged, so a map can be folded into its weight (compress/repair_init.py). None
+    # where a norm or another write follows it.
+    residual_linear: ClassVar[str | None] = "mlp.down_proj"
+
     # Config attributes that hold one entry per block and must shrink with them.
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
 

@@ -88,6 +88,7 @@ class Gemma3TextAdapter(ArchitectureAdapter):
 
     model_type = "gemma3_text"
     family = "Gemma 3"
+    residual_linear = None  # the MLP's output passes post_feedforward_layernorm before the residual
 
     def logit_softcap(self, config) -> float | None:
         return getattr(config, "final_logit_softcapping", None) or None
@@ -175,6 +176,7 @@ class Gemma4TextAdapter(ArchitectureAdapter):
 
     model_type = "gemma4_text"
     family = "Gemma 4"
+    residual_linear = None  # a post-feedforward norm, then the per-layer input's own write, follow the MLP
     unsupported = {
         # measured with llama-cpp-python 0.3.36 on tiny random models (docs/support.md, Gemma 4 notes)
         "gguf": "not supported yet: llama.cpp's converter writes Gemma4ForCausalLM and llama.cpp 0.3.36 loads it, but "
