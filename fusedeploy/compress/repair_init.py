@@ -53,11 +53,13 @@ def lstsq_init(runner: BlockRunner, lo: int, p: int, x: ActivationStore, batch: 
                 written.clear()
                 before = runner.run_range(lo, p, h)  # ends with block p - 1: the hook holds its write
                 after = runner.run_range(p, p + 1, before)
-                write = written[-1].reshape(-1, d).double().cpu()
-                miss = (after - before).reshape(-1, d).double().cpu()
-                gram += write.T @ write
-                cross += write.T @ miss
-                plain += (miss * miss).sum()
+                # products on the device in fp32, sums over batches on the host in fp64: nothing
+                # tokens x hidden is copied or widened
+                write = written[-1].reshape(-1, d).float()
+                miss = (after - before).reshape(-1, d).float()
+                gram += (write.T @ write).double().cpu()
+                cross += (write.T @ miss).double().cpu()
+                plain += float((miss * miss).sum())
                 tokens += write.shape[0]
     finally:
         handle.remove()
