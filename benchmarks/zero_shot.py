@@ -11,6 +11,7 @@ runtime instead, through `fusedeploy serve`).
 `--compressed` names one or more compressed Hugging Face checkpoints (`fusedeploy compress --out`), or
 build folders, whose deployed model (the export stage's compressed reference) is then scored. The
 dense model is scored once for all of them; the JSON is a list, one record per compressed model.
+`--dense-from RECORD` reuses an earlier record's dense scores (on the same items) instead.
 
     python benchmarks/zero_shot.py --model smollm2-135m --compressed build/compress/model other/model \
         --data /work/shared/data/hellaswag/val.jsonl --out-json benchmarks/results/zero-shot.json
@@ -45,6 +46,23 @@ def deployed_checkpoint(path: Path) -> Path:
     return Path(reference) if Path(reference).is_absolute() else path / reference
 
 
+def recorded_dense(record_path: Path):
+    """The dense side of an earlier record, as a side `compare_each` takes: its per-item scores, on the same items."""
+    from fusedeploy.evaluate.zero_shot import Scored, items_digest
+
+    first = json.loads(record_path.read_text())[0]
+    dense = first["dense"]
+
+    def run(items: list[dict]) -> dict:
+        digest = items_digest(items)
+        if digest != first["subset"]["items_digest"]:
+            raise SystemExit(f"{record_path} scored other items (digest {first['subset']['items_digest'][:12]}, "
+                             f"these {digest[:12]}); score the dense model again")
+        return {**first["per_item"]["dense"], "items_digest": digest}
+
+    return Scored(run, f"{dense['scored']} (scores read from {record_path})", dense["model"], dense["runtime"])
+
+
 def main() -> None:
     from fusedeploy.evaluate.zero_shot import DEFAULT_ITEMS
 
@@ -59,16 +77,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s, as a build scores)")
     ap.add_argument("--dtype", default="float32", help="default: %(default)s, as a build scores")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dense-from", default=None,
+                    help="a record this script wrote: reuse its dense scores instead of scoring the dense model "
+                         "again (refused unless it scored the same items)")
     ap.add_argument("--out-json", default="benchmarks/results/zero-shot.json")
     args = ap.parse_args()
 
-    from fusedeploy.evaluate.zero_shot import Subset, compare_zero_shot
+    from fusedeploy.evaluate.zero_shot import Subset, compare_each, compare_zero_shot, pytorch_side
 
     compressed = [deployed_checkpoint(Path(c)) for c in args.compressed]
     items = min(args.items, args.limit) if args.limit else args.items  # the subset's prefix: its first items
     load_before, t0 = os.getloadavg()[0], time.time()
-    compared = compare_zero_shot(args.model, compressed, Subset(args.data, items, args.seed),
-                                 device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    subset = Subset(args.data, items, args.seed)
+    if args.dense_from:
+        sides = [pytorch_side(c, "compressed pytorch checkpoint", args.device, args.dtype, args.batch_size)
+                 for c in compressed]
+        compared = compare_each(recorded_dense(Path(args.dense_from)), sides, subset)
+    else:
+        compared = compare_zero_shot(args.model, compressed, subset, device=args.device, dtype=args.dtype,
+                                     batch_size=args.batch_size)
     host = {"platform": platform.platform(), "cpus": os.cpu_count(),
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
     records = [{"benchmark": "zero-shot retention", "smoke_test": args.limit is not None, "limit": args.limit,
