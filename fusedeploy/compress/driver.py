@@ -56,6 +56,11 @@ from .settings import CompressJob, CompressSettings
 log = logging.getLogger(__name__)
 
 
+# Settings that came after resumable states were first written, with the value that turns each off.
+LATER_SETTINGS_OFF = {"repair_init": "none"}
+_ON = object()  # no setting equals it
+
+
 def blocks_to_remove(n_blocks: int, sparsity: float) -> int:
     if not 0 < sparsity < 1:
         raise UserError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
@@ -211,10 +216,12 @@ class _Run:
 
     def fingerprint(self) -> dict:
         """What must match for a saved state to be resumed. Settings that only another method's selection
-        reads (fusegpt-evo's) are left out, so states written before those settings existed still resume."""
+        reads (fusegpt-evo's), and settings added later while they are off (`LATER_SETTINGS_OFF`), are left
+        out, so states written before those settings existed still resume."""
         job = self.job
         others = {name for key, sel in SELECTIONS.items() if key != self.method.select for name in sel.settings}
-        settings = {k: v for k, v in job.settings.model_dump().items() if k not in others}
+        settings = {k: v for k, v in job.settings.model_dump().items()
+                    if k not in others and LATER_SETTINGS_OFF.get(k, _ON) != v}
         return {"model": job.model, "method": job.method, "sparsity": job.sparsity, "calib": job.calib,
                 "calib_part": job.calib_part,
                 "settings": settings, "device": self.device.type,
