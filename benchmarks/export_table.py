@@ -1,7 +1,7 @@
 """Every GGUF type and ONNX variant of one model: file size, export time, perplexity in its own runtime.
 
     python benchmarks/export_table.py --model smollm2-135m --label dense \
-        --data /work/shared/data/wikitext-2/test.txt --json runs/export-dense.json
+        --data ../shared/data/wikitext-2/test.txt --json runs/export-dense.json
 
 All rows score the same windows (the model's HF tokenizer, no special tokens,
 ctx 512, first 20 windows by default). For the built-in SmolLM2 the original
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--label", default="dense")
-    ap.add_argument("--data", default="/work/shared/data/wikitext-2/test.txt")
+    ap.add_argument("--data", default="../shared/data/wikitext-2/test.txt")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--work", default="runs/export-table", help="scratch folder for the artifacts")

@@ -14,7 +14,7 @@ dense model is scored once for all of them; the JSON is a list, one record per c
 `--dense-from RECORD` reuses an earlier record's dense scores (on the same items) instead.
 
     python benchmarks/zero_shot.py --model smollm2-135m --compressed build/compress/model other/model \
-        --data /work/shared/data/hellaswag/val.jsonl --out-json benchmarks/results/zero-shot.json
+        --data ../shared/data/hellaswag/val.jsonl --out-json benchmarks/results/zero-shot.json
 
 `--limit 20` scores only the first 20 items of the subset (the same items a full run starts with):
 a smoke test, recorded as such in the JSON, not a result.
