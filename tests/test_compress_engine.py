@@ -201,6 +201,12 @@ def test_self_generated_calibration_is_seeded_and_drives_a_run(tiny_llama, tmp_p
     c = generate_samples(model, tok, 5, 12, seed=4, batch=2)
     assert a.shape == (5, 12) and torch.equal(a, b) and not torch.equal(a, c)
     assert len({tuple(r.tolist()) for r in a}) == 5  # distinct samples, not one repeated text
+    # greedy tokens first: they are the model's top choices, and sampling takes over after them
+    full = generate_samples(model, tok, 5, 12, seed=3, batch=2, greedy=11)
+    with torch.no_grad():
+        assert torch.equal(model(full).logits[:, :-1].argmax(-1), full[:, 1:])
+    mixed = generate_samples(model, tok, 5, 12, seed=3, batch=2, greedy=3)
+    assert torch.equal(mixed[:, :4], full[:, :4]) and not torch.equal(mixed[:, 4:], full[:, 4:])
     # no calib given: the default is the model's own samples, and the report says so; every progress
     # call carries the four documented arguments (a benchmark's strict callback once broke on it)
     seen = []

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 # Settings that came after resumable states were first written, with the value that turns each off.
-LATER_SETTINGS_OFF = {"repair_init": "none"}
+LATER_SETTINGS_OFF = {"repair_init": "none", "self_greedy_tokens": 0}
 _ON = object()  # no setting equals it
 
 
@@ -361,6 +361,7 @@ def _setup(job: CompressJob, progress=None) -> _Run:
         n_ft = settings.ft_samples if fine_tunes else 0
         ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed,
                                temperature=settings.self_temperature, top_p=settings.self_top_p,
+                               greedy=settings.self_greedy_tokens,
                                report=(lambda done, total: progress("calibration", done, total, "sequences sampled"))
                                if progress else None)
         run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)

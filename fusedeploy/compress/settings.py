@@ -34,6 +34,7 @@ class CompressSettings(BaseModel):
     # --calib self: how the dense model samples its own calibration text
     self_temperature: float = Field(1.0, gt=0, description="sampling temperature of self-generated calibration text")
     self_top_p: float = Field(1.0, gt=0, le=1, description="nucleus (top-p) of self-generated calibration text")
+    self_greedy_tokens: int = Field(0, ge=0, description="tokens after the first taken greedily, then sampled")
     # group and fusion
     group_size: int = Field(7, ge=1, description="G: neighbours around the removed block")
     fusion_rank: int = Field(128, ge=1, description="r of the (B·A) fusion coefficients (capped at min(out, in))")
