@@ -215,3 +215,33 @@ def test_self_generated_calibration_is_seeded_and_drives_a_run(tiny_llama, tmp_p
     assert report["calib"] == "self" and report["blocks_after"] == 5
     writing = [(d, t) for k, d, t in seen if k == "calibration"]  # a log shows the minutes spent writing
     assert writing[0] == (0, 10) and writing[-1] == (10, 10)
+
+
+def test_self_calibration_can_start_from_or_mix_in_the_builtin_text(tiny_llama):
+    from fusedeploy.compress.calibration import generate_samples, self_calibration
+    from fusedeploy.data import load_text, tokenize
+    from fusedeploy.models.loading import load_model
+
+    model, tok, _ = load_model(tiny_llama, device="cpu", dtype="float32")
+    builtin = ",".join(map(str, tokenize(tok, load_text("builtin")).tolist())) + ","
+
+    def from_builtin(row) -> bool:  # the row is a window of the built-in text's tokens
+        return ("," + ",".join(map(str, row.tolist())) + ",") in "," + builtin
+
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    out = generate_samples(model, tok, 2, 12, seed=3, prompts=prompts, greedy=2)
+    assert torch.equal(out[:, :3], prompts)  # each sequence goes on from its prompt
+    with torch.no_grad():  # and the greedy tokens come right after it
+        assert torch.equal(model(out[:, :4]).logits[:, 2:4].argmax(-1), out[:, 3:5])
+
+    base = load_recipe("quick", {"seq_len": 12, "seed": 1})
+    plain = self_calibration(model, tok, 8, base)
+    prompted = self_calibration(model, tok, 8, base.model_copy(update={"self_prompt_tokens": 5}))
+    assert all(from_builtin(r[:5]) for r in prompted) and not any(from_builtin(r[:5]) for r in plain)
+    assert not all(from_builtin(r) for r in prompted)  # the rest is written by the model
+    mixed = self_calibration(model, tok, 8, base.model_copy(update={"self_builtin_share": 0.25}))
+    whole = [i for i, r in enumerate(mixed) if from_builtin(r)]
+    assert len(whole) == 2 and whole != [6, 7]  # two whole windows, spread among the sampled rows
+    assert torch.equal(mixed, self_calibration(model, tok, 8, base.model_copy(update={"self_builtin_share": 0.25})))
+    with pytest.raises(UserError, match="self_prompt_tokens.*below seq_len"):
+        load_recipe("quick", {"seq_len": 12, "self_prompt_tokens": 12})

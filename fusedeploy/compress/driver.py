@@ -39,7 +39,7 @@ from ..models.loading import save_tokenizer
 from . import hostplan
 from . import state as saved_state
 from . import steps as steps_mod
-from .calibration import SELF, generate_samples
+from .calibration import SELF, self_calibration
 from .activations import ActivationStore, StreamStats, reset_stream_stats, spilling
 from .distill import REPAIRS, Repair, distill_group, fold_group, group_range
 from .fused import fold_model
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 # Settings that came after resumable states were first written, with the value that turns each off.
-LATER_SETTINGS_OFF = {"repair_init": "none", "self_greedy_tokens": 0}
+LATER_SETTINGS_OFF = {"repair_init": "none", "self_greedy_tokens": 0, "self_prompt_tokens": 0, "self_builtin_share": 0.0}
 _ON = object()  # no setting equals it
 
 
@@ -359,9 +359,7 @@ def _setup(job: CompressJob, progress=None) -> _Run:
                         "set heal_steps=0 or offload=false")
     if job.calib == SELF:  # data-free: the dense model writes its own calibration text
         n_ft = settings.ft_samples if fine_tunes else 0
-        ids = generate_samples(run.model, run.tokenizer, settings.mi_samples + n_ft, settings.seq_len, settings.seed,
-                               temperature=settings.self_temperature, top_p=settings.self_top_p,
-                               greedy=settings.self_greedy_tokens,
+        ids = self_calibration(run.model, run.tokenizer, settings.mi_samples + n_ft, settings,
                                report=(lambda done, total: progress("calibration", done, total, "sequences sampled"))
                                if progress else None)
         run.mi_ids, run.ft_ids = ids[:settings.mi_samples], (ids[settings.mi_samples:] if fine_tunes else None)

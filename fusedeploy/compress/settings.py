@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..builtin import DEFAULT_CALIB
 from ..errors import UserError
@@ -34,7 +34,11 @@ class CompressSettings(BaseModel):
     # --calib self: how the dense model samples its own calibration text
     self_temperature: float = Field(1.0, gt=0, description="sampling temperature of self-generated calibration text")
     self_top_p: float = Field(1.0, gt=0, le=1, description="nucleus (top-p) of self-generated calibration text")
-    self_greedy_tokens: int = Field(0, ge=0, description="tokens after the first taken greedily, then sampled")
+    self_greedy_tokens: int = Field(0, ge=0, description="tokens after the start taken greedily, then sampled")
+    self_prompt_tokens: int = Field(0, ge=0, description="tokens of the built-in text each sequence starts from "
+                                                         "(0 = one random vocabulary token)")
+    self_builtin_share: float = Field(0.0, ge=0, le=1, description="share of the sequences taken whole from the "
+                                                                   "built-in text instead of sampled")
     # group and fusion
     group_size: int = Field(7, ge=1, description="G: neighbours around the removed block")
     fusion_rank: int = Field(128, ge=1, description="r of the (B·A) fusion coefficients (capped at min(out, in))")
@@ -75,6 +79,13 @@ class CompressSettings(BaseModel):
     # execution
     offload: bool = Field(False, description="keep blocks on CPU and move one group at a time to the device")
     score_batch: int = Field(8, ge=1, description="sequences per forward when scoring / caching")
+
+    @field_validator("self_prompt_tokens")
+    @classmethod
+    def _prompt_leaves_room(cls, value: int, info: ValidationInfo) -> int:
+        if value and value >= info.data.get("seq_len", value + 1):
+            raise ValueError(f"must be below seq_len ({info.data['seq_len']}), or the model would write nothing")
+        return value
 
 
 RECIPES: dict[str, dict[str, Any]] = {
