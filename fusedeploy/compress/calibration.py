@@ -19,15 +19,14 @@ from collections.abc import Callable
 import torch
 
 from ..builtin import SELF_CALIB as SELF  # the --calib value that selects this source
-from ..data import sample_sequences, tokenize
-from ..data.sources import builtin_text
+from ..data import BUILTIN, load_text, sample_sequences, tokenize
 
 
 def self_calibration(model, tokenizer, count: int, settings, report=None) -> torch.Tensor:
     """The `--calib self` sequences a run calibrates on, as its settings ask: [count, seq_len]."""
     length, seed, prompt = settings.seq_len, settings.seed, settings.self_prompt_tokens
     whole = round(settings.self_builtin_share * count)
-    text = tokenize(tokenizer, builtin_text()) if whole or prompt else None
+    text = tokenize(tokenizer, load_text(BUILTIN)) if whole or prompt else None
     prompts = sample_sequences(text, count - whole, max(prompt, 2), seed + 2)[:, :prompt] if prompt else None
     sampled = generate_samples(model, tokenizer, count - whole, length, seed, temperature=settings.self_temperature,
                                top_p=settings.self_top_p, greedy=settings.self_greedy_tokens, prompts=prompts,
