@@ -245,3 +245,18 @@ def test_self_calibration_can_start_from_or_mix_in_the_builtin_text(tiny_llama):
     assert torch.equal(mixed, self_calibration(model, tok, 8, base.model_copy(update={"self_builtin_share": 0.25})))
     with pytest.raises(UserError, match="self_prompt_tokens.*below seq_len"):
         load_recipe("quick", {"seq_len": 12, "self_prompt_tokens": 12})
+
+
+def test_self_calibration_can_cut_longer_samples_into_windows(tiny_llama):
+    from fusedeploy.compress.calibration import generate_samples, self_calibration
+    from fusedeploy.models.loading import load_model
+
+    model, tok, _ = load_model(tiny_llama, device="cpu", dtype="float32")
+    settings = load_recipe("quick", {"seq_len": 12, "seed": 1, "self_sample_tokens": 36})
+    rows = self_calibration(model, tok, 8, settings)
+    windows = generate_samples(model, tok, 3, 36, seed=1).reshape(9, 12)  # three samples, three windows each
+    picked = [next(i for i, w in enumerate(windows) if torch.equal(r, w)) for r in rows]  # each row is a window
+    assert len(set(picked)) == 8 and len({i // 3 for i in picked[:4]}) > 1  # distinct; the first rows span samples
+    assert torch.equal(rows, self_calibration(model, tok, 8, settings))
+    with pytest.raises(UserError, match="self_sample_tokens.*multiple of seq_len"):
+        load_recipe("quick", {"seq_len": 12, "self_sample_tokens": 30})

@@ -9,7 +9,10 @@ reports that taking the first 3-5 generated tokens greedily and sampling the res
 sampling throughout; `self_greedy_tokens` does that. Two more candidates for the default mix in the built-in
 text (Python's help topics, `data.sources`): `self_prompt_tokens` starts each sequence from a window of it
 instead of one random token (varied prompts), and `self_builtin_share` takes that share of the sequences from
-it whole. Seeded: the same model, seed and sizes give the same tokens, so a resumed run sees the same samples.
+it whole. A last candidate writes longer samples (`self_sample_tokens`) and cuts each into seq_len windows:
+the same number of tokens, but most windows continue text the model has already written for a while rather
+than starting from a random token. Seeded: the same model, seed and sizes give the same tokens, so a resumed run
+sees the same samples.
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ def self_calibration(model, tokenizer, count: int, settings, report=None) -> tor
     """The `--calib self` sequences a run calibrates on, as its settings ask: [count, seq_len]."""
     length, seed, prompt = settings.seq_len, settings.seed, settings.self_prompt_tokens
     whole = round(settings.self_builtin_share * count)
+    windows = max(1, settings.self_sample_tokens // length)  # per sample
+    samples = -(-(count - whole) // windows)
     text = tokenize(tokenizer, load_text(BUILTIN)) if whole or prompt else None
-    prompts = sample_sequences(text, count - whole, max(prompt, 2), seed + 2)[:, :prompt] if prompt else None
-    sampled = generate_samples(model, tokenizer, count - whole, length, seed, temperature=settings.self_temperature,
-                               top_p=settings.self_top_p, greedy=settings.self_greedy_tokens, prompts=prompts,
-                               report=report)
+    prompts = sample_sequences(text, samples, max(prompt, 2), seed + 2)[:, :prompt] if prompt else None
+    sampled = generate_samples(model, tokenizer, samples, length * windows, seed,
+                               temperature=settings.self_temperature, top_p=settings.self_top_p,
+                               greedy=settings.self_greedy_tokens, prompts=prompts, report=report)
+    if windows > 1:  # cut, then spread, so the scoring rows come from several samples
+        cut = sampled.reshape(samples * windows, length)
+        sampled = cut[torch.randperm(len(cut), generator=torch.Generator().manual_seed(seed + 4))[:count - whole]]
     if not whole:
         return sampled
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))  # the built-in rows, spread

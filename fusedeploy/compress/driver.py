@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 
 # Settings that came after resumable states were first written, with the value that turns each off.
-LATER_SETTINGS_OFF = {"repair_init": "none", "self_greedy_tokens": 0, "self_prompt_tokens": 0, "self_builtin_share": 0.0}
+LATER_SETTINGS_OFF = {"repair_init": "none", "self_greedy_tokens": 0, "self_prompt_tokens": 0, "self_builtin_share": 0.0,
+                     "self_sample_tokens": 0}
 _ON = object()  # no setting equals it
 
 

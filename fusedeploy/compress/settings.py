@@ -39,6 +39,8 @@ class CompressSettings(BaseModel):
                                                          "(0 = one random vocabulary token)")
     self_builtin_share: float = Field(0.0, ge=0, le=1, description="share of the sequences taken whole from the "
                                                                    "built-in text instead of sampled")
+    self_sample_tokens: int = Field(0, ge=0, description="length of each self-written sample, cut into seq_len windows "
+                                                         "(0 = seq_len: one window per sample)")
     # group and fusion
     group_size: int = Field(7, ge=1, description="G: neighbours around the removed block")
     fusion_rank: int = Field(128, ge=1, description="r of the (B·A) fusion coefficients (capped at min(out, in))")
@@ -85,6 +87,14 @@ class CompressSettings(BaseModel):
     def _prompt_leaves_room(cls, value: int, info: ValidationInfo) -> int:
         if value and value >= info.data.get("seq_len", value + 1):
             raise ValueError(f"must be below seq_len ({info.data['seq_len']}), or the model would write nothing")
+        return value
+
+    @field_validator("self_sample_tokens")
+    @classmethod
+    def _sample_is_whole_windows(cls, value: int, info: ValidationInfo) -> int:
+        length = info.data.get("seq_len")
+        if value and length and value % length:
+            raise ValueError(f"must be a multiple of seq_len ({length}), so every window is whole")
         return value
 
 
