@@ -69,6 +69,22 @@ def test_offloaded_run_is_bitwise_equal(tiny_llama, calib_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_on_a_cpu_computes_in_bf16_over_fp32_weights(tiny_llama, calib_file, tmp_path):
+    from fusedeploy.compress.runner import autocast_for
+
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with autocast_for(torch.device("cpu"), torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+    with autocast_for(torch.device("cpu"), torch.float32):
+        assert layer(x).dtype == torch.float32
+    out = tmp_path / "bf16"
+    rep = compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=load_recipe("quick"),
+                                     dtype="bfloat16"))
+    assert rep["compute_dtype"] == "bfloat16" and rep["removed_blocks"]
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
 def test_retry_after_divergence_trains_the_fusion_factors():
     """A retried group must train the fusion terms again, not only the LoRA (a past bug)."""
     model = tiny_model("llama", VOCAB).requires_grad_(False)

@@ -219,9 +219,12 @@ class BlockRunner:
 
 
 def autocast_for(device: torch.device, compute_dtype: torch.dtype):
-    """bf16/fp16 compute on CUDA over fp32 master weights; plain fp32 elsewhere."""
+    """Low-precision compute over fp32 master weights: bf16/fp16 on CUDA, bf16 on a CPU (where
+    AVX512-BF16 or AMX run its matmuls natively; fp16 has no fast CPU path); plain fp32 otherwise."""
     if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=compute_dtype)
+    if device.type == "cpu" and compute_dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
