@@ -26,6 +26,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .activations import SEQUENCE_IDS, ActivationStore, side_of, with_side
 
 
@@ -218,14 +219,26 @@ class BlockRunner:
         del self.block_kwargs[index]
 
 
+# Low-precision compute with a fast path, per device type: bf16/fp16 on CUDA; bf16 on a CPU, where
+# AVX512-BF16 or AMX run its matmuls natively (fp16 has no fast CPU path).
+AUTOCAST_DTYPES = {"cuda": (torch.bfloat16, torch.float16), "cpu": (torch.bfloat16,)}
+
+
 def autocast_for(device: torch.device, compute_dtype: torch.dtype):
-    """Low-precision compute over fp32 master weights: bf16/fp16 on CUDA, bf16 on a CPU (where
-    AVX512-BF16 or AMX run its matmuls natively; fp16 has no fast CPU path); plain fp32 otherwise."""
-    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=compute_dtype)
-    if device.type == "cpu" and compute_dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """Low-precision compute over fp32 master weights where the device has it; plain fp32 otherwise."""
+    if compute_dtype in AUTOCAST_DTYPES.get(device.type, ()):
+        return torch.autocast(device.type, dtype=compute_dtype)
     return contextlib.nullcontext()
+
+
+def check_compute_dtype(device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Refuse a dtype compression would only store activations in while computing in fp32."""
+    fast = AUTOCAST_DTYPES.get(device.type, ())
+    if compute_dtype != torch.float32 and compute_dtype not in fast:
+        name = str(compute_dtype).split(".")[-1]
+        choices = ", ".join(["float32", *(str(d).split(".")[-1] for d in fast)])
+        raise UserError(f"--dtype {name} has no fast compute path on {device.type}, so compression would run "
+                        f"in float32 anyway; use --dtype {choices}")
 
 
 def _detach(obj):

@@ -146,9 +146,11 @@ def _preflight(opts: BuildOptions) -> Prepared:
     profile = _with_quality_budgets(load_profile(opts.profile), opts.max_ppl_ratio, opts.max_accuracy_drop,
                                     opts.min_zero_shot_retention).with_serving(opts.serve_load)
     if opts.device or opts.dtype:  # an unusable device or dtype fails before anything is written
+        from ..compress.runner import check_compute_dtype
         from ..models.loading import pick_device, pick_dtype
 
-        pick_dtype(pick_device(opts.device), opts.dtype)
+        device = pick_device(opts.device)
+        check_compute_dtype(device, pick_dtype(device, opts.dtype))
     if opts.max_host_memory is not None:  # a budget that is no size fails here; one too small, at compression
         from ..compress.hostplan import budget_bytes
 
