@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/fd-compress-bench")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their saved state")
     ap.add_argument("--device", default="cpu", help="compression device (evaluation stays on the CPU in fp32)")
-    ap.add_argument("--dtype", default=None, help="compute dtype of the compression (default: bf16 on cuda)")
+    ap.add_argument("--dtype", default=None, help="compute dtype of the compression (default: compress's, bf16 where native; float32 reproduces the fp32 records)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds; each method runs once per seed and the "
                                                   "table adds mean ± sd per method and sparsity")
     args = ap.parse_args()

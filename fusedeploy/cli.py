@@ -67,6 +67,9 @@ RevisionOpt = Annotated[Optional[str], typer.Option(
     help="Hub models: the branch, tag or commit to use (same as --model org/name@revision).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present)")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, float16, bfloat16 (default: bf16 on GPU, fp32 on CPU)")]
+ComputeDtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Compression's compute dtype: float32, bfloat16, or float16 on a GPU (default: bf16 on a GPU "
+    "or a CPU with native bf16, else fp32).")]
 MaxHostMemoryOpt = Annotated[Optional[float], typer.Option(
     "--max-host-memory", help="GB of host memory compression may use (default: the machine's); a model whose "
     "in-memory run does not fit is streamed from disk block by block (docs/compression.md).")]
@@ -150,7 +153,7 @@ def compress(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed iteration.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a finished output / discard a saved state.")] = False,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: ComputeDtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print compression.json to stdout.")] = False,
     keep_steps: Annotated[bool, typer.Option("--keep-steps", help="Also keep what rebuilds the model after every removed block (the quality-vs-sparsity curve).")] = False,
     max_host_memory: MaxHostMemoryOpt = None,
@@ -450,7 +453,7 @@ def build(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build (also what a plain re-run does).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: discard this build folder's earlier stages (only FuseDeploy's own files).")] = False,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: ComputeDtypeOpt = None,
     max_host_memory: MaxHostMemoryOpt = None,
     revision: RevisionOpt = None,
 ) -> None:

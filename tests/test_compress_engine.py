@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from fusedeploy.compress import CompressJob, FusedLinear, compress_model, load_recipe
 from fusedeploy.compress.activations import reset_stream_stats
 from fusedeploy.compress.distill import REPAIRS, distill_group
-from fusedeploy.compress.runner import BlockRunner
+from fusedeploy.compress.runner import BlockRunner, default_compute_dtype
 from fusedeploy.compress.scores import ActivationCache, mi_scores
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
@@ -65,6 +65,7 @@ def test_offloaded_run_is_bitwise_equal(tiny_llama, calib_file, tmp_path):
         outs[offload] = (rep, load_file(out / "model.safetensors"))
     (a_rep, a), (b_rep, b) = outs[False], outs[True]
     assert a_rep["removed_blocks"] == b_rep["removed_blocks"]
+    assert a_rep["compute_dtype"] == str(default_compute_dtype(torch.device("cpu"))).split(".")[-1]
     assert [r["mi_scores"] for r in a_rep["iterations"]] == [r["mi_scores"] for r in b_rep["iterations"]]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -83,6 +84,19 @@ def test_bf16_on_a_cpu_computes_in_bf16_over_fp32_weights(tiny_llama, calib_file
     assert rep["compute_dtype"] == "bfloat16" and rep["removed_blocks"]
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_compression_defaults_to_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert default_compute_dtype(cpu) == expected
+    assert default_compute_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert default_compute_dtype(cpu) == torch.float32  # a torch without the probes: fp32
 
 
 def test_retry_after_divergence_trains_the_fusion_factors():

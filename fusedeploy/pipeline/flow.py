@@ -49,7 +49,7 @@ class BuildOptions:
     zero_shot_items: int | None = None  # the subset's size; overrides the profile's zero_shot.items
     min_zero_shot_retention: float | None = None  # overrides the profile's budgets.min_zero_shot_retention
     device: str | None = None  # compression device (default: cuda when present)
-    dtype: str | None = None  # compression compute dtype (default: bf16 on cuda, fp32 on cpu)
+    dtype: str | None = None  # compression compute dtype (default: compress.runner.default_compute_dtype)
     max_host_memory: float | None = None  # GB compression may use on the host (None: the machine's)
     runtimes: tuple[str, ...] = ()  # default: the profile's runtime
     verify_windows: int = 4
