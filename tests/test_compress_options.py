@@ -47,11 +47,13 @@ def test_dense_targets_are_the_dense_models_hidden_states_at_the_groups_end(tiny
 
     monkeypatch.setattr(driver_mod, "distill_group", spy)
     settings = load_recipe("quick", {"target": "dense", "group_size": 2})
-    report = compress_model(CompressJob(tiny_llama, tmp_path / "out", 0.5, calib=calib_file, settings=settings))
+    report = compress_model(CompressJob(tiny_llama, tmp_path / "out", 0.5, calib=calib_file, settings=settings,
+                                        dtype="float32"))  # compared with an fp32 forward at fp32 tolerance
     ends = [it["group_original"][-1] for it in report["iterations"]]
     assert len(targets) == len(ends) == 3 and report["settings"]["target"] == "dense"
 
-    run = _setup(CompressJob(tiny_llama, tmp_path / "again", 0.5, calib=calib_file, settings=settings, device="cpu"))
+    run = _setup(CompressJob(tiny_llama, tmp_path / "again", 0.5, calib=calib_file, settings=settings, device="cpu",
+                             dtype="float32"))
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():  # hidden_states[k] is the input of block k (the last one is after the final norm)
         hidden = dense(input_ids=run.ft_ids, output_hidden_states=True, use_cache=False).hidden_states[:-1]
