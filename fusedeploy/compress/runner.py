@@ -239,9 +239,10 @@ def native_bf16_cpu() -> bool:
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it fast (CUDA; a CPU with native bf16), else fp32."""
-    native = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
-    return torch.bfloat16 if native else torch.float32
+    """The loading default (bf16 on a GPU, fp32 on a CPU), except bf16 on a CPU that computes it natively."""
+    from ..models.loading import pick_dtype
+
+    return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else pick_dtype(device)
 
 
 def check_compute_dtype(device: torch.device, compute_dtype: torch.dtype) -> None:
