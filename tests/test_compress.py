@@ -10,7 +10,7 @@ import torch
 
 from fusedeploy.compress import CompressJob, FusedLinear, compress_model, fold_model, load_recipe
 from fusedeploy.compress.distill import REPAIRS, attach_fusion, distill_group, group_range
-from fusedeploy.compress.runner import BlockRunner
+from fusedeploy.compress.runner import BlockRunner, default_compute_dtype
 from fusedeploy.compress.scores import ActivationCache, mi_scores
 from .reference import mi_scores_bruteforce
 from fusedeploy.errors import UserError
@@ -234,9 +234,14 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_dirs, calib_file, tmp_
     assert (tmp_path / "part.state" / "state.json").exists()
     with pytest.raises(UserError, match="--resume"):
         compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings))
-    with pytest.raises(UserError, match="different run"):
+    with pytest.raises(UserError, match=r"different run \(settings\.seed: saved 0, now 1\)"):
         compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file,
                                    settings=load_recipe("quick", {"seed": 1}), resume=True))
+    saved_dtype = default_compute_dtype(torch.device("cpu"))  # the interrupted run's
+    other = torch.float32 if saved_dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(UserError, match=rf"different run \(dtype: saved {saved_dtype}, now {other}\)"):
+        compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file,
+                                   settings=settings, resume=True, dtype=other))
     resumed = compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file,
                                          settings=settings, resume=True))
     assert resumed["resumed"] and resumed["removed_blocks"] == full["removed_blocks"]

@@ -40,6 +40,17 @@ def normalized(obj):
     return json.loads(json.dumps(obj))
 
 
+def differences(saved, now, where: str = "") -> list[str]:
+    """Which fingerprint entries changed, named as a user can act on them (`dtype`, `settings.seed`):
+    a refusal that only says "different" leaves the user guessing which option to put back."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for key in sorted(set(saved) | set(now), key=str)
+                for d in differences(saved.get(key), now.get(key), f"{where}{key}.")]
+    if saved == now:
+        return []
+    return [f"{where.rstrip('.') or 'fingerprint'}: saved {saved}, now {now}"]
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -105,10 +116,14 @@ def load(folder: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]
     except (OSError, ValueError) as exc:
         raise UserError(f"the saved state at {folder} is unreadable ({type(exc).__name__}); "
                         "use --force to start over") from None
-    if not isinstance(facts, dict) or facts.get("version") != VERSION \
-            or facts.get("fingerprint") != normalized(fingerprint):
-        raise UserError(f"the saved state at {folder} is from a different run "
-                        "(model, method, sparsity, data, settings or device differ); use --force to start over")
+    if not isinstance(facts, dict) or facts.get("version") != VERSION:
+        raise UserError(f"the saved state at {folder} is from a different run (another state format); "
+                        "use --force to start over")
+    if facts.get("fingerprint") != normalized(fingerprint):
+        changed = differences(facts.get("fingerprint"), normalized(fingerprint))
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise UserError(f"the saved state at {folder} is from a different run ({shown}); "
+                        "run again with the saved run's options to resume it, or use --force to start over")
     if "block_files" in facts:  # a streamed run's: each named file must be there
         files = facts["block_files"]
         if not isinstance(files, dict) or not all(
