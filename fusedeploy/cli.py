@@ -17,7 +17,7 @@ from . import __version__, formats
 from .console import console, progress_task
 from .errors import BudgetsUnmet, UserError
 from .preflight import human_bytes
-from .builtin import DEFAULT_CALIB, DEFAULT_MODEL
+from .builtin import DEFAULT_CALIB, DEFAULT_METHOD, DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a decoder-only LM with FuseGPT, export it, verify it, and sign it off for a device.")
@@ -142,7 +142,7 @@ def eval_cmd(
 def compress(
     model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
-    method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, fusegpt-evo, sleb, shortgpt, mi, mi-lora, static-fusion")] = "fusegpt",
+    method: Annotated[str, typer.Option(help="fusegpt-evo, fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = DEFAULT_METHOD,
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ..., or self (text the model samples itself, the default).")] = DEFAULT_CALIB,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder (a stock Hugging Face checkpoint).")] = "compressed",
     recipe: Annotated[Optional[str], typer.Option(help="paper, cpu or quick (default: paper on a GPU, cpu otherwise)")] = None,
@@ -435,7 +435,7 @@ def build(
     model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[str, typer.Option("--out", "-o", help="Build folder (one subfolder per stage).")] = "build",
     recipe: Annotated[Optional[str], typer.Option(help="quick (smoke test), cpu or paper (default: paper on a GPU, cpu otherwise)")] = None,
-    method: Annotated[str, typer.Option(help="Compression method (see `fusedeploy compress --help`).")] = "fusegpt",
+    method: Annotated[str, typer.Option(help="Compression method (see `fusedeploy compress --help`).")] = DEFAULT_METHOD,
     sparsity: Annotated[Optional[float], typer.Option(help="Fix the sparsity instead of letting the planner choose.")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Fix the quantization type instead of letting the planner choose.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text for compression (default: self, text the model samples itself).")] = DEFAULT_CALIB,

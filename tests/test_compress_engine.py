@@ -60,7 +60,7 @@ def test_offloaded_run_is_bitwise_equal(tiny_llama, calib_file, tmp_path):
     outs = {}
     for offload in (False, True):
         out = tmp_path / f"offload-{offload}"
-        rep = compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file,
+        rep = compress_model(CompressJob(tiny_llama, out, 0.34, method="fusegpt", calib=calib_file,
                                          settings=load_recipe("quick", {"offload": offload})))
         outs[offload] = (rep, load_file(out / "model.safetensors"))
     (a_rep, a), (b_rep, b) = outs[False], outs[True]
@@ -171,7 +171,8 @@ def test_a_planted_state_file_is_never_unpickled(tiny_llama, calib_file, tmp_pat
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_file, tmp_path):
-    """torchrun --nproc-per-node 2: same blocks removed, same weights (fp32 tolerance), rank 0 writes."""
+    """torchrun --nproc-per-node 2, the default method (Evo): the same search, same blocks removed, same
+    weights (fp32 tolerance), rank 0 writes."""
     settings = ["--recipe", "quick", "--set", "batch_size=4", "--set", "ft_samples=8", "--dtype", "float32"]
     common = ["compress", "--model", tiny_llama, "--sparsity", "0.34", "--calib", calib_file, *settings]
     one = tmp_path / "one"
@@ -189,8 +190,12 @@ def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_file, tmp_pat
     b_rep = json.loads((two / "compression.json").read_text())
     assert b_rep["processes"] == 2 and a_rep["processes"] == 1
     assert a_rep["removed_blocks"] == b_rep["removed_blocks"]
+    assert a_rep["method"] == "fusegpt-evo" and a_rep["oneshot_scores"]["scores"] == pytest.approx(
+        b_rep["oneshot_scores"]["scores"], abs=1e-6)
+    sa, sb = a_rep["search"]["evaluated"], b_rep["search"]["evaluated"]  # the sets were dealt out to two ranks
+    assert [e["set"] for e in sa] == [e["set"] for e in sb] and len(sa) > 1
+    assert [e["kl"] for e in sa] == pytest.approx([e["kl"] for e in sb], abs=1e-6)
     for ra, rb in zip(a_rep["iterations"], b_rep["iterations"]):
-        assert ra["mi_scores"] == pytest.approx(rb["mi_scores"], abs=1e-6)
         assert ra["loss_after"] == pytest.approx(rb["loss_after"], rel=1e-4)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
@@ -200,14 +205,16 @@ def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_file, tmp_pat
 
 
 def test_a_step_of_a_deeper_run_is_bitwise_the_run_stopped_there(tiny_llama, calib_file, tmp_path):
-    """The quality curve: step k of a run to 3 removals equals a separate run that removes k."""
+    """The quality curve: step k of an iterative run to 3 removals equals a separate run that removes k
+    (iterative FuseGPT picks each block knowing only the ones before it; Evo searches a set per sparsity)."""
     from fusedeploy.compress import steps
 
     settings = load_recipe("quick")
-    deep = compress_model(CompressJob(tiny_llama, tmp_path / "deep", 0.5, calib=calib_file, settings=settings,
-                                      keep_steps=True))
+    deep = compress_model(CompressJob(tiny_llama, tmp_path / "deep", 0.5, method="fusegpt", calib=calib_file,
+                                      settings=settings, keep_steps=True))
     assert steps.available(tmp_path / "deep") == [1, 2, 3]
-    short = compress_model(CompressJob(tiny_llama, tmp_path / "short", 0.3, calib=calib_file, settings=settings))
+    short = compress_model(CompressJob(tiny_llama, tmp_path / "short", 0.3, method="fusegpt", calib=calib_file,
+                                       settings=settings))
     assert short["removed_blocks"] == deep["removed_blocks"][:2]
     model, _ = steps.rebuild(tmp_path / "deep", 2)
     ref = load_file(tmp_path / "short" / "model.safetensors")

@@ -189,7 +189,7 @@ def test_streaming_refuses_what_it_cannot_do(tiny_llama, calib_file, tmp_path):
 
 @pytest.mark.parametrize("method,overrides,keep_steps", [
     ("fusegpt-oneshot", {}, True),
-    ("fusegpt-evo", {"evo_generations": 2, "evo_candidates": 2}, False),
+    ("fusegpt-evo", {"evo_generations": 2, "evo_candidates": 2}, True),
     ("fusegpt", {"target": "dense"}, False),
     ("sleb", {}, False),
     ("static-fusion", {}, False),

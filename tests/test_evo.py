@@ -259,3 +259,19 @@ def test_cli_lists_every_method():
     assert "fusegpt-evo" in METHODS
     for name in METHODS:
         assert name in r.stdout, name
+
+
+def test_without_a_method_compress_and_build_run_evo(tiny_llama, calib_file, tmp_path):
+    from fusedeploy.builtin import DEFAULT_METHOD
+    from fusedeploy.pipeline.flow import BuildOptions
+
+    out = tmp_path / "default"
+    r = subprocess.run([sys.executable, "-m", "fusedeploy.cli", "compress", "--model", str(tiny_llama),
+                        "--sparsity", "0.3", "--calib", str(calib_file), "--out", str(out), "--recipe", "quick"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "compression.json").read_text())
+    assert saved["method"] == DEFAULT_METHOD == "fusegpt-evo"
+    assert saved["search"]["evaluations"] >= 1 and saved["removed_blocks"] == saved["search"]["order"]
+    assert CompressJob(tiny_llama, out, 0.3).method == BuildOptions.__dataclass_fields__["method"].default \
+        == DEFAULT_METHOD  # the library, the build and the command line share one default

@@ -63,7 +63,8 @@ def test_the_calibrated_planner_projects_a_candidate_as_the_profiler_projects_it
 
 @pytest.fixture(scope="module")
 def curve_build(tiny_model_dir, tmp_path_factory):
-    """A curve to 3 of 6 blocks, with a memory budget that only k >= 2 meets: the chosen point is a rebuilt one."""
+    """A curve to 3 of 6 blocks, with a memory budget that only k >= 2 meets: the chosen point is a rebuilt one.
+    Iterative FuseGPT, whose point k is also what a separate run to k gives (Evo searches a set per sparsity)."""
     from fusedeploy.models.loading import load_config, resolve_model
 
     model = str(tiny_model_dir("llama"))
@@ -74,7 +75,8 @@ def curve_build(tiny_model_dir, tmp_path_factory):
     path = _profile_file(root, **{"budgets.max_memory_gb": (mem[0] + mem[1]) / 2,
                                   "budgets.min_decode_tokens_per_s": 0.001,
                                   "budgets.max_time_to_first_token_s": 1e4, "budgets.max_perplexity_ratio": 100.0})
-    opts = BuildOptions.quick(profile=str(path), model=model, out=str(root / "b"), max_sparsity=0.5, quant="f16")
+    opts = BuildOptions.quick(profile=str(path), model=model, out=str(root / "b"), max_sparsity=0.5, quant="f16",
+                              method="fusegpt")
     return opts, build(opts), root / "b", shape
 
 
@@ -102,7 +104,8 @@ def test_the_curves_point_is_bitwise_a_separate_run_stopped_there(curve_build, t
     from fusedeploy.compress import CompressJob, compress_model, load_recipe
 
     opts, report, out, shape = curve_build
-    separate = compress_model(CompressJob(opts.model, tmp_path / "k2", 2 / shape.blocks, calib=opts.calib,
+    separate = compress_model(CompressJob(opts.model, tmp_path / "k2", 2 / shape.blocks, method=opts.method,
+                                          calib=opts.calib,
                                           calib_part="calib", settings=load_recipe("quick")))
     assert separate["removed_blocks"] == report["quality_curve"]["points"][2]["removed_blocks"]
     ref = load_file(tmp_path / "k2" / "model.safetensors")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from ..builtin import DEFAULT_CALIB
+from ..builtin import DEFAULT_CALIB, DEFAULT_METHOD
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ class CompressJob:
     model: str  # a name, folder or GGUF file (`preflight.model_location`)
     out: str | os.PathLike  # the output folder; the state of an unfinished run sits beside it
     sparsity: float  # share of the blocks to remove, 0 < sparsity < 1
-    method: str = "fusegpt"  # a row of `methods.REGISTRY`
+    method: str = DEFAULT_METHOD  # a row of `methods.REGISTRY`
     calib: str = DEFAULT_CALIB  # calibration text, or "self" (the dense model samples its own)
     calib_part: str | None = None  # "calib": only that part of a text evaluation shares (`data.split`)
     settings: CompressSettings | None = None

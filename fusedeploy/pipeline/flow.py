@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import formats, outputs, preflight
-from ..builtin import DEFAULT_CALIB, DEFAULT_MODEL
+from ..builtin import DEFAULT_CALIB, DEFAULT_METHOD, DEFAULT_MODEL
 from ..errors import UserError
 from . import stages
 from .stages import compress as compress_stage
@@ -36,7 +36,7 @@ class BuildOptions:
     model: str = DEFAULT_MODEL
     out: str = "build"
     recipe: str | None = None  # compression recipe: quick, cpu, paper
-    method: str = "fusegpt"
+    method: str = DEFAULT_METHOD
     sparsity: float | None = None
     quant: str | None = None
     calib: str = DEFAULT_CALIB
