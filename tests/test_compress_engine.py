@@ -171,9 +171,10 @@ def test_a_planted_state_file_is_never_unpickled(tiny_llama, calib_file, tmp_pat
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_file, tmp_path):
-    """torchrun --nproc-per-node 2, the default method (Evo): the same search, same blocks removed, same
-    weights (fp32 tolerance), rank 0 writes."""
-    settings = ["--recipe", "quick", "--set", "batch_size=4", "--set", "ft_samples=8", "--dtype", "float32"]
+    """torchrun --nproc-per-node 2, FuseGPT-Evo: the same search, same blocks removed, same weights (fp32
+    tolerance), rank 0 writes."""
+    settings = ["--recipe", "quick", "--set", "batch_size=4", "--set", "ft_samples=8", "--dtype", "float32",
+                "--method", "fusegpt-evo"]
     common = ["compress", "--model", tiny_llama, "--sparsity", "0.34", "--calib", calib_file, *settings]
     one = tmp_path / "one"
     two = tmp_path / "two"

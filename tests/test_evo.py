@@ -261,7 +261,7 @@ def test_cli_lists_every_method():
         assert name in r.stdout, name
 
 
-def test_without_a_method_compress_and_build_run_evo(tiny_llama, calib_file, tmp_path):
+def test_without_a_method_compress_and_build_run_the_default(tiny_llama, calib_file, tmp_path):
     from fusedeploy.builtin import DEFAULT_METHOD
     from fusedeploy.pipeline.flow import BuildOptions
 
@@ -271,7 +271,7 @@ def test_without_a_method_compress_and_build_run_evo(tiny_llama, calib_file, tmp
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     saved = json.loads((out / "compression.json").read_text())
-    assert saved["method"] == DEFAULT_METHOD == "fusegpt-evo"
-    assert saved["search"]["evaluations"] >= 1 and saved["removed_blocks"] == saved["search"]["order"]
+    assert saved["method"] == DEFAULT_METHOD == "fusegpt"
+    assert saved["search"] is None and len(saved["iterations"][1]["mi_scores"]) == 5  # re-scored: iterative
     assert CompressJob(tiny_llama, out, 0.3).method == BuildOptions.__dataclass_fields__["method"].default \
         == DEFAULT_METHOD  # the library, the build and the command line share one default
