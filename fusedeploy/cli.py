@@ -142,7 +142,7 @@ def eval_cmd(
 def compress(
     model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
-    method: Annotated[str, typer.Option(help="fusegpt-evo, fusegpt, fusegpt-oneshot, sleb, shortgpt, mi, mi-lora, static-fusion")] = DEFAULT_METHOD,
+    method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, fusegpt-evo, sleb, shortgpt, mi, mi-lora, static-fusion")] = DEFAULT_METHOD,
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ..., or self (text the model samples itself, the default).")] = DEFAULT_CALIB,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder (a stock Hugging Face checkpoint).")] = "compressed",
     recipe: Annotated[Optional[str], typer.Option(help="paper, cpu or quick (default: paper on a GPU, cpu otherwise)")] = None,
