@@ -23,9 +23,10 @@ from .conftest import REPO, SAMPLE_TEXT
 from .tiny import save_tiny_model
 
 MB = 1_000_000
-# What the streamed run may add to its process's resident memory (see _run_child); the model's
-# weights are 3.2x this.
-ALLOWANCE = 95 * MB
+# What the streamed run may add to its process's resident memory (see _run_child): above the plan's
+# fixed overhead (hostplan.RUN_OVERHEAD) plus what this model's streamed plan counts; the model's
+# weights are 3.1x this.
+ALLOWANCE = 160 * MB
 
 
 def _byte_tokenizer():
@@ -42,17 +43,17 @@ def _byte_tokenizer():
 
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory) -> Path:
-    """96 blocks of width 256: 302 MB of fp32 weights, 3.1 MB per block, a 0.3 MB embedding (tied).
+    """156 blocks of width 256: 491 MB of fp32 weights, 3.1 MB per block, a 0.3 MB embedding (tied).
 
     The weights are drawn directly (N(0, 0.02), norms near 1) and saved with safetensors: the
-    model's own initialisation of 100 M parameters would take most of the test's time.
+    model's own initialisation of 123 M parameters would take most of the test's time.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("deep") / "llama"
-    config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=768, num_hidden_layers=96,
+    config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=768, num_hidden_layers=156,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                   tie_word_embeddings=True, max_position_embeddings=256)
     with init_empty_weights():
