@@ -1,8 +1,8 @@
 """Run one compression in this fresh process and report its host-memory high-water mark (JSON on stdout).
 
-Used by tests/test_compress_streaming.py: `python -m tests.streamed_child MODEL CALIB OUT MODE ALLOWANCE_BYTES`,
+Used by tests/test_compress_streaming.py: `python -m tests.streamed_child MODEL CALIB OUT MODE ALLOWANCE_BYTES [DTYPE]`,
 MODE `memory` (the in-memory plan, forced), `streamed` (forced) or `auto` (the plan decides);
-ALLOWANCE_BYTES 0: no budget (the machine's).
+ALLOWANCE_BYTES 0: no budget (the machine's); DTYPE the compute dtype (default: compress's).
 Everything the run imports is imported first, then the kernel's high-water mark is reset to the
 resident size at that moment (/proc/self/clear_refs, "5"), so what is measured is what the run
 adds on top of the interpreter, torch and the libraries. The budget the run plans against is that
@@ -26,6 +26,7 @@ def _status(key: str) -> int:
 
 def main() -> None:
     model, calib, out, mode, allowance = sys.argv[1:6]
+    dtype = sys.argv[6] if len(sys.argv) > 6 else None
     # what the run would import lazily, imported before the baseline
     import accelerate  # noqa: F401
     import huggingface_hub.serialization  # noqa: F401
@@ -48,7 +49,7 @@ def main() -> None:
     settings = load_recipe("quick", {"group_size": 1, "mi_samples": 1, "ft_samples": 4, "batch_size": 2,
                                      "seq_len": 16})
     job = CompressJob(model, out, 0.005, calib=calib, settings=settings,
-                      stream={"streamed": True, "memory": False, "auto": None}[mode],
+                      dtype=dtype, stream={"streamed": True, "memory": False, "auto": None}[mode],
                       max_host_memory=(baseline + int(allowance)) / 1e9 if int(allowance) else None)
     report = compress_model(job)
     print(json.dumps({"baseline": baseline, "peak": _status("VmHWM"), "removed": report["removed_blocks"],
