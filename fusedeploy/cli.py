@@ -18,15 +18,17 @@ from .console import console, progress_task
 from .errors import BudgetsUnmet, UserError
 from .preflight import human_bytes
 from .builtin import DEFAULT_CALIB, DEFAULT_METHOD, DEFAULT_MODEL
+from .compress.methods import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a decoder-only LM with FuseGPT, export it, verify it, and sign it off for a device.")
 _state = {"debug": False}
 
-# Choices shown in --help, read from the format catalogue.
+# Choices shown in --help, read from the format catalogue and the method registry.
 PYTORCH = "pytorch"  # `eval` can also run the model itself; not an export target, so not a runtime of formats
 EVAL_RUNTIMES = ("auto", PYTORCH, *formats.RUNTIMES)
 GGUF_TYPES = ", ".join(formats.precision_names(formats.LLAMA_CPP.name))
+METHOD_NAMES = ", ".join(METHODS)
 
 
 def _version(value: bool) -> None:
@@ -142,7 +144,7 @@ def eval_cmd(
 def compress(
     model: ModelOpt = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of blocks to remove, in (0, 1).")] = 0.25,
-    method: Annotated[str, typer.Option(help="fusegpt, fusegpt-oneshot, fusegpt-evo, sleb, shortgpt, mi, mi-lora, static-fusion")] = DEFAULT_METHOD,
+    method: Annotated[str, typer.Option(help=METHOD_NAMES)] = DEFAULT_METHOD,
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: file, folder, .jsonl, builtin, wikitext2 ..., or self (text the model samples itself, the default).")] = DEFAULT_CALIB,
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder (a stock Hugging Face checkpoint).")] = "compressed",
     recipe: Annotated[Optional[str], typer.Option(help="paper, cpu or quick (default: paper on a GPU, cpu otherwise)")] = None,

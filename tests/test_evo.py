@@ -261,6 +261,14 @@ def test_cli_lists_every_method():
         assert name in r.stdout, name
 
 
+def test_the_command_line_lists_methods_without_loading_torch():
+    """--help reads the method registry; the package's heavy modules load only when a command runs."""
+    probe = "import sys, fusedeploy.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_without_a_method_compress_and_build_run_the_default(tiny_llama, calib_file, tmp_path):
     from fusedeploy.builtin import DEFAULT_METHOD
     from fusedeploy.pipeline.flow import BuildOptions

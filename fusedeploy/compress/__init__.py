@@ -35,10 +35,23 @@ Public API::
     report = compress_model(job)
 """
 
-from .driver import blocks_to_remove, compress_model, has_resumable_state, state_dir
-from .fused import FusedLinear, fold_block, fold_model
-from .methods import METHODS, REGISTRY
-from .settings import RECIPES, CompressJob, CompressSettings, load_recipe, parse_overrides
+import importlib
 
-__all__ = ["METHODS", "REGISTRY", "RECIPES", "CompressJob", "CompressSettings", "FusedLinear", "blocks_to_remove",
-           "compress_model", "fold_block", "has_resumable_state", "state_dir", "fold_model", "load_recipe", "parse_overrides"]
+# Each public name and the module that defines it. Imported on first use, so that a light
+# submodule (`methods`, the registry the command line's help lists) loads without torch.
+_PUBLIC = {
+    "driver": ("blocks_to_remove", "compress_model", "has_resumable_state", "state_dir"),
+    "fused": ("FusedLinear", "fold_block", "fold_model"),
+    "methods": ("METHODS", "REGISTRY"),
+    "settings": ("RECIPES", "CompressJob", "CompressSettings", "load_recipe", "parse_overrides"),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
