@@ -16,6 +16,7 @@ from .reference import mi_scores_bruteforce
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
 from fusedeploy.models.loading import load_tokenizer, resolve_model
+from .interrupts import Interrupt, stop_at
 from .tiny import save_tiny_model, tiny_model
 
 VOCAB = 300
@@ -220,16 +221,9 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_dirs, calib_file, tmp_
     settings = load_recipe("quick")
     full = compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "full", 0.5, calib=calib_file, settings=settings))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(kind, done, total, status=""):
-        if kind == "iteration" and done == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         compress_model(CompressJob(tiny_dirs["llama"], tmp_path / "part", 0.5, calib=calib_file, settings=settings),
-                       progress=stop_after_two)
+                       progress=stop_at("iteration", 2))
     assert not (tmp_path / "part").exists()  # nothing that looks finished
     assert (tmp_path / "part.state" / "state.json").exists()
     with pytest.raises(UserError, match="--resume"):

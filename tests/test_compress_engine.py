@@ -21,6 +21,7 @@ from fusedeploy.compress.runner import BlockRunner, default_compute_dtype
 from fusedeploy.compress.scores import ActivationCache, mi_scores
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
+from .interrupts import Interrupt, stop_at
 from .tiny import tiny_model
 
 VOCAB = 300
@@ -148,19 +149,12 @@ def test_a_planted_state_file_is_never_unpickled(tiny_llama, calib_file, tmp_pat
     with pytest.raises(UserError, match="different run"):  # refused on its fingerprint, before any weights
         compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, resume=True))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(kind, done, total, status=""):
-        if kind == "iteration" and done == 1:
-            raise Interrupt
-
     with pytest.raises(UserError, match="state.pt"):  # --force deletes only what FuseDeploy wrote
         compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True))
     (state / "state.pt").unlink()
     with pytest.raises(Interrupt):  # a genuine state of this run ...
         compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, force=True),
-                       progress=stop)
+                       progress=stop_at("iteration", 1))
     weights = list(state.glob("blocks-*.safetensors"))
     assert len(weights) == 1 and not (state / "state.pt").exists()
     weights[0].write_bytes(payload)  # ... whose weights were swapped for a pickle

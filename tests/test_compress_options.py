@@ -16,6 +16,7 @@ from fusedeploy.compress.heal import heal, sliced_kl_backward, token_kl
 from fusedeploy.compress.runner import BlockRunner
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
+from .interrupts import Interrupt, stop_at
 from .tiny import tiny_model
 
 VOCAB = 300
@@ -148,16 +149,9 @@ def test_a_healed_run_resumes_to_the_same_model_and_reloads_stock(tiny_llama, ca
     full = compress_model(CompressJob(tiny_llama, tmp_path / "full", 0.5, calib=calib_file, settings=settings))
     assert full["heal"]["steps"] == 4 and full["heal"]["loss_first"] > 0
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_while_healing(kind, done, total, status=""):
-        if kind == "heal" and done == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         compress_model(CompressJob(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings),
-                       progress=stop_while_healing)
+                       progress=stop_at("heal", 2))
     assert not (tmp_path / "part").exists()
     resumed = compress_model(CompressJob(tiny_llama, tmp_path / "part", 0.5, calib=calib_file, settings=settings,
                                          resume=True))

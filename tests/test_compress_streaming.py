@@ -20,6 +20,7 @@ import torch
 from fusedeploy.compress import CompressJob, compress_model, load_recipe
 from fusedeploy.errors import UserError
 from .conftest import REPO, SAMPLE_TEXT
+from .interrupts import Interrupt, stop_at
 from .tiny import save_tiny_model
 
 MB = 1_000_000
@@ -114,16 +115,6 @@ def test_streamed_checkpoint_is_bitwise_the_in_memory_one_under_a_budget(deep_ll
     assert not (tmp_path / "streamed.state").exists()
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _stop_after_one_removal(kind, done, total, status=""):
-    """A progress callback that kills the run once its first block is removed (its state saved)."""
-    if kind == "iteration" and done == 1:
-        raise Interrupt
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
     """The suite's 6-block tiny Llama, with the byte tokenizer."""
@@ -138,7 +129,7 @@ def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(tiny_llama, calib_
     out = tmp_path / "streamed"
     with pytest.raises(Interrupt):
         compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, stream=True),
-                       progress=_stop_after_one_removal)
+                       progress=stop_at("iteration", 1))
     state = tmp_path / "streamed.state"
     facts = json.loads((state / "state.json").read_text())
     assert facts["fingerprint"]["streamed"] and facts["weights"] is None
@@ -269,7 +260,7 @@ def test_a_planted_block_file_is_refused_not_unpickled(tiny_llama, calib_file, t
     out = tmp_path / "out"
     with pytest.raises(Interrupt):
         compress_model(CompressJob(tiny_llama, out, 0.34, calib=calib_file, settings=settings, stream=True),
-                       progress=_stop_after_one_removal)
+                       progress=stop_at("iteration", 1))
     marker = tmp_path / "pwned"
     planted = next((tmp_path / "out.state").glob("block-*.safetensors"))
     planted.write_bytes(pickle.dumps({"x": str(marker)}))

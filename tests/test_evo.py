@@ -19,6 +19,7 @@ from fusedeploy.compress.scores import ActivationCache, mi_scores
 from fusedeploy.compress.search import SELECTIONS, evolve, removal_kl
 from fusedeploy.errors import UserError
 from fusedeploy.models import adapter_for
+from .interrupts import Interrupt, stop_at
 from .reference import removal_kl_bruteforce
 from .tiny import tiny_model
 
@@ -181,16 +182,9 @@ def test_interrupted_after_the_search_resumes_without_searching(evo_run, tiny_ll
     part = tmp_path / "part"
     state = tmp_path / "part.state"
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_distillation(kind, done, total, status=""):
-        if kind == "epoch":  # the first group's training: after the search, before any removal
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         compress_model(CompressJob(tiny_llama, part, 0.3, method="fusegpt-evo", calib=calib_file, settings=settings),
-                       progress=stop_at_distillation)
+                       progress=stop_at("epoch"))  # after the search, before any removal
     facts = json.loads((state / "state.json").read_text())
     assert facts["removed"] == [] and facts["weights"] is None and not list(state.glob("blocks-*"))
     assert facts["plan"] == full["removed_blocks"]
@@ -224,16 +218,9 @@ def test_a_state_from_before_the_search_field_resumes_another_method(tiny_llama,
     settings = load_recipe("quick")
     part = tmp_path / "part"
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_one(kind, done, total, status=""):
-        if kind == "iteration" and done == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         compress_model(CompressJob(tiny_llama, part, 0.3, method="shortgpt", calib=calib_file, settings=settings),
-                       progress=stop_after_one)
+                       progress=stop_at("iteration", 1))
     path = tmp_path / "part.state" / "state.json"
     facts = json.loads(path.read_text())
     assert not any(k.startswith("evo_") or k == "repair_init" for k in facts["fingerprint"]["settings"])

@@ -23,6 +23,7 @@ import torch
 from fusedeploy import outputs
 
 from .conftest import REPO
+from .interrupts import Interrupt, stop_at
 from .processes import children_where
 
 PY = sys.executable
@@ -114,16 +115,9 @@ def interrupted_state(tiny_model_dir, tmp_path_factory):
     model = tiny_model_dir("llama")
     out = tmp_path_factory.mktemp("interrupted") / "c"
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_one(kind, done, total, status=""):
-        if kind == "iteration" and done == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         compress_model(CompressJob(str(model), out, 0.2, method="shortgpt", settings=load_recipe("quick"),
-                                   keep_steps=True), progress=stop_after_one)
+                                   keep_steps=True), progress=stop_at("iteration", 1))
     state = out.with_name("c.state")
     assert (state / "state.json").is_file() and list((state / "steps").glob("step-1.*"))
     return model, state
