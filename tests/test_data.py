@@ -1,6 +1,10 @@
 """Text sources and seeded sampling."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,11 +67,16 @@ def test_tokenize_adds_no_special_tokens(smol_tokenizer):
     assert smol_tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
 
 
-def test_dataset_name_offline_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(UserError, match="cannot load dataset 'wikitext2'.*local .txt file"):
-        load_text("wikitext2")
+def test_dataset_name_offline_is_one_clear_error():
+    """Offline as a user sets it, before the process starts: the Hub and datasets libraries read the
+    variables when first imported, so setting them inside this test process would test their network
+    retries (about 20 s), not the offline path."""
+    code = ("from fusedeploy.data import load_text\nfrom fusedeploy.errors import UserError\n"
+            "try:\n    load_text('wikitext2')\nexcept UserError as exc:\n    print(exc)\n    raise SystemExit(3)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert re.search(r"cannot load dataset 'wikitext2'.*local \.txt file", proc.stdout), proc.stdout
 
 
 def test_calibration_and_evaluation_parts_share_no_token_window():
