@@ -71,8 +71,12 @@ def test_offloaded_run_is_bitwise_equal(tiny_llama, calib_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bf16_on_a_cpu_computes_in_bf16_over_fp32_weights(tiny_llama, calib_file, tmp_path):
+def test_bf16_on_a_cpu_computes_in_bf16_over_fp32_weights(tiny_llama, calib_file, tmp_path, monkeypatch, caplog):
+    """Asked for on a CPU without native bf16 it still runs, and the user is told it is the slow path."""
     from fusedeploy.compress.runner import autocast_for
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
 
     layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
     with autocast_for(torch.device("cpu"), torch.bfloat16):
@@ -85,6 +89,21 @@ def test_bf16_on_a_cpu_computes_in_bf16_over_fp32_weights(tiny_llama, calib_file
     assert rep["compute_dtype"] == "bfloat16" and rep["removed_blocks"]
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
+    warned = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == 1 and "--dtype float32" in warned[0]
+
+
+def test_bf16_is_not_called_slow_where_the_cpu_computes_it(monkeypatch):
+    from fusedeploy.compress.runner import emulated_bf16_warning
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert emulated_bf16_warning(cpu, torch.bfloat16) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert emulated_bf16_warning(cpu, torch.bfloat16) is not None
+    assert emulated_bf16_warning(cpu, torch.float32) is None
+    assert emulated_bf16_warning(torch.device("cuda"), torch.bfloat16) is None
 
 
 def test_compression_defaults_to_bf16_only_where_the_device_computes_it_natively(monkeypatch):

@@ -46,7 +46,7 @@ from .fused import fold_model
 from .heal import heal
 from .methods import Method, method as lookup_method
 from .parallel import Ranks, from_environment, local_device
-from .runner import BlockRunner, check_compute_dtype, default_compute_dtype
+from .runner import BlockRunner, check_compute_dtype, default_compute_dtype, emulated_bf16_warning
 from .scores import SCORERS, ActivationCache
 from .shards import ShardedWriter, entries_of
 from .streaming import StreamedBlocks, open_model as open_streamed
@@ -331,6 +331,8 @@ def _setup(job: CompressJob, progress=None) -> _Run:
     dtype = job.dtype if isinstance(job.dtype, str) or job.dtype is None else str(job.dtype).split(".")[-1]
     compute_dtype = pick_dtype(dev, dtype) if dtype else default_compute_dtype(dev)
     check_compute_dtype(dev, compute_dtype)
+    if slow := emulated_bf16_warning(dev, compute_dtype):
+        log.warning(slow)
     repair = REPAIRS[chosen.repair] if chosen.repair else None
     run = _Run(job, chosen, repair, dev, compute_dtype, ranks)
     run.host_plan = _plan_host_memory(job, repair, dev, compute_dtype)
