@@ -71,12 +71,17 @@ def test_offloaded_run_is_bitwise_equal(tiny_llama, calib_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def cpu_bf16(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """Make torch's CPU probes report the given bf16 hardware."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
 def test_bf16_on_a_cpu_computes_in_bf16_over_fp32_weights(tiny_llama, calib_file, tmp_path, monkeypatch, caplog):
     """Asked for on a CPU without native bf16 it still runs, and the user is told it is the slow path."""
     from fusedeploy.compress.runner import autocast_for
 
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    cpu_bf16(monkeypatch, avx512_bf16=False, amx=False)
 
     layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
     with autocast_for(torch.device("cpu"), torch.bfloat16):
@@ -97,10 +102,9 @@ def test_bf16_is_not_called_slow_where_the_cpu_computes_it(monkeypatch):
     from fusedeploy.compress.runner import emulated_bf16_warning
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    cpu_bf16(monkeypatch, avx512_bf16=True, amx=False)
     assert emulated_bf16_warning(cpu, torch.bfloat16) is None
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cpu_bf16(monkeypatch, avx512_bf16=False, amx=False)
     assert emulated_bf16_warning(cpu, torch.bfloat16) is not None
     assert emulated_bf16_warning(cpu, torch.float32) is None
     assert emulated_bf16_warning(torch.device("cuda"), torch.bfloat16) is None
@@ -110,8 +114,7 @@ def test_compression_defaults_to_bf16_only_where_the_device_computes_it_natively
     cpu = torch.device("cpu")
     for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
                                        (False, False, torch.float32)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        cpu_bf16(monkeypatch, avx512_bf16=avx512_bf16, amx=amx)
         assert default_compute_dtype(cpu) == expected
     assert default_compute_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
